@@ -1,0 +1,37 @@
+# One command sets everything up and runs the demo; one runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo demo-quick test check-protos protos clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU build; anything unpinned would pull a CUDA build.
+# crypten 0.4.1 declares broken dependencies (the dead `sklearn` package and a
+# torchvision that drags another torch), so it goes in with --no-deps; its
+# real needs are listed in pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps crypten==0.4.1
+	touch $@
+
+demo: setup
+	$(BIN)/securecollab demo
+
+demo-quick: setup
+	$(BIN)/securecollab demo --quick
+
+test: setup
+	$(BIN)/pytest -q
+
+check-protos: setup
+	scripts/check-protos
+
+protos: setup
+	scripts/gen-protos
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

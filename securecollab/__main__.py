@@ -1,0 +1,3 @@
+from securecollab.cli import app
+
+app()

@@ -1,0 +1,175 @@
+"""The `securecollab` command line: demo, train, serve, client, certs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Secure collaborative learning, measured: run protocols as gRPC services, attack what each "
+         "party saw, and compare costs with plain training.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+client_app = typer.Typer(help="Run one client of a protocol against running services.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+console = Console(stderr=True)
+
+
+class Role(str, Enum):
+    aggregator = "aggregator"
+
+
+class TrainProtocol(str, Enum):
+    centralized = "centralized"
+    fedavg = "fedavg"
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# Options shared by every command that takes a training plan.
+Model = Annotated[str, typer.Option(help="Model: mlp or cnn.")]
+DatasetOpt = Annotated[str, typer.Option(help="Data set: digits, breast_cancer or npz (with --dataset-path).")]
+DatasetPath = Annotated[Optional[Path], typer.Option(help="MedMNIST-style .npz file (for --dataset npz).")]
+Clients = Annotated[int, typer.Option(min=1, help="Number of FL clients.")]
+Rounds = Annotated[int, typer.Option(min=1, help="Federated rounds.")]
+LocalEpochs = Annotated[int, typer.Option(min=1, help="Local epochs per round.")]
+Lr = Annotated[float, typer.Option(min=0.0, help="SGD learning rate.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Mini-batch size.")]
+Seed = Annotated[int, typer.Option(help="Seed for data split, partition, init and batch order.")]
+PartitionOpt = Annotated[str, typer.Option(help="Client partition: iid or dirichlet.")]
+Alpha = Annotated[float, typer.Option(min=0.0, help="Dirichlet concentration (smaller = more skewed).")]
+CertsDir = Annotated[Path, typer.Option(help="Directory with ca.pem and <party>.pem/.key (see `securecollab certs`).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
+
+
+def _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha):
+    from securecollab.protocols.fedavg import FedAvgPlan
+    return FedAvgPlan(model=model, dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None,
+                      num_clients=clients, rounds=rounds, local_epochs=local_epochs, lr=lr,
+                      batch_size=batch_size, seed=seed, partition=partition, alpha=alpha)
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="Fewer rounds: finishes in about a minute.")] = False,
+    out: Annotated[Path, typer.Option(help="Where scorecard.json/.md and figures are written.")] = Path("results"),
+    model: Model = "mlp", clients: Clients = 4, seed: Seed = 0,
+):
+    """Run every protocol on the embedded digits data and print the scorecard."""
+    from securecollab.protocols.fedavg import FedAvgPlan
+    from securecollab.runs import run_protocol
+    from securecollab.scorecard import HEADERS, build_scorecard, rows, write_scorecard
+
+    plan = FedAvgPlan(model=model, num_clients=clients, seed=seed)
+    results = {}
+    steps = [("centralized", "centralized training (baseline)"),
+             ("fedavg", f"plain FedAvg over gRPC: {clients} client processes, {plan.rounds} rounds")]
+    for name, label in steps:
+        with console.status(f"[bold]{label}[/bold] ..."):
+            results[name] = run_protocol(name, plan, out / "runs" / name)
+        console.print(f"[green]done[/green] {label}: accuracy {results[name]['accuracy']:.3f}, "
+                      f"{results[name]['costs']['wall_s']:.1f}s")
+    card = build_scorecard(results, plan=json.loads(plan.to_json()))
+    paths = write_scorecard(card, out)
+    table = Table(title=f"securecollab scorecard: {plan.dataset} / {plan.model} (baseline in brackets)")
+    for h in HEADERS:
+        table.add_column(h)
+    for r in rows(card):
+        table.add_row(*r)
+    Console().print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def train(
+    protocol: Annotated[TrainProtocol, typer.Option(help="Which protocol trains the model.")] = TrainProtocol.fedavg,
+    out: Annotated[Path, typer.Option(help="Output directory (results, costs, transcripts).")] = Path("results/train"),
+    model: Model = "mlp", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
+    clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
+    batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+):
+    """Train with one protocol (all parties as local processes) and print accuracy and costs."""
+    from securecollab.runs import run_protocol
+    plan = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
+    with console.status(f"training with {protocol.value} ..."):
+        result = run_protocol(protocol.value, plan, out)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("train-centralized", hidden=True)
+def train_centralized(plan_json: Annotated[str, typer.Option()], out: Annotated[Path, typer.Option()]):
+    """Worker for the centralized baseline (run in its own process so its costs are its own)."""
+    from securecollab.protocols.fedavg import FedAvgPlan
+    from securecollab.runs import centralized_worker
+    centralized_worker(FedAvgPlan.from_json(plan_json), out)
+
+
+@app.command()
+def serve(
+    role: Annotated[Role, typer.Argument(help="Which service to run.")],
+    certs: CertsDir = Path("certs"),
+    party_id: Annotated[Optional[str], typer.Option("--id", help="This party's id (its certificate name); default: the role.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "[::]",
+    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 50051,
+    port_file: Annotated[Optional[Path], typer.Option(help="Write the bound port here (for port 0).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write costs, transcript and final model here.")] = None,
+    plan_json: Annotated[Optional[str], typer.Option(help="Full training plan as JSON (overrides the options below).")] = None,
+    model: Model = "mlp", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
+    clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
+    batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+    verbose: Verbose = True,
+):
+    """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done."""
+    from securecollab.certs import TlsFiles
+    from securecollab.protocols.fedavg import FedAvgPlan
+    _logging(verbose)
+    tls = TlsFiles.for_party(certs, party_id or role.value)
+    if role is Role.aggregator:
+        from services.fedavg_aggregator import serve as serve_aggregator
+        plan = (FedAvgPlan.from_json(plan_json) if plan_json else
+                _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha))
+        serve_aggregator(plan, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+
+
+@client_app.command("fedavg")
+def client_fedavg(
+    target: Annotated[str, typer.Option(help="Aggregator address host:port.")],
+    party_id: Annotated[str, typer.Option("--id", help="Client id, e.g. client-0 (must match its certificate).")],
+    index: Annotated[int, typer.Option(min=0, help="Which data shard this client holds.")],
+    certs: CertsDir = Path("certs"),
+    server_name: Annotated[Optional[str], typer.Option(help="Name expected in the server certificate, if not the target host.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write result, costs and transcript here.")] = None,
+    verbose: Verbose = False,
+):
+    """Take part in plain FedAvg rounds until the aggregator says training is done."""
+    from securecollab.certs import TlsFiles
+    from services.fedavg_client import run_client
+    _logging(verbose)
+    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id),
+                        server_name=server_name, out_dir=out)
+    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+
+
+@app.command()
+def certs(
+    parties: Annotated[list[str], typer.Argument(help="Parties as id[:role], e.g. aggregator client-0 client-1 party-0:party. Role defaults to the id without a trailing -N.")],
+    out: Annotated[Path, typer.Option(help="Certificate directory (CA created there if missing).")] = Path("certs"),
+    host: Annotated[Optional[list[str]], typer.Option(help="Extra DNS name or IP for every certificate (repeatable).")] = None,
+):
+    """Create the project CA (if missing) and a certificate per party, carrying the party's role."""
+    from securecollab.certs import make_certs
+    try:
+        paths = make_certs(out, parties, hosts=host or ())
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    for p in paths:
+        typer.echo(str(p))

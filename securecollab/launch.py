@@ -1,0 +1,78 @@
+"""Launching the parties of a protocol as separate OS processes on this machine (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def securecollab_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "securecollab", *args]
+
+
+class ProcessGroup:
+    """Starts child processes with logs to files; on exit, stops whatever is still running."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_service(self, name: str, cmd: list[str], *, timeout: float = 120.0,
+                      env: dict | None = None) -> int:
+        """Start a server given `--port 0`; returns the port it bound (read from its port file)."""
+        port_file = self.log_dir / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        proc = self.start(name, [*cmd, "--port", "0", "--port-file", str(port_file)], env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return int(port_file.read_text())
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} before serving:\n{self.tail(name)}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} did not start serving within {timeout:.0f}s:\n{self.tail(name)}")
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            code = self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{name} still running after {timeout:.0f}s:\n{self.tail(name)}") from None
+        if code != 0:
+            raise RuntimeError(f"{name} exited with {code}:\n{self.tail(name)}")
+        return code
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_all()
+        return False

@@ -1,0 +1,116 @@
+"""Protocol runs by name: each returns accuracy and measured costs, next to the plain baseline's."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import make_certs
+from securecollab.launch import ProcessGroup, securecollab_cmd
+from securecollab.models import load_arrays
+from securecollab.protocols.fedavg import FedAvgPlan
+
+PROTOCOLS: dict[str, Callable[..., dict]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        PROTOCOLS[name] = fn
+        return fn
+    return deco
+
+
+def run_protocol(name: str, plan: FedAvgPlan, out_dir: Path, **kwargs) -> dict:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name](plan, Path(out_dir), **kwargs)
+
+
+def ensure_certs(cert_dir: Path, parties: list[str]) -> Path:
+    """Issue any missing party certificates from the project CA in cert_dir."""
+    missing = [p for p in parties if not (cert_dir / f"{p.split(':')[0]}.pem").exists()]
+    if missing:
+        make_certs(cert_dir, missing)
+    return cert_dir
+
+
+@register("centralized")
+def run_centralized(plan: FedAvgPlan, out_dir: Path, **_) -> dict:
+    """All training data in one place, same model, epochs and optimizer: the baseline; own process for honest RSS."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup(out_dir / "logs") as group:
+        group.start("centralized", securecollab_cmd("train-centralized", "--plan-json", plan.to_json(),
+                                                    "--out", str(out_dir)))
+        group.wait("centralized", timeout=1800)
+    return json.loads((out_dir / "result_centralized.json").read_text())
+
+
+def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
+    from securecollab.costs import CostMeter
+    from securecollab.data import load_dataset
+    from securecollab.training import TrainConfig, accuracy, train_local
+
+    meter = CostMeter("centralized")
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    cfg = TrainConfig(epochs=plan.rounds * plan.local_epochs, lr=plan.lr, batch_size=plan.batch_size,
+                      momentum=plan.momentum, seed=plan.seed)
+    train_local(model, ds.x_train, ds.y_train, cfg)
+    costs = meter.snapshot()
+    result = {"accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": _costs(costs, [costs])}
+    (out_dir / "result_centralized.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@register("fedavg")
+def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
+    """Plain FedAvg over gRPC (mutual TLS): an aggregator process and one process per client."""
+    from securecollab.data import load_dataset
+    from securecollab.training import accuracy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clients = plan.client_ids()
+    certs = ensure_certs(out_dir.parent / "certs", ["aggregator", *clients])
+    t0 = time.perf_counter()
+    with ProcessGroup(out_dir / "logs") as group:
+        port = group.start_service("aggregator", securecollab_cmd(
+            "serve", "aggregator", "--plan-json", plan.to_json(), "--certs", str(certs),
+            "--host", "127.0.0.1", "--out", str(out_dir)))
+        for i, cid in enumerate(clients):
+            group.start(cid, securecollab_cmd(
+                "client", "fedavg", "--target", f"localhost:{port}", "--id", cid, "--index", str(i),
+                "--certs", str(certs), "--out", str(out_dir)))
+        for cid in clients:
+            group.wait(cid, timeout=1800)
+            if progress:
+                progress(cid)
+        group.wait("aggregator", timeout=120)
+    wall = time.perf_counter() - t0
+    client_costs = [json.loads((out_dir / f"result_{c}.json").read_text())["costs"] for c in clients]
+    agg_costs = json.loads((out_dir / "costs_aggregator.json").read_text())
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    with np.load(out_dir / "fedavg_model.npz", allow_pickle=False) as f:
+        load_arrays(model, [(k, f[k]) for k in f.files])
+    costs = _costs({"wall_s": wall}, [agg_costs, *client_costs])
+    result = {"accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": costs}
+    (out_dir / "result_fedavg.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _costs(overall: dict, parties: list[dict]) -> dict:
+    """Scorecard costs: wall of the whole run; bytes summed over clients (sent = uploads); CPU summed; RSS max."""
+    clients = [p for p in parties if p.get("party", "").startswith("client")] or parties
+    return {
+        "wall_s": overall["wall_s"],
+        "cpu_s": sum(p["cpu_s"] for p in parties),
+        "bytes_sent": sum(p["bytes_sent"] for p in clients),
+        "bytes_received": sum(p["bytes_received"] for p in clients),
+        "peak_rss_mb": max(p["peak_rss_mb"] for p in parties),
+        "parties": {p["party"]: {k: p[k] for k in ("wall_s", "cpu_s", "bytes_sent", "bytes_received",
+                                                   "peak_rss_mb")} for p in parties},
+    }

@@ -1,0 +1,102 @@
+"""The scorecard: each protocol's accuracy and measured cost beside its plain baseline, and attack results (JSON, Markdown, PNG)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+COST_FIELDS = ("wall_s", "cpu_s", "bytes_sent", "bytes_received", "peak_rss_mb")
+# Which plain run each protocol's overhead is measured against.
+BASELINE_OF = {"fedavg": "centralized", "secagg": "fedavg", "split": "centralized",
+               "he_inference": "centralized"}
+
+
+def build_scorecard(results: dict[str, dict], *, plan: dict, attacks: list[dict] | None = None) -> dict:
+    protocols = {}
+    for name, res in results.items():
+        entry = {"accuracy": res["accuracy"], "costs": res["costs"]}
+        base = BASELINE_OF.get(name)
+        if base in results:
+            entry["baseline"] = {"protocol": base, "accuracy": results[base]["accuracy"],
+                                 "costs": {k: results[base]["costs"][k] for k in COST_FIELDS}}
+        protocols[name] = entry
+    return {
+        "format": "securecollab.scorecard.v1",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": plan.get("dataset"), "model": plan.get("model"), "plan": plan,
+        "protocols": protocols,
+        "attacks": attacks or [],
+    }
+
+
+def rows(card: dict) -> list[list[str]]:
+    """One row per protocol: accuracy and costs, with the baseline's in brackets."""
+    out = []
+    for name, p in card["protocols"].items():
+        c, b = p["costs"], p.get("baseline")
+        def beside(value: str, base: str | None) -> str:
+            return f"{value} ({base})" if base is not None else value
+        bc = b["costs"] if b else None
+        out.append([
+            name,
+            beside(f"{p['accuracy']:.3f}", f"{b['accuracy']:.3f}" if b else None),
+            beside(f"{c['wall_s']:.1f}", f"{bc['wall_s']:.1f}" if b else None),
+            beside(f"{c['cpu_s']:.1f}", f"{bc['cpu_s']:.1f}" if b else None),
+            beside(_mb(c["bytes_sent"]), _mb(bc["bytes_sent"]) if b else None),
+            beside(_mb(c["bytes_received"]), _mb(bc["bytes_received"]) if b else None),
+            beside(f"{c['peak_rss_mb']:.0f}", f"{bc['peak_rss_mb']:.0f}" if b else None),
+            b["protocol"] if b else "-",
+        ])
+    return out
+
+
+HEADERS = ["protocol", "accuracy", "wall s", "CPU s", "sent MB", "received MB", "peak RSS MB", "baseline"]
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def to_markdown(card: dict) -> str:
+    lines = [f"# securecollab scorecard — {card['dataset']}, {card['model']}", "",
+             f"Created {card['created']}. Values in brackets are the plain baseline's "
+             "(same data, model, seed and epochs). Bytes are those the clients sent/received "
+             "at the gRPC boundary.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(card)]
+    if card["attacks"]:
+        lines += ["", "## Attacks", "", "| attack | protocol | adversary | metrics | baseline |", "|---|---|---|---|---|"]
+        for a in card["attacks"]:
+            lines.append(f"| {a['attack']} | {a['protocol']} | {a['adversary']} | "
+                         f"{json.dumps(a['metrics'])} | {json.dumps(a['baseline'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_scorecard(card: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "scorecard.json", out_dir / "scorecard.md", out_dir / "costs.png"]
+    paths[0].write_text(json.dumps(card, indent=2))
+    paths[1].write_text(to_markdown(card))
+    _plot_costs(card, paths[2])
+    return paths
+
+
+def _plot_costs(card: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(card["protocols"])
+    acc = [card["protocols"][n]["accuracy"] for n in names]
+    wall = [card["protocols"][n]["costs"]["wall_s"] for n in names]
+    sent = [card["protocols"][n]["costs"]["bytes_sent"] / 1e6 for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, vals, title in zip(axes, [acc, wall, sent], ["test accuracy", "wall time (s)", "client upload (MB)"]):
+        ax.bar(names, vals, color=["#888888" if n == "centralized" else "#3b75af" for n in names])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{card['dataset']} / {card['model']}: protocol vs plain baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""Transcripts: what one party received, recorded at its service/client boundary, for attacks.
+
+A transcript is a JSON-lines file: a header line naming the party, then one
+line per received message with its kind, round/step ids, sender, metadata,
+tensors (dtype, shape, base64 of raw little-endian bytes) and opaque blobs
+(base64). No pickle anywhere, so loading another party's transcript is safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "securecollab.transcript.v1"
+
+
+@dataclass
+class Record:
+    kind: str
+    round: int
+    step: int
+    sender: str
+    meta: dict = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    time: float = 0.0
+
+
+@dataclass
+class Transcript:
+    party: str
+    role: str
+    records: list[Record]
+
+    def of_kind(self, kind: str) -> list[Record]:
+        return [r for r in self.records if r.kind == kind]
+
+
+class TranscriptRecorder:
+    """Appends records to `path`; with path None it records nothing (the party opted out)."""
+
+    def __init__(self, path: str | Path | None, *, party: str, role: str):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"format": FORMAT, "party": party, "role": role}) + "\n")
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def record(self, kind: str, *, round: int, sender: str, step: int = 0, meta: dict | None = None,
+               tensors=None, blobs: dict[str, bytes] | None = None) -> None:
+        if not self.path:
+            return
+        items = tensors.items() if isinstance(tensors, dict) else (tensors or [])
+        line = json.dumps({
+            "kind": kind, "round": int(round), "step": int(step), "sender": sender,
+            "time": time.time(), "meta": meta or {},
+            "tensors": {name: _encode_array(np.asarray(a)) for name, a in items},
+            "blobs": {k: base64.b64encode(v).decode() for k, v in (blobs or {}).items()},
+        })
+        with self._lock, self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def load_transcript(path: str | Path) -> Transcript:
+    """Load a transcript as plain values; raises ValueError on anything malformed."""
+    lines = Path(path).read_text().splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty transcript")
+    try:
+        header = json.loads(lines[0])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        records = []
+        for line in lines[1:]:
+            d = json.loads(line)
+            records.append(Record(
+                kind=d["kind"], round=d["round"], step=d["step"], sender=d["sender"],
+                meta=d["meta"], time=d["time"],
+                tensors={k: _decode_array(v) for k, v in d["tensors"].items()},
+                blobs={k: base64.b64decode(v, validate=True) for k, v in d["blobs"].items()},
+            ))
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed transcript: {e}") from e
+    return Transcript(party=header["party"], role=header["role"], records=records)
+
+
+def _encode_array(a: np.ndarray) -> dict:
+    if a.dtype == object:
+        raise TypeError("object arrays cannot be recorded")
+    le = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": le.dtype.str, "shape": list(a.shape),
+            "b64": base64.b64encode(np.ascontiguousarray(le).tobytes()).decode()}
+
+
+def _decode_array(d: dict) -> np.ndarray:
+    dtype = np.dtype(d["dtype"])
+    if dtype.hasobject:
+        raise ValueError("object dtype in transcript")
+    raw = base64.b64decode(d["b64"], validate=True)
+    return np.frombuffer(raw, dtype=dtype).reshape(d["shape"]).astype(dtype.newbyteorder("="))

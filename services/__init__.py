@@ -1,0 +1,1 @@
+"""gRPC servicers and the entry points that run them, one per role."""

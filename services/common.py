@@ -1,0 +1,37 @@
+"""What every servicer shares: mapping protocol and wire errors to gRPC statuses, and run-time outputs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from securecollab.protocols import ProtocolError
+from securecollab.wire import WireError
+
+log = logging.getLogger(__name__)
+
+
+def rpc_errors(method):
+    """Turn refusals into a status with a clear message; the service keeps serving."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ProtocolError as e:
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    return wrapper
+
+
+def write_port_file(path, port: int) -> None:
+    """Tell a launcher which port a port-0 server bound (written atomically)."""
+    if path:
+        from pathlib import Path
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(path)

@@ -1,0 +1,90 @@
+"""The plain FedAvg aggregator service: sees every client update in the clear (the baseline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.models import parameters_to_arrays
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.fedavg import FedAvgPlan, FedAvgRounds
+from securecollab.transcript import TranscriptRecorder
+from securecollab.transport import make_server, peer_identity
+from securecollab.v1 import fedavg_pb2 as pb
+from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
+from securecollab.wire import decode_named, encode_named
+from services.common import rpc_errors, write_port_file
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["FedAvgAggregator"].full_name
+
+
+class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
+    def __init__(self, rounds: FedAvgRounds, transcript: TranscriptRecorder, *, wait_s: float = 600.0):
+        self.rounds = rounds
+        self.transcript = transcript
+        self.wait_s = wait_s
+
+    def _caller(self, client_id: str, context) -> None:
+        self.rounds.check_client(client_id)
+        identity = peer_identity(context)
+        if identity.party_id != client_id:
+            raise ProtocolError("PERMISSION_DENIED",
+                                f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
+
+    @rpc_errors
+    def Join(self, request, context):
+        self._caller(request.client_id, context)
+        log.info("%s joined", request.client_id)
+        return pb.JoinReply(plan_json=self.rounds.plan.to_json(), num_clients=self.rounds.plan.num_clients)
+
+    @rpc_errors
+    def GetModel(self, request, context):
+        self._caller(request.client_id, context)
+        wait = min(self.wait_s, context.time_remaining() or self.wait_s)
+        round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait,
+                                                          client_id=request.client_id)
+        return pb.ModelReply(round=round_, done=done, params=encode_named(params))
+
+    @rpc_errors
+    def SubmitUpdate(self, request, context):
+        self._caller(request.client_id, context)
+        params = decode_named(request.params, expect=self.rounds.shapes, finite=True)
+        received = self.rounds.submit(request.client_id, request.round, request.num_examples, params)
+        # Recorded only once accepted: this is what the aggregator learned.
+        self.transcript.record("update", round=request.round, sender=request.client_id,
+                               meta={"num_examples": request.num_examples}, tensors=params)
+        log.info("round %d: update from %s (%d/%d)", request.round, request.client_id,
+                 received, self.rounds.plan.num_clients)
+        return pb.UpdateAck(round=request.round, received=received)
+
+
+def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
+          out_dir: Path | None = None, port_file: Path | None = None, block: bool = True):
+    """Run the aggregator until training finishes (block=True) or return the started server."""
+    meter = CostMeter("aggregator")
+    initial = parameters_to_arrays(plan.build_model())
+    rounds = FedAvgRounds(plan, initial)
+    transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if out_dir else None,
+                                    party="aggregator", role="aggregator")
+    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    servicer = FedAvgAggregatorServicer(rounds, transcript)
+    server.add(pb_grpc.add_FedAvgAggregatorServicer_to_server, servicer, SERVICE)
+    server.start()
+    write_port_file(port_file, server.port)
+    log.info("FedAvg aggregator on port %d: %d clients, %d rounds", server.port, plan.num_clients, plan.rounds)
+    if not block:
+        return server, rounds, meter
+    rounds.wait_for_round(plan.rounds, timeout=None)
+    if not rounds.wait_all_finished(timeout=60.0):
+        log.warning("not every client fetched the final model")
+    server.stop(grace=5.0)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(out_dir / "fedavg_model.npz", **dict(rounds.params))
+        meter.write(out_dir / "costs_aggregator.json")
+    return server, rounds, meter
