@@ -23,11 +23,15 @@ console = Console(stderr=True)
 
 class Role(str, Enum):
     aggregator = "aggregator"
+    coordinator = "coordinator"
+    party = "party"
+    dealer = "dealer"
 
 
 class TrainProtocol(str, Enum):
     centralized = "centralized"
     fedavg = "fedavg"
+    secagg = "secagg"
 
 
 def _logging(verbose: bool) -> None:
@@ -126,18 +130,46 @@ def serve(
     model: Model = "mlp", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
     clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+    index: Annotated[int, typer.Option(min=0, help="party: this compute party's index (rank in the MPC world).")] = 0,
+    party_target: Annotated[Optional[list[str]], typer.Option(help="coordinator: host:port of each compute party, in index order (repeat).")] = None,
+    mpc_addr: Annotated[str, typer.Option(help="party/dealer: address of compute party 0's MPC rendezvous (CrypTen, gloo).")] = "127.0.0.1",
+    mpc_port: Annotated[int, typer.Option(help="party/dealer: port of the MPC rendezvous.")] = 29500,
+    compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
+    seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
+    min_clients: Annotated[int, typer.Option(min=1, help="A round needs at least this many complete clients.")] = 2,
+    norm_bound: Annotated[float, typer.Option(min=0.0, help="Reject updates with a larger L2 norm, inside MPC (0: off).")] = 0.0,
+    dp_sigma: Annotated[float, typer.Option(min=0.0, help="Std of distributed Gaussian noise on the aggregate (0: off).")] = 0.0,
+    upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
     verbose: Verbose = True,
 ):
     """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done."""
     from securecollab.certs import TlsFiles
     from securecollab.protocols.fedavg import FedAvgPlan
+    from securecollab.protocols.secagg import SecAggPlan
     _logging(verbose)
-    tls = TlsFiles.for_party(certs, party_id or role.value)
+    default_id = f"party-{index}" if role is Role.party else role.value
+    tls = TlsFiles.for_party(certs, party_id or default_id)
+    training = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
     if role is Role.aggregator:
         from services.fedavg_aggregator import serve as serve_aggregator
-        plan = (FedAvgPlan.from_json(plan_json) if plan_json else
-                _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha))
+        plan = FedAvgPlan.from_json(plan_json) if plan_json else training
         serve_aggregator(plan, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+        return
+    plan = SecAggPlan.from_json(plan_json) if plan_json else SecAggPlan(
+        training=training, n_parties=compute_parties, seed_compression=seed_compression,
+        min_clients=min_clients, upload_deadline_s=upload_deadline, norm_bound=norm_bound, dp_sigma=dp_sigma)
+    if role is Role.coordinator:
+        from services.secagg_coordinator import serve as serve_coordinator
+        if not party_target or len(party_target) != plan.n_parties:
+            raise typer.BadParameter(f"give --party-target once per compute party ({plan.n_parties})")
+        serve_coordinator(plan, party_target, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+    elif role is Role.party:
+        from services.secagg_party import serve as serve_party
+        serve_party(plan, index, tls=tls, mpc_addr=mpc_addr, mpc_port=mpc_port, port=port, host=host,
+                    out_dir=out, port_file=port_file)
+    elif role is Role.dealer:
+        from securecollab.mpc import run_dealer
+        run_dealer(plan.n_parties, mpc_addr, mpc_port)
 
 
 @client_app.command("fedavg")
@@ -156,6 +188,29 @@ def client_fedavg(
     _logging(verbose)
     result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id),
                         server_name=server_name, out_dir=out)
+    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+
+
+@client_app.command("secagg")
+def client_secagg(
+    target: Annotated[str, typer.Option(help="Coordinator address host:port.")],
+    party_id: Annotated[str, typer.Option("--id", help="Client id, e.g. client-0 (must match its certificate).")],
+    index: Annotated[int, typer.Option(min=0, help="Which data shard this client holds.")],
+    certs: CertsDir = Path("certs"),
+    server_name: Annotated[Optional[str], typer.Option(help="Name expected in the coordinator's certificate.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write result, costs and transcript here.")] = None,
+    drop: Annotated[Optional[str], typer.Option(help="Fault injection: vanish at before_upload, mid_upload, partial_upload or after_upload.")] = None,
+    drop_round: Annotated[int, typer.Option(help="Round in which --drop happens.")] = 0,
+    verbose: Verbose = False,
+):
+    """Take part in FedAvg over secure aggregation: each round's update leaves only as secret shares."""
+    from securecollab.certs import TlsFiles
+    from services.secagg_client import DROP_PHASES, run_client
+    if drop and drop not in DROP_PHASES:
+        raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
+    _logging(verbose)
+    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
+                        out_dir=out, drop=drop, drop_round=drop_round)
     typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
 
 

@@ -31,11 +31,17 @@ class ProcessGroup:
         return proc
 
     def start_service(self, name: str, cmd: list[str], *, timeout: float = 120.0,
-                      env: dict | None = None) -> int:
+                      env: dict | None = None, wait: bool = True) -> int | None:
         """Start a server given `--port 0`; returns the port it bound (read from its port file)."""
         port_file = self.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        proc = self.start(name, [*cmd, "--port", "0", "--port-file", str(port_file)], env=env)
+        self.start(name, [*cmd, "--port", "0", "--port-file", str(port_file)], env=env)
+        return self.wait_port(name, timeout) if wait else None
+
+    def wait_port(self, name: str, timeout: float = 120.0) -> int:
+        """The port a started service bound, once it serves."""
+        port_file = self.log_dir / f"{name}.port"
+        proc = self.procs[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if port_file.exists():

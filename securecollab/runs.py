@@ -114,3 +114,67 @@ def _costs(overall: dict, parties: list[dict]) -> dict:
         "parties": {p["party"]: {k: p[k] for k in ("wall_s", "cpu_s", "bytes_sent", "bytes_received",
                                                    "peak_rss_mb")} for p in parties},
     }
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@register("secagg")
+def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | None = None,
+               progress=None, **_) -> dict:
+    """FedAvg over secure aggregation: coordinator, compute parties, (dealer), clients, each its own process.
+
+    `drops` maps a client id to (phase, round) for fault injection."""
+    from securecollab.data import load_dataset
+    from securecollab.protocols.secagg import SecAggPlan
+    from securecollab.training import accuracy
+
+    spec = secagg or SecAggPlan(training=plan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clients = plan.client_ids()
+    parties = [f"party-{i}" for i in range(spec.n_parties)]
+    certs = ensure_certs(out_dir.parent / "certs", ["coordinator", *parties, *clients])
+    common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
+    mpc_port = free_port()
+    t0 = time.perf_counter()
+    with ProcessGroup(out_dir / "logs") as group:
+        for i, name in enumerate(parties):
+            group.start_service(name, securecollab_cmd(
+                "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common),
+                wait=False)
+        if spec.needs_dealer:
+            group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common))
+        ports = [group.wait_port(name, timeout=300) for name in parties]
+        port = group.start_service("coordinator", securecollab_cmd(
+            "serve", "coordinator", "--host", "127.0.0.1", *common,
+            *[a for p in ports for a in ("--party-target", f"localhost:{p}")]), timeout=300)
+        for i, cid in enumerate(clients):
+            drop = (drops or {}).get(cid)
+            extra = ["--drop", drop[0], "--drop-round", str(drop[1])] if drop else []
+            group.start(cid, securecollab_cmd("client", "secagg", "--target", f"localhost:{port}", "--id", cid,
+                                              "--index", str(i), "--certs", str(certs), "--out", str(out_dir), *extra))
+        for cid in clients:
+            if cid in (drops or {}):
+                group.procs[cid].wait(timeout=1800)
+                continue
+            group.wait(cid, timeout=1800)
+            if progress:
+                progress(cid)
+        group.wait("coordinator", timeout=300)
+        wall = time.perf_counter() - t0
+    party_costs = [json.loads((out_dir / f"costs_{p}.json").read_text()) for p in parties]
+    client_costs = [json.loads((out_dir / f"result_{c}.json").read_text())["costs"]
+                    for c in clients if (out_dir / f"result_{c}.json").exists()]
+    coord_costs = json.loads((out_dir / "costs_coordinator.json").read_text())
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    with np.load(out_dir / "secagg_model.npz", allow_pickle=False) as f:
+        load_arrays(model, [(k, f[k]) for k in f.files])
+    result = {"accuracy": accuracy(model, ds.x_test, ds.y_test),
+              "costs": _costs({"wall_s": wall}, [coord_costs, *party_costs, *client_costs])}
+    (out_dir / "result_secagg.json").write_text(json.dumps(result, indent=2))
+    return result

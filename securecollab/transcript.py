@@ -78,8 +78,9 @@ def load_transcript(path: str | Path) -> Transcript:
         raise ValueError(f"{path}: empty transcript")
     try:
         header = json.loads(lines[0])
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file")
+        party, role = header["party"], header["role"]
         records = []
         for line in lines[1:]:
             d = json.loads(line)
@@ -89,9 +90,9 @@ def load_transcript(path: str | Path) -> Transcript:
                 tensors={k: _decode_array(v) for k, v in d["tensors"].items()},
                 blobs={k: base64.b64decode(v, validate=True) for k, v in d["blobs"].items()},
             ))
-    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{path}: malformed transcript: {e}") from e
-    return Transcript(party=header["party"], role=header["role"], records=records)
+    return Transcript(party=party, role=role, records=records)
 
 
 def _encode_array(a: np.ndarray) -> dict:

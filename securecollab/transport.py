@@ -35,6 +35,8 @@ _KEEPALIVE = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 _SERVER_KEEPALIVE = [
+    # A second server on a busy port must fail, not silently share its traffic.
+    ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
@@ -114,7 +116,10 @@ def make_server(*, tls: TlsFiles, port: int = 0, host: str = "[::]",
         interceptors=[meter.server_interceptor()] if meter else [],
         options=[*_size_options(max_message_bytes), *_SERVER_KEEPALIVE],
     )
-    bound = server.add_secure_port(f"{host}:{port}", creds)
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    except RuntimeError as e:  # grpc raises rather than returning 0 on a failed bind
+        raise OSError(f"could not bind {host}:{port}: {e}") from None
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     health_servicer = health.HealthServicer()

@@ -71,7 +71,12 @@ def decode_tensor(msg: pb.Tensor, *, expect_dtype=None, expect_shape=None,
         raise WireError(f"expected dtype {np.dtype(expect_dtype).name}, got {dtype.name}")
     if expect_shape is not None and shape != tuple(expect_shape):
         raise WireError(f"expected shape {tuple(expect_shape)}, got {shape}")
-    array = np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    if len(shape) > 32:
+        raise WireError(f"tensor rank {len(shape)} exceeds 32")
+    try:
+        array = np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # shapes numpy cannot build, e.g. a zero dim beside a huge one
+        raise WireError(f"shape {shape} cannot be built: {e}") from None
     if finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise WireError("tensor contains NaN or Inf")
     # Native byte order and writable, so callers can hand it to torch directly.
@@ -121,6 +126,7 @@ def assemble_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int = MAX_PAYLOAD_
     """Reassemble one transfer, checking order, count, size and checksum; returns (transfer_id, payload)."""
     buf = bytearray()
     transfer_id, total, total_bytes, expected_seq = None, None, None, 0
+    digest_ok = False
     for chunk in chunks:
         if transfer_id is None:
             transfer_id, total, total_bytes = chunk.transfer_id, chunk.total, chunk.total_bytes
@@ -132,6 +138,8 @@ def assemble_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int = MAX_PAYLOAD_
                 raise WireError(f"payload of {total_bytes} bytes exceeds the limit of {max_bytes}")
         elif (chunk.transfer_id, chunk.total, chunk.total_bytes) != (transfer_id, total, total_bytes):
             raise WireError(f"chunk {chunk.seq} does not belong to transfer {transfer_id}")
+        if digest_ok:
+            raise WireError(f"more than the {total} declared chunks")
         if chunk.seq != expected_seq:
             kind = "duplicated" if chunk.seq < expected_seq else "missing or out of order"
             raise WireError(f"chunk {expected_seq} expected, got {chunk.seq} ({kind})")
@@ -146,14 +154,16 @@ def assemble_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int = MAX_PAYLOAD_
                 raise WireError(f"received {len(buf)} bytes, {total_bytes} declared (truncated)")
             if hashlib.sha256(buf).digest() != chunk.sha256:
                 raise WireError("payload checksum mismatch")
-            return transfer_id, bytes(buf)
+            digest_ok = True
     if transfer_id is None:
         raise WireError("empty transfer: no chunks")
-    raise WireError(f"transfer {transfer_id} truncated: {expected_seq} of {total} chunks")
+    if expected_seq < total:
+        raise WireError(f"transfer {transfer_id} truncated: {expected_seq} of {total} chunks")
+    return transfer_id, bytes(buf)
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
     try:
         return tensor.detach().cpu().contiguous().numpy()
-    except AttributeError:
+    except (AttributeError, TypeError):  # not a tensor, or a dtype numpy lacks (bfloat16)
         raise WireError(f"cannot encode object of type {type(tensor).__name__}") from None

@@ -1,0 +1,187 @@
+"""Secure aggregation: the plan, a compute party's share store, and the coordinator's round state.
+
+Clients send each compute party one additive share of their (fixed-point)
+update; a client counts in a round only when every party holds its share.
+The coordinator learns only the revealed aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.fedavg import FedAvgPlan
+from securecollab.sharing import Share
+
+
+@dataclass(frozen=True)
+class SecAggPlan:
+    """How rounds are secured; the training itself is the FedAvg plan's."""
+
+    training: FedAvgPlan = field(default_factory=FedAvgPlan)
+    n_parties: int = 3
+    seed_compression: bool = True
+    min_clients: int = 2
+    upload_deadline_s: float = 120.0
+    norm_bound: float = 0.0   # 0: no bound; otherwise reject updates with a larger L2 norm, inside MPC
+    dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
+
+    @property
+    def needs_dealer(self) -> bool:
+        # Sums are local; norms need multiplications, hence Beaver triples from a dealer.
+        return self.norm_bound > 0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SecAggPlan":
+        d = json.loads(text)
+        return cls(**{**d, "training": FedAvgPlan(**d["training"])})
+
+
+def update_vector(params, global_params, num_examples: int) -> np.ndarray:
+    """What a client secret-shares: its weighted model delta, then its weight (so weights stay secret too)."""
+    delta = [(p - g).ravel() * num_examples for (_, p), (_, g) in zip(params, global_params)]
+    return np.concatenate([*delta, [float(num_examples)]]).astype(np.float64)
+
+
+def apply_aggregate(global_params, aggregate: np.ndarray):
+    """New global model from the revealed sum of update vectors: θ + Σ nᵢΔᵢ / Σ nᵢ."""
+    total = aggregate[-1]
+    if not total > 0:
+        raise ProtocolError("INTERNAL", f"aggregate weight {total} is not positive")
+    out, offset = [], 0
+    for name, g in global_params:
+        step = aggregate[offset:offset + g.size].reshape(g.shape) / total
+        out.append((name, (g + step).astype(np.float32)))
+        offset += g.size
+    return out
+
+
+class ShareStore:
+    """A compute party's shares, by round and client; thread-safe, refuses duplicates and stale rounds."""
+
+    def __init__(self, party: int, client_ids: list[str]):
+        self.party = party
+        self.client_ids = set(client_ids)
+        self.closed_through = -1  # rounds <= this are aggregated and dropped
+        self._shares: dict[int, dict[str, Share]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, client_id: str, round_: int, share: Share) -> int:
+        if client_id not in self.client_ids:
+            raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
+        if share.party != self.party:
+            raise ProtocolError("INVALID_ARGUMENT", f"share for party {share.party} sent to party {self.party}")
+        with self._lock:
+            if round_ <= self.closed_through:
+                raise ProtocolError("FAILED_PRECONDITION", f"round {round_} is already aggregated")
+            held = self._shares.setdefault(round_, {})
+            if client_id in held:
+                raise ProtocolError("ALREADY_EXISTS", f"{client_id} already sent its share for round {round_}")
+            lengths = {s.length for s in held.values()}
+            if lengths and share.length not in lengths:
+                raise ProtocolError("INVALID_ARGUMENT",
+                                    f"share length {share.length} differs from this round's {lengths.pop()}")
+            held[client_id] = share
+            return len(held)
+
+    def held(self, round_: int) -> list[str]:
+        with self._lock:
+            return sorted(self._shares.get(round_, {}))
+
+    def take(self, round_: int, client_ids: list[str]) -> list[np.ndarray]:
+        """The expanded shares of `client_ids`, in that order; closes the round."""
+        with self._lock:
+            held = self._shares.get(round_, {})
+            missing = [c for c in client_ids if c not in held]
+            if missing:
+                raise ProtocolError("FAILED_PRECONDITION", f"no share from {missing} for round {round_}")
+            shares = [held[c] for c in client_ids]
+            self._shares.pop(round_, None)
+            self.closed_through = max(self.closed_through, round_)
+        return [s.expand() for s in shares]
+
+
+class SecAggRounds:
+    """Coordinator side: opens rounds, collects upload reports, closes a round at all-reported or deadline."""
+
+    def __init__(self, plan: SecAggPlan, initial):
+        self.plan = plan
+        self.round = 0
+        self.params = list(initial)
+        self.reported: set[str] = set()
+        self.finished: set[str] = set()
+        self.history: list[dict] = []
+        self.failure: str | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.round >= self.plan.training.rounds
+
+    def check_client(self, client_id: str) -> None:
+        if client_id not in self.plan.training.client_ids():
+            raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
+
+    def wait_for_round(self, round_: int, timeout: float | None, client_id: str = ""):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.round >= round_ or self.done or self.failure,
+                                       timeout=timeout):
+                raise ProtocolError("DEADLINE_EXCEEDED", f"round {round_} not reached in time")
+            if self.failure:
+                raise ProtocolError("ABORTED", self.failure)
+            if self.done and client_id:
+                self.finished.add(client_id)
+                self._cond.notify_all()
+            return self.round, self.done, list(self.params)
+
+    def report(self, client_id: str, round_: int) -> int:
+        self.check_client(client_id)
+        with self._cond:
+            if round_ != self.round or self.done:
+                raise ProtocolError("FAILED_PRECONDITION", f"report for round {round_}, current is {self.round}")
+            self.reported.add(client_id)
+            self._cond.notify_all()
+            return len(self.reported)
+
+    def wait_reports(self, timeout: float) -> set[str]:
+        """Until every client reported or the upload deadline passed; returns who reported."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.reported) == self.plan.training.num_clients, timeout=timeout)
+            return set(self.reported)
+
+    def include(self, held_by_party: list[set[str]]) -> list[str]:
+        """Clients whose shares every party holds; refuse the round below the minimum."""
+        included = sorted(set.intersection(*held_by_party)) if held_by_party else []
+        if len(included) < self.plan.min_clients:
+            raise ProtocolError("FAILED_PRECONDITION",
+                                f"round {self.round}: only {len(included)} clients complete, "
+                                f"{self.plan.min_clients} required")
+        return included
+
+    def advance(self, new_params, included: list[str]) -> None:
+        with self._cond:
+            self.history.append({"round": self.round, "included": included})
+            self.params = new_params
+            self.reported = set()
+            self.round += 1
+            self._cond.notify_all()
+
+    def fail(self, message: str) -> None:
+        """End training: every waiting and later client call gets ABORTED with this message."""
+        with self._cond:
+            self.failure = message
+            self._cond.notify_all()
+
+    def wait_all_finished(self, timeout: float) -> bool:
+        """Until every client of the last round has fetched the final model."""
+        last = set(self.history[-1]["included"]) if self.history else set()
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done and last <= self.finished, timeout=timeout)

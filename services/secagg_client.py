@@ -1,0 +1,93 @@
+"""A secure-aggregation client: trains locally, secret-shares its update across the compute parties."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.models import load_arrays
+from securecollab.protocols.fedavg import client_data, local_update
+from securecollab.protocols.secagg import SecAggPlan, update_vector
+from securecollab.sharing import Share, encode_fixed, split_shares
+from securecollab.training import accuracy
+from securecollab.transcript import TranscriptRecorder
+from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
+from securecollab.v1 import secagg_pb2 as pb
+from securecollab.v1 import secagg_pb2_grpc as pb_grpc
+from securecollab.wire import decode_named, iter_chunks
+
+log = logging.getLogger(__name__)
+# Fault injection for dropout tests: where in which round this client vanishes.
+DROP_PHASES = ("before_upload", "mid_upload", "partial_upload", "after_upload")
+
+
+def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: int | None = None):
+    """The SubmitShare stream: header, then the dense share in chunks (none for a seed)."""
+    yield pb.ShareChunk(header=pb.ShareHeader(client_id=client_id, round=round_, party=share.party,
+                                              length=share.length, seed=share.seed or b""))
+    if share.dense is not None:
+        for i, chunk in enumerate(iter_chunks(np.ascontiguousarray(share.dense, dtype="<i8").tobytes())):
+            if limit_chunks is not None and i >= limit_chunks:
+                os._exit(3)  # simulated crash mid-upload
+            yield pb.ShareChunk(chunk=chunk)
+
+
+def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, plan: SecAggPlan,
+           drop: str | None = None) -> None:
+    shares = split_shares(encode_fixed(vector), plan.n_parties, compress=plan.seed_compression)
+    for i, (stub, share) in enumerate(zip(party_stubs, shares)):
+        if drop == "partial_upload" and i == 1:
+            os._exit(3)  # reached only party 0
+        stub.SubmitShare(share_messages(client_id, round_, share,
+                                        limit_chunks=0 if drop == "mid_upload" and share.dense is not None else None),
+                         timeout=DEFAULT_DEADLINE_S)
+
+
+def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
+               out_dir: Path | None = None, drop: str | None = None, drop_round: int = 0) -> dict:
+    meter = CostMeter(client_id)
+    transcript = TranscriptRecorder(out_dir / "transcripts" / f"{client_id}.jsonl" if out_dir else None,
+                                    party=client_id, role="client")
+    channel = make_channel(target, tls=tls, meter=meter, server_name=server_name)
+    wait_ready(channel, timeout=120)
+    coord = pb_grpc.CoordinatorStub(channel)
+    join = coord.Join(pb.SecAggJoinRequest(client_id=client_id), timeout=DEFAULT_DEADLINE_S)
+    plan = SecAggPlan.from_json(join.plan_json)
+    parties = []
+    for t, name in zip(join.party_targets, join.party_names):
+        ch = make_channel(t, tls=tls, meter=meter, server_name=name)
+        wait_ready(ch, timeout=120)
+        parties.append(pb_grpc.ComputePartyStub(ch))
+    ds, x, y = client_data(plan.training, index)
+    model = plan.training.build_model(ds)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    round_ = 0
+    while True:
+        info = coord.GetRound(pb.RoundRequest(client_id=client_id, round=round_), timeout=3600)
+        params = decode_named(info.params, expect=shapes, finite=True)
+        transcript.record("global_model", round=info.round, sender="coordinator",
+                          meta={"done": info.done}, tensors=params)
+        if info.done:
+            load_arrays(model, params)
+            break
+        round_ = info.round
+        new = local_update(model, plan.training, round_, params, x, y, index)
+        dropping = drop if drop and round_ == drop_round else None
+        if dropping == "before_upload":
+            os._exit(3)
+        upload(client_id, round_, update_vector(new, params, len(x)), parties, plan, dropping)
+        if dropping == "after_upload":
+            os._exit(3)  # shares are with every party: this client still counts
+        coord.ReportUploaded(pb.UploadReport(client_id=client_id, round=round_), timeout=DEFAULT_DEADLINE_S)
+        round_ += 1
+    result = {"client_id": client_id, "num_examples": len(x), "test_accuracy": accuracy(model, ds.x_test, ds.y_test),
+              "costs": meter.snapshot()}
+    if out_dir:
+        (out_dir / f"result_{client_id}.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,139 @@
+"""A secure-aggregation compute party: receives one share per client over mTLS, runs the MPC in a CrypTen world."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.mpc import AggregationSpec, aggregate_round, setup_party, shutdown
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.secagg import SecAggPlan, ShareStore
+from securecollab.sharing import Share
+from securecollab.transcript import TranscriptRecorder
+from securecollab.transport import make_server, peer_identity
+from securecollab.v1 import secagg_pb2 as pb
+from securecollab.v1 import secagg_pb2_grpc as pb_grpc
+from securecollab.wire import WireError, assemble_chunks, iter_chunks
+from services.common import rpc_errors, write_port_file
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["ComputeParty"].full_name
+SEED_BYTES = 32
+MAX_SHARE_LENGTH = 1 << 27  # 1 GiB of int64
+
+
+def require_role(context, role: str, party_id: str | None = None):
+    identity = peer_identity(context)
+    if identity.role != role or (party_id is not None and identity.party_id != party_id):
+        raise ProtocolError("PERMISSION_DENIED",
+                            f"{identity.role} {identity.party_id!r} may not call this as {party_id or role}")
+    return identity
+
+
+class ComputePartyServicer(pb_grpc.ComputePartyServicer):
+    def __init__(self, index: int, store: ShareStore, jobs: "queue.Queue", transcript: TranscriptRecorder):
+        self.index = index
+        self.store = store
+        self.jobs = jobs
+        self.transcript = transcript
+
+    @rpc_errors
+    def SubmitShare(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise ProtocolError("INVALID_ARGUMENT", "a share stream starts with its header")
+        h = first.header
+        require_role(context, "client", h.client_id)
+        if h.length > MAX_SHARE_LENGTH:
+            raise ProtocolError("RESOURCE_EXHAUSTED", f"share of {h.length} elements exceeds the limit")
+        if h.seed:
+            if len(h.seed) != SEED_BYTES:
+                raise ProtocolError("INVALID_ARGUMENT", f"seed must be {SEED_BYTES} bytes")
+            if next(request_iterator, None) is not None:
+                raise ProtocolError("INVALID_ARGUMENT", "a seed share carries no chunks")
+            share = Share(party=h.party, seed=bytes(h.seed), length=h.length)
+            record = {"blobs": {"seed": bytes(h.seed)}}
+        else:
+            chunks = (m.chunk for m in request_iterator if m.WhichOneof("part") == "chunk")
+            _, payload = assemble_chunks(chunks, max_bytes=h.length * 8)
+            if len(payload) != h.length * 8:
+                raise WireError(f"share is {len(payload)} bytes, header says {h.length} int64")
+            dense = np.frombuffer(payload, dtype="<i8").astype(np.int64)
+            share = Share(party=h.party, dense=dense, length=h.length)
+            record = {"tensors": {"share": dense}}
+        held = self.store.put(h.client_id, h.round, share)
+        self.transcript.record("share", round=h.round, sender=h.client_id, meta={"length": h.length}, **record)
+        return pb.ShareAck(round=h.round, held=held)
+
+    @rpc_errors
+    def Held(self, request, context):
+        require_role(context, "coordinator")
+        return pb.HeldReply(client_ids=self.store.held(request.round))
+
+    def Aggregate(self, request, context):
+        try:
+            require_role(context, "coordinator")
+            shares = self.store.take(request.round, list(request.client_ids))
+        except ProtocolError as e:
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        spec = AggregationSpec(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
+        job: Future = Future()
+        self.jobs.put((shares, spec, job))
+        result = job.result()  # the MPC runs on the main thread, in lock-step with the other parties
+        if isinstance(result, BaseException):
+            context.abort(grpc.StatusCode.INTERNAL, f"MPC failed: {result}")
+        yield from iter_chunks(np.ascontiguousarray(result, dtype="<i8").tobytes())
+
+
+def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_port: int,
+          port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None,
+          record: bool = True) -> None:
+    """Run compute party `index` until SIGTERM; the CrypTen world runs on this (main) thread."""
+    party_id = f"party-{index}"
+    meter = CostMeter(party_id)
+    store = ShareStore(index, plan.training.client_ids())
+    transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and record else None,
+                                    party=party_id, role="party")
+    jobs: queue.Queue = queue.Queue()
+    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    server.add(pb_grpc.add_ComputePartyServicer_to_server,
+               ComputePartyServicer(index, store, jobs, transcript), SERVICE)
+    stop = threading.Event()
+
+    import signal
+
+    def on_signal(*_):
+        stop.set()
+        jobs.put(None)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # Join the CrypTen world first: a party that cannot reach its peers must not accept shares.
+    setup_party(index, plan.n_parties, mpc_addr, mpc_port, dealer=plan.needs_dealer)
+    server.start()
+    write_port_file(port_file, server.port)
+    log.info("compute party %d on port %d (MPC world at %s:%d)", index, server.port, mpc_addr, mpc_port)
+    while not stop.is_set():
+        item = jobs.get()
+        if item is None:
+            break
+        shares, spec, job = item
+        try:
+            job.set_result(aggregate_round(shares, spec))
+        except Exception as e:  # reported to the coordinator as INTERNAL
+            log.exception("MPC failed")
+            job.set_result(e)
+        if out_dir:
+            meter.write(out_dir / f"costs_{party_id}.json")
+    server.stop(grace=2.0)
+    if out_dir:
+        meter.write(out_dir / f"costs_{party_id}.json")
+    shutdown()

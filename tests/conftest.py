@@ -1,0 +1,47 @@
+"""Shared fixtures: one project CA with party certificates, and an unrelated CA for refusal tests.
+
+Certificates are made once per test session (ECDSA keys are cheap, but a
+session-wide directory keeps every gRPC test on the same trust root).
+
+Party ids and roles: "aggregator" and "client-<n>" get their default roles;
+"server" and "client-x" have no default role ("server" is not a role and
+"client-x" does not end in "-<digits>"), so they are issued as
+"server:party" and "client-x:client".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from securecollab.certs import TlsFiles, make_certs
+
+PARTIES = ["aggregator", "client-0", "client-1", "client-2", "client-3", "server:party", "client-x:client"]
+
+
+@pytest.fixture(scope="session")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory with our CA (ca.pem/ca.key) and <party>.pem/<party>.key for every party in PARTIES."""
+    d = tmp_path_factory.mktemp("certs")
+    make_certs(d, PARTIES)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tls_for(cert_dir: Path) -> Callable[[str], TlsFiles]:
+    """tls_for("client-0") -> TlsFiles of that party under our CA."""
+
+    def _tls_for(party_id: str) -> TlsFiles:
+        return TlsFiles.for_party(cert_dir, party_id)
+
+    return _tls_for
+
+
+@pytest.fixture(scope="session")
+def other_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA issuing certs for the same party ids: none of them may be trusted by ours."""
+    d = tmp_path_factory.mktemp("other-ca")
+    make_certs(d, PARTIES)
+    return d

@@ -1,0 +1,209 @@
+"""Tests for securecollab.mpc: secure aggregation across real MPC party processes.
+
+Each multi-party test writes every party's client shares to .npy files, starts
+the compute parties (and the dealer when needed) as separate OS processes
+running this file as a script, and reconstructs the aggregate from the shares
+they return, the way the coordinator would: sum mod 2^64, divide by 2^16.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from ast import literal_eval
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCALE = 2**16
+SUBPROCESS_TIMEOUT = 60
+INT64 = np.iinfo(np.int64)
+
+
+# --------------------------------------------------------------------------- #
+# helpers: shares, processes, reconstruction
+# --------------------------------------------------------------------------- #
+
+
+def _split(updates: np.ndarray, n_parties: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Fixed-point encode (K, D) updates and split them into n additive int64 shares."""
+    encoded = np.round(updates * SCALE).astype(np.int64)
+    shares = [rng.integers(INT64.min, INT64.max, encoded.shape, dtype=np.int64, endpoint=True)
+              for _ in range(n_parties - 1)]
+    # Wrap-around int64 arithmetic is exactly the ring Z_2^64.
+    shares.append(encoded - np.sum(shares, axis=0, dtype=np.int64))
+    return shares
+
+
+def _reconstruct(result_shares: list[np.ndarray]) -> np.ndarray:
+    return np.sum(result_shares, axis=0, dtype=np.int64) / SCALE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    for key in ("RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)  # stale rendezvous settings must not leak in
+    env["OMP_NUM_THREADS"] = "1"  # several parties share few cores
+    return env
+
+
+def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_bound=None, dp_sigma=None,
+               check_refusal=False, seed=0) -> list[np.ndarray]:
+    """Share `updates`, run aggregate_round on n party processes (+ dealer), return their result shares."""
+    rng = np.random.default_rng(seed)
+    for rank, share in enumerate(_split(updates, n_parties, rng)):
+        np.save(tmp_path / f"in{rank}.npy", share)
+    dealer = norm_bound is not None
+    common = [str(n_parties), str(_free_port()), str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal)]
+    roles = [("party", rank) for rank in range(n_parties)] + ([("dealer", n_parties)] if dealer else [])
+    procs = []
+    try:
+        for role, rank in roles:
+            # Logs go to temp files, not pipes, so a chatty process never blocks.
+            log = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen([sys.executable, __file__, role, str(rank), *common],
+                                    cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+            proc.log = log
+            procs.append(proc)
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT  # for the whole round, not per process
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:
+            p.kill()
+            p.wait()
+        logs = []
+        for (role, rank), p in zip(roles, procs):
+            p.log.seek(0)
+            logs.append(f"{role} {rank} rc={p.returncode}:\n{p.log.read()[-3000:]}")
+            p.log.close()
+    report = "\n---\n".join(logs)
+    if hung:
+        pytest.fail(f"{len(hung)} MPC process(es) hung and were killed:\n{report}")
+    assert all(p.returncode == 0 for p in procs), report
+    return [np.load(tmp_path / f"out{rank}.npy") for rank in range(n_parties)]
+
+
+def _process_main(argv: list[str]) -> None:
+    """Body of one party/dealer process: `role rank n port dir norm_bound dp_sigma check_refusal`."""
+    from securecollab import mpc
+
+    role, rank, n_parties, port, workdir = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4])
+    spec = mpc.AggregationSpec(norm_bound=literal_eval(argv[5]), dp_sigma=literal_eval(argv[6]))
+    if role == "dealer":
+        mpc.run_dealer(n_parties, "127.0.0.1", port)
+        return
+    mpc.setup_party(rank, n_parties, "127.0.0.1", port, dealer=spec.needs_dealer)
+    shares = list(np.load(workdir / f"in{rank}.npy"))  # this party's share of each client
+    if argv[7] == "True":
+        # Without the dealer, multiplications must be refused, not done with CrypTen's TFP.
+        try:
+            mpc.aggregate_round(shares, mpc.AggregationSpec(norm_bound=1.0))
+        except RuntimeError as err:
+            assert "dealer" in str(err)
+        else:
+            raise AssertionError("norm bound ran without a dealer")
+    result = mpc.aggregate_round(shares, spec)
+    assert result.dtype == np.int64 and result.shape == shares[0].shape
+    np.save(workdir / f"out{rank}.npy", result)
+    mpc.shutdown()
+
+
+def _updates_with_norms(norms, dim: int, rng: np.random.Generator) -> np.ndarray:
+    directions = rng.normal(size=(len(norms), dim))
+    return directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.asarray(norms)[:, None]
+
+
+# --------------------------------------------------------------------------- #
+# spec (no processes)
+# --------------------------------------------------------------------------- #
+
+
+def test_spec_validation_and_dealer_need():
+    from securecollab.mpc import MAX_NORM_BOUND, AggregationSpec
+
+    assert not AggregationSpec().needs_dealer
+    assert not AggregationSpec(dp_sigma=1.0).needs_dealer  # noise is linear
+    assert AggregationSpec(norm_bound=1.0).needs_dealer
+    for bad in (0.0, -1.0, MAX_NORM_BOUND * 2, float("nan")):
+        with pytest.raises(ValueError):
+            AggregationSpec(norm_bound=bad)
+    with pytest.raises(ValueError):
+        AggregationSpec(dp_sigma=-0.1)
+
+
+# --------------------------------------------------------------------------- #
+# multi-party rounds
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.timeout(90)
+def test_three_party_sum_without_dealer(tmp_path):
+    rng = np.random.default_rng(1)
+    updates = rng.normal(0.0, 3.0, size=(10, 1000))
+    out = _run_round(tmp_path, updates, 3, check_refusal=True)
+    np.testing.assert_allclose(_reconstruct(out), updates.sum(0), rtol=0, atol=10 / SCALE)
+    # No single party's result share is the aggregate: each looks uniformly random.
+    for share in out:
+        assert np.abs(share / SCALE - updates.sum(0)).max() > 1e6
+
+
+@pytest.mark.timeout(90)
+def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path):
+    rng = np.random.default_rng(2)
+    bound = 1.0
+    norms = rng.uniform(0.2, 0.95, size=10) * bound  # honest clients, all under the bound
+    norms[4] = 100 * bound  # one oversized (e.g. poisoned) update
+    updates = _updates_with_norms(norms, 1000, rng)
+    out = _run_round(tmp_path, updates, 3, norm_bound=bound)
+    honest = np.delete(updates, 4, axis=0).sum(0)
+    np.testing.assert_allclose(_reconstruct(out), honest, rtol=0, atol=10 / SCALE)
+
+
+@pytest.mark.timeout(90)
+def test_distributed_dp_noise_has_requested_sigma(tmp_path):
+    rng = np.random.default_rng(3)
+    sigma = 0.5
+    updates = rng.normal(0.0, 1.0, size=(3, 20000))
+    out = _run_round(tmp_path, updates, 3, dp_sigma=sigma)
+    noise = _reconstruct(out) - updates.sum(0)
+    assert abs(noise.std() / sigma - 1) < 0.10
+    assert abs(noise.mean()) < 5 * sigma / np.sqrt(noise.size)
+
+
+@pytest.mark.timeout(90)
+def test_two_party_sum(tmp_path):
+    rng = np.random.default_rng(4)
+    updates = rng.normal(0.0, 3.0, size=(10, 1000))
+    out = _run_round(tmp_path, updates, 2)
+    np.testing.assert_allclose(_reconstruct(out), updates.sum(0), rtol=0, atol=10 / SCALE)
+
+
+@pytest.mark.timeout(90)
+def test_two_party_norm_bound_with_dealer(tmp_path):
+    # With two parties CrypTen's dealer is rank 2 in a world it still calls size 2.
+    rng = np.random.default_rng(5)
+    norms = np.array([0.5, 3.0, 0.9, 1.5])  # bound 1.0: clients 1 and 3 are dropped
+    updates = _updates_with_norms(norms, 500, rng)
+    out = _run_round(tmp_path, updates, 2, norm_bound=1.0)
+    np.testing.assert_allclose(_reconstruct(out), updates[[0, 2]].sum(0), rtol=0, atol=10 / SCALE)
+
+
+if __name__ == "__main__":
+    _process_main(sys.argv[1:])
