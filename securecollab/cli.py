@@ -201,6 +201,7 @@ def client_secagg(
     out: Annotated[Optional[Path], typer.Option(help="Write result, costs and transcript here.")] = None,
     drop: Annotated[Optional[str], typer.Option(help="Fault injection: vanish at before_upload, mid_upload, partial_upload or after_upload.")] = None,
     drop_round: Annotated[int, typer.Option(help="Round in which --drop happens.")] = 0,
+    boost: Annotated[float, typer.Option(help="Fault injection: multiply this client's update (a malicious client).")] = 1.0,
     verbose: Verbose = False,
 ):
     """Take part in FedAvg over secure aggregation: each round's update leaves only as secret shares."""
@@ -210,7 +211,7 @@ def client_secagg(
         raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
     _logging(verbose)
     result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
-                        out_dir=out, drop=drop, drop_round=drop_round)
+                        out_dir=out, drop=drop, drop_round=drop_round, boost=boost)
     typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
 
 

@@ -125,10 +125,10 @@ def free_port() -> int:
 
 @register("secagg")
 def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | None = None,
-               progress=None, **_) -> dict:
+               boosts: dict | None = None, progress=None, **_) -> dict:
     """FedAvg over secure aggregation: coordinator, compute parties, (dealer), clients, each its own process.
 
-    `drops` maps a client id to (phase, round) for fault injection."""
+    Fault injection: `drops` maps a client id to (phase, round); `boosts` to a factor on its update."""
     from securecollab.data import load_dataset
     from securecollab.protocols.secagg import SecAggPlan
     from securecollab.training import accuracy
@@ -155,6 +155,8 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
         for i, cid in enumerate(clients):
             drop = (drops or {}).get(cid)
             extra = ["--drop", drop[0], "--drop-round", str(drop[1])] if drop else []
+            if cid in (boosts or {}):
+                extra += ["--boost", str(boosts[cid])]
             group.start(cid, securecollab_cmd("client", "secagg", "--target", f"localhost:{port}", "--id", cid,
                                               "--index", str(i), "--certs", str(certs), "--out", str(out_dir), *extra))
         for cid in clients:

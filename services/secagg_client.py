@@ -50,7 +50,9 @@ def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, p
 
 
 def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
-               out_dir: Path | None = None, drop: str | None = None, drop_round: int = 0) -> dict:
+               out_dir: Path | None = None, drop: str | None = None, drop_round: int = 0,
+               boost: float = 1.0) -> dict:
+    """Take part until training is done; `drop`/`boost` inject faults (vanish; send a boosted, malicious update)."""
     meter = CostMeter(client_id)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{client_id}.jsonl" if out_dir else None,
                                     party=client_id, role="client")
@@ -81,7 +83,9 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
         dropping = drop if drop and round_ == drop_round else None
         if dropping == "before_upload":
             os._exit(3)
-        upload(client_id, round_, update_vector(new, params, len(x)), parties, plan, dropping)
+        vector = update_vector(new, params)
+        vector[:-1] *= boost
+        upload(client_id, round_, vector, parties, plan, dropping)
         if dropping == "after_upload":
             os._exit(3)  # shares are with every party: this client still counts
         coord.ReportUploaded(pb.UploadReport(client_id=client_id, round=round_), timeout=DEFAULT_DEADLINE_S)

@@ -72,7 +72,7 @@ class RoundDriver:
 
     def close_round(self) -> np.ndarray:
         plan, r = self.rounds.plan, self.rounds.round
-        self.rounds.wait_reports(plan.upload_deadline_s)
+        self.rounds.wait_reports()
         held = [set(s.Held(pb.HeldRequest(round=r), timeout=30).client_ids) for s in self.stubs]
         included = self.rounds.include(held)
         req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound,

@@ -45,20 +45,26 @@ class SecAggPlan:
         return cls(**{**d, "training": FedAvgPlan(**d["training"])})
 
 
-def update_vector(params, global_params, num_examples: int) -> np.ndarray:
-    """What a client secret-shares: its weighted model delta, then its weight (so weights stay secret too)."""
-    delta = [(p - g).ravel() * num_examples for (_, p), (_, g) in zip(params, global_params)]
-    return np.concatenate([*delta, [float(num_examples)]]).astype(np.float64)
+def update_vector(params, global_params) -> np.ndarray:
+    """What a client secret-shares: its model delta, then a 1 that counts it.
+
+    Deltas are averaged uniformly over the included clients (the count is
+    itself shared, so the coordinator learns only how many were included).
+    Weighting by example counts would scale a vector by ~n and push honest
+    norms past what the in-MPC norm check can handle (securecollab.mpc).
+    """
+    delta = [(p.astype(np.float64) - g).ravel() for (_, p), (_, g) in zip(params, global_params)]
+    return np.concatenate([*delta, [1.0]])
 
 
 def apply_aggregate(global_params, aggregate: np.ndarray):
-    """New global model from the revealed sum of update vectors: θ + Σ nᵢΔᵢ / Σ nᵢ."""
-    total = aggregate[-1]
-    if not total > 0:
-        raise ProtocolError("INTERNAL", f"aggregate weight {total} is not positive")
+    """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count."""
+    count = round(float(aggregate[-1]))
+    if count < 1:
+        raise ProtocolError("INTERNAL", f"aggregate counts {aggregate[-1]:.3f} clients")
     out, offset = [], 0
     for name, g in global_params:
-        step = aggregate[offset:offset + g.size].reshape(g.shape) / total
+        step = aggregate[offset:offset + g.size].reshape(g.shape) / count
         out.append((name, (g + step).astype(np.float32)))
         offset += g.size
     return out
@@ -151,10 +157,16 @@ class SecAggRounds:
             self._cond.notify_all()
             return len(self.reported)
 
-    def wait_reports(self, timeout: float) -> set[str]:
-        """Until every client reported or the upload deadline passed; returns who reported."""
+    def wait_reports(self, open_timeout: float = 3600.0) -> set[str]:
+        """Until every client reported, or the upload deadline passed since the first report; returns who reported.
+
+        The deadline runs from the first report, not from the round's start, so
+        slow local training or slow start-up does not count against uploads."""
+        everyone = self.plan.training.num_clients
         with self._cond:
-            self._cond.wait_for(lambda: len(self.reported) == self.plan.training.num_clients, timeout=timeout)
+            if not self._cond.wait_for(lambda: self.reported, timeout=open_timeout):
+                return set()
+            self._cond.wait_for(lambda: len(self.reported) == everyone, timeout=self.plan.upload_deadline_s)
             return set(self.reported)
 
     def include(self, held_by_party: list[set[str]]) -> list[str]:

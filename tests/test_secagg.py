@@ -1,0 +1,137 @@
+"""Secure aggregation across real processes: coordinator, 3 compute parties, dealer and clients over mutual TLS.
+
+The plaintext each client shared is recomputed by replaying its deterministic
+local training from the global model recorded in its own transcript; the
+revealed aggregate in the coordinator's transcript must equal their sum.
+"""
+
+import numpy as np
+import pytest
+
+from securecollab.protocols.fedavg import FedAvgPlan, client_data, local_update
+from securecollab.protocols.secagg import SecAggPlan, update_vector
+from securecollab.runs import run_protocol
+from securecollab.transcript import load_transcript
+
+pytestmark = pytest.mark.slow
+FIXED_POINT_STEP = 2.0 ** -16
+
+
+def replayed_updates(plan: FedAvgPlan, run_dir, round_: int, boosts=None) -> dict[str, np.ndarray]:
+    """Each surviving client's update vector for a round, as it computed it before sharing."""
+    updates = {}
+    for i, cid in enumerate(plan.client_ids()):
+        path = run_dir / "transcripts" / f"{cid}.jsonl"
+        records = [r for r in load_transcript(path).of_kind("global_model") if r.round == round_ and not r.meta["done"]]
+        if not records:
+            continue
+        ds, x, y = client_data(plan, i)
+        model = plan.build_model(ds)
+        params = list(records[0].tensors.items())
+        vec = update_vector(local_update(model, plan, round_, params, x, y, i), params)
+        vec[:-1] *= (boosts or {}).get(cid, 1.0)
+        updates[cid] = vec
+    return updates
+
+
+def aggregates(run_dir) -> dict[int, tuple[list[str], np.ndarray]]:
+    coord = load_transcript(run_dir / "transcripts" / "coordinator.jsonl")
+    return {r.round: (r.meta["included"], r.tensors["aggregate"]) for r in coord.of_kind("aggregate")}
+
+
+@pytest.fixture(scope="module")
+def ten_clients(tmp_path_factory):
+    """10 clients, 3 compute parties, dense shares (no seed compression), one round."""
+    out = tmp_path_factory.mktemp("secagg10") / "secagg"
+    plan = FedAvgPlan(num_clients=10, rounds=1, local_epochs=1)
+    spec = SecAggPlan(training=plan, n_parties=3, seed_compression=False, upload_deadline_s=120)
+    run_protocol("secagg", plan, out, secagg=spec)
+    return plan, out
+
+
+def test_revealed_aggregate_equals_plaintext_sum(ten_clients):
+    plan, out = ten_clients
+    included, aggregate = aggregates(out)[0]
+    updates = replayed_updates(plan, out, 0)
+    assert included == sorted(plan.client_ids())
+    expected = np.sum([updates[c] for c in included], axis=0)
+    assert aggregate[-1] == pytest.approx(10.0, abs=1e-3)
+    np.testing.assert_allclose(aggregate, expected, rtol=0, atol=10 * FIXED_POINT_STEP)
+    assert np.abs(expected[:-1]).max() > 100 * FIXED_POINT_STEP  # not trivially small
+
+
+def test_compute_party_transcript_is_independent_of_client_updates(ten_clients):
+    plan, out = ten_clients
+    updates = replayed_updates(plan, out, 0)
+    for p in range(3):
+        records = load_transcript(out / "transcripts" / f"party-{p}.jsonl").of_kind("share")
+        assert {r.sender for r in records} == set(plan.client_ids())  # it saw every client's share ...
+        for r in records:
+            share = r.tensors["share"].astype(np.float64)  # ... each a uniformly random ring element
+            u = updates[r.sender][:-1]
+            corr = np.corrcoef(share[:-1], u)[0, 1]
+            assert abs(corr) < 6 / np.sqrt(len(u)), (p, r.sender, corr)
+            assert abs(np.mean(share) / 2.0 ** 63) < 0.05
+            # and its fixed-point decoding is nowhere near the update
+            assert np.abs(share[:-1] / 2 ** 16 - u).min() > 1.0 or np.median(np.abs(share[:-1] / 2 ** 16 - u)) > 1e6
+
+
+def test_dropout_of_30_percent_at_every_phase_leaves_the_round_correct(tmp_path):
+    out = tmp_path / "secagg"
+    plan = FedAvgPlan(num_clients=10, rounds=2, local_epochs=1)
+    spec = SecAggPlan(training=plan, n_parties=3, min_clients=5, upload_deadline_s=8)
+    drops = {"client-1": ("before_upload", 0), "client-4": ("mid_upload", 0),
+             "client-7": ("partial_upload", 0)}
+    run_protocol("secagg", plan, out, secagg=spec, drops=drops)
+    rounds = aggregates(out)
+    survivors = sorted(set(plan.client_ids()) - set(drops))
+    for r in (0, 1):
+        included, aggregate = rounds[r]
+        assert included == survivors, (r, included)
+        updates = replayed_updates(plan, out, r)
+        expected = np.sum([updates[c] for c in survivors], axis=0)
+        np.testing.assert_allclose(aggregate, expected, rtol=0, atol=10 * FIXED_POINT_STEP)
+    # the partial uploader reached party 0 only: that share was held but never counted
+    held_by_0 = {r.sender for r in load_transcript(out / "transcripts" / "party-0.jsonl").of_kind("share")}
+    assert "client-7" in held_by_0
+
+
+def test_update_with_100x_the_norm_bound_is_excluded_and_no_norm_is_revealed(tmp_path):
+    out = tmp_path / "secagg"
+    plan = FedAvgPlan(num_clients=5, rounds=1, local_epochs=1)
+    bound, boost = 2.0, 1000.0  # honest norms are ~1.1 (delta ~0.5, plus the count coordinate)
+    spec = SecAggPlan(training=plan, n_parties=3, norm_bound=bound, upload_deadline_s=60)
+    run_protocol("secagg", plan, out, secagg=spec, boosts={"client-2": boost})
+    updates = replayed_updates(plan, out, 0, boosts={"client-2": boost})
+    norms = {c: float(np.linalg.norm(u)) for c, u in updates.items()}
+    assert norms["client-2"] >= 100 * bound and max(n for c, n in norms.items() if c != "client-2") < bound
+    included, aggregate = aggregates(out)[0]
+    assert included == sorted(plan.client_ids())  # every client's shares were complete ...
+    assert aggregate[-1] == pytest.approx(4.0, abs=1e-3)  # ... and MPC rejected one: only the count shows it
+    expected = np.sum([u for c, u in updates.items() if c != "client-2"], axis=0)
+    np.testing.assert_allclose(aggregate, expected, rtol=0, atol=10 * FIXED_POINT_STEP)
+    # No transcript holds any client's norm (or squared norm) in the clear.
+    targets = np.array([v for n in norms.values() for v in (n, n * n)])
+    for name in ["coordinator", "party-0", "party-1", "party-2"]:
+        for rec in load_transcript(out / "transcripts" / f"{name}.jsonl").records:
+            for arr in rec.tensors.values():
+                vals = arr.astype(np.float64).ravel()
+                if arr.dtype == np.int64:
+                    vals = vals / 2 ** 16
+                for t in targets:
+                    assert not np.any(np.abs(vals - t) <= FIXED_POINT_STEP), (name, rec.kind, t)
+
+
+@pytest.fixture(scope="module")
+def secure_vs_plain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("secure_vs_plain")
+    plan = FedAvgPlan(num_clients=4)
+    return (run_protocol("secagg", plan, out / "secagg"), run_protocol("fedavg", plan, out / "fedavg"))
+
+
+def test_fedavg_with_secure_aggregation_matches_plain_fedavg_within_1pp(secure_vs_plain):
+    secure, plain = secure_vs_plain
+    assert plain["accuracy"] > 0.9
+    assert abs(secure["accuracy"] - plain["accuracy"]) <= 0.01, (secure["accuracy"], plain["accuracy"])
+    # secure upload per client: one int64 share (seed compression) vs float32 weights
+    assert 1.9 <= secure["costs"]["bytes_sent"] / plain["costs"]["bytes_sent"] <= 2.1

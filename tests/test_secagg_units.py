@@ -1,0 +1,68 @@
+"""Secure aggregation state machines: what a party accepts, when a round counts, how updates become vectors."""
+
+import numpy as np
+import pytest
+
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.fedavg import FedAvgPlan
+from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, ShareStore, apply_aggregate, update_vector
+from securecollab.sharing import Share, decode_fixed, encode_fixed, reconstruct, split_shares
+
+
+def _share(party=0, n=4, value=1):
+    return Share(party=party, dense=np.full(n, value, np.int64))
+
+
+def test_store_refuses_unknown_client_wrong_party_duplicate_and_stale_round():
+    store = ShareStore(0, ["client-0", "client-1"])
+    assert store.put("client-0", 0, _share()) == 1
+    cases = [("client-9", 0, _share(), "NOT_FOUND"),
+             ("client-1", 0, _share(party=1), "INVALID_ARGUMENT"),
+             ("client-0", 0, _share(value=7), "ALREADY_EXISTS"),
+             ("client-1", 0, _share(n=5), "INVALID_ARGUMENT")]
+    for client, round_, share, code in cases:
+        with pytest.raises(ProtocolError) as e:
+            store.put(client, round_, share)
+        assert e.value.code == code
+    store.put("client-1", 0, _share(value=2))
+    taken = store.take(0, ["client-1", "client-0"])
+    assert [int(t[0]) for t in taken] == [2, 1]  # in the order asked, first submission kept
+    with pytest.raises(ProtocolError) as e:
+        store.put("client-0", 0, _share())
+    assert e.value.code == "FAILED_PRECONDITION"  # round 0 is closed: a replay is refused
+
+
+def test_store_take_refuses_a_client_it_does_not_hold():
+    store = ShareStore(0, ["client-0", "client-1"])
+    store.put("client-0", 3, _share())
+    with pytest.raises(ProtocolError, match="client-1"):
+        store.take(3, ["client-0", "client-1"])
+    assert store.held(3) == ["client-0"]  # nothing lost by the refused request
+
+
+def test_round_counts_only_clients_every_party_holds_and_enforces_minimum():
+    rounds = SecAggRounds(SecAggPlan(training=FedAvgPlan(num_clients=4), min_clients=2), [])
+    assert rounds.include([{"client-0", "client-1", "client-2"}, {"client-0", "client-2"},
+                           {"client-2", "client-0", "client-3"}]) == ["client-0", "client-2"]
+    with pytest.raises(ProtocolError) as e:
+        rounds.include([{"client-0"}, {"client-0", "client-1"}, {"client-1"}])
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_average_through_shared_vectors_equals_mean_of_client_models():
+    rng = np.random.default_rng(0)
+    g = [("w", rng.normal(size=(3, 2)).astype(np.float32)), ("b", rng.normal(size=2).astype(np.float32))]
+    clients = [[(n, a + rng.normal(size=a.shape).astype(np.float32)) for n, a in g] for _ in range(3)]
+    shared = [reconstruct(split_shares(encode_fixed(update_vector(p, g)), 3)) for p in clients]
+    total = shared[0]
+    for s in shared[1:]:
+        total = reconstruct([total, s])  # wrap-around sum, as the parties' shares add up
+    new = dict(apply_aggregate(g, decode_fixed(total)))
+    expected = np.mean([dict(c)["w"] for c in clients], axis=0)
+    np.testing.assert_allclose(new["w"], expected, atol=1e-4)
+
+
+def test_plan_round_trips_through_json():
+    plan = SecAggPlan(training=FedAvgPlan(num_clients=7, rounds=3), n_parties=2, norm_bound=1.5)
+    assert SecAggPlan.from_json(plan.to_json()) == plan
+    assert plan.needs_dealer and not SecAggPlan().needs_dealer
