@@ -66,6 +66,13 @@ def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
     return result
 
 
+def start_aggregator(group: ProcessGroup, plan: FedAvgPlan, certs: Path, out_dir: Path) -> int:
+    """The plain FedAvg aggregator as a process on loopback; returns its port."""
+    return group.start_service("aggregator", securecollab_cmd(
+        "serve", "aggregator", "--plan-json", plan.to_json(), "--certs", str(certs),
+        "--host", "127.0.0.1", "--out", str(out_dir)))
+
+
 @register("fedavg")
 def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     """Plain FedAvg over gRPC (mutual TLS): an aggregator process and one process per client."""
@@ -77,9 +84,7 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     certs = ensure_certs(out_dir.parent / "certs", ["aggregator", *clients])
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
-        port = group.start_service("aggregator", securecollab_cmd(
-            "serve", "aggregator", "--plan-json", plan.to_json(), "--certs", str(certs),
-            "--host", "127.0.0.1", "--out", str(out_dir)))
+        port = start_aggregator(group, plan, certs, out_dir)
         for i, cid in enumerate(clients):
             group.start(cid, securecollab_cmd(
                 "client", "fedavg", "--target", f"localhost:{port}", "--id", cid, "--index", str(i),
@@ -123,6 +128,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path) -> int:
+    """Compute parties (+ dealer when needed) and the coordinator as processes on loopback; returns the coordinator's port."""
+    parties = [f"party-{i}" for i in range(spec.n_parties)]
+    common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
+    mpc_port = free_port()
+    # Parties serve only once their MPC world (and dealer) is up, so start them all before waiting.
+    for i, name in enumerate(parties):
+        group.start_service(name, securecollab_cmd(
+            "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common),
+            wait=False)
+    if spec.needs_dealer:
+        group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common))
+    ports = [group.wait_port(name, timeout=300) for name in parties]
+    return group.start_service("coordinator", securecollab_cmd(
+        "serve", "coordinator", "--host", "127.0.0.1", *common,
+        *[a for p in ports for a in ("--party-target", f"localhost:{p}")]), timeout=300)
+
+
 @register("secagg")
 def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | None = None,
                boosts: dict | None = None, progress=None, **_) -> dict:
@@ -138,20 +161,9 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
     clients = plan.client_ids()
     parties = [f"party-{i}" for i in range(spec.n_parties)]
     certs = ensure_certs(out_dir.parent / "certs", ["coordinator", *parties, *clients])
-    common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
-    mpc_port = free_port()
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
-        for i, name in enumerate(parties):
-            group.start_service(name, securecollab_cmd(
-                "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common),
-                wait=False)
-        if spec.needs_dealer:
-            group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common))
-        ports = [group.wait_port(name, timeout=300) for name in parties]
-        port = group.start_service("coordinator", securecollab_cmd(
-            "serve", "coordinator", "--host", "127.0.0.1", *common,
-            *[a for p in ports for a in ("--party-target", f"localhost:{p}")]), timeout=300)
+        port = start_secagg_servers(group, spec, certs, out_dir)
         for i, cid in enumerate(clients):
             drop = (drops or {}).get(cid)
             extra = ["--drop", drop[0], "--drop-round", str(drop[1])] if drop else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     meter = CostMeter("aggregator")
     initial = parameters_to_arrays(plan.build_model())
     rounds = FedAvgRounds(plan, initial)
-    transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if out_dir else None,
+    record = out_dir and plan.record_transcripts
+    transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if record else None,
                                     party="aggregator", role="aggregator")
     server = make_server(tls=tls, port=port, host=host, meter=meter)
     servicer = FedAvgAggregatorServicer(rounds, transcript)
@@ -82,9 +84,10 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     rounds.wait_for_round(plan.rounds, timeout=None)
     if not rounds.wait_all_finished(timeout=60.0):
         log.warning("not every client fetched the final model")
-    server.stop(grace=5.0)
+    server.stop(grace=30.0)  # returns as soon as the last responses are delivered
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(out_dir / "fedavg_model.npz", **dict(rounds.params))
         meter.write(out_dir / "costs_aggregator.json")
+        (out_dir / "rounds_aggregator.json").write_text(json.dumps({"aggregated_at": rounds.aggregated_at}))
     return server, rounds, meter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,12 @@ def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: i
 def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, plan: SecAggPlan,
            drop: str | None = None) -> None:
     shares = split_shares(encode_fixed(vector), plan.n_parties, compress=plan.seed_compression)
+    # Additive shares are interchangeable: rotate which party gets the dense
+    # correction so that, with seed compression, ingestion spreads over all parties.
+    offset = zlib.crc32(f"{client_id}/{round_}".encode()) % plan.n_parties
+    shares = [Share(party=(s.party + offset) % plan.n_parties, dense=s.dense, seed=s.seed, length=s.length)
+              for s in shares]
+    shares.sort(key=lambda s: s.party)
     for i, (stub, share) in enumerate(zip(party_stubs, shares)):
         if drop == "partial_upload" and i == 1:
             os._exit(3)  # reached only party 0

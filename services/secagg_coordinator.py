@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -73,17 +74,20 @@ class RoundDriver:
     def close_round(self) -> np.ndarray:
         plan, r = self.rounds.plan, self.rounds.round
         self.rounds.wait_reports()
+        phases = {"uploads_closed": time.time()}
         held = [set(s.Held(pb.HeldRequest(round=r), timeout=30).client_ids) for s in self.stubs]
         included = self.rounds.include(held)
         req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound,
                                   dp_sigma=plan.dp_sigma)
-        t0 = time.perf_counter()
+        phases["aggregate_requested"] = time.time()
         futures = [self.pool.submit(lambda s: assemble_chunks(s.Aggregate(req, timeout=MPC_TIMEOUT_S))[1], s)
                    for s in self.stubs]
         shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
+        phases["shares_received"] = time.time()
         aggregate = decode_fixed(reconstruct(shares))
+        phases["revealed"] = time.time()
         self.transcript.record("aggregate", round=r, sender="parties",
-                               meta={"included": included, "mpc_s": time.perf_counter() - t0},
+                               meta={"included": included, "phases": phases},
                                tensors={"aggregate": aggregate})
         log.info("round %d: aggregated %d clients (%s)", r, len(included), ", ".join(included))
         return aggregate, included
@@ -127,8 +131,10 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
         server.stop(grace=2.0)
         raise
     rounds.wait_all_finished(timeout=30.0)
-    server.stop(grace=5.0)
+    server.stop(grace=30.0)  # returns as soon as the last responses are delivered
     if out_dir:
         np.savez(out_dir / "secagg_model.npz", **dict(rounds.params))
         meter.write(out_dir / "costs_coordinator.json")
+        (out_dir / "rounds_coordinator.json").write_text(json.dumps(
+            {"aggregated_at": rounds.aggregated_at, "history": rounds.history}))
     return rounds

@@ -94,13 +94,12 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
 
 
 def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_port: int,
-          port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None,
-          record: bool = True) -> None:
+          port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None) -> None:
     """Run compute party `index` until SIGTERM; the CrypTen world runs on this (main) thread."""
     party_id = f"party-{index}"
     meter = CostMeter(party_id)
     store = ShareStore(index, plan.training.client_ids())
-    transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and record else None,
+    transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and plan.training.record_transcripts else None,
                                     party=party_id, role="party")
     jobs: queue.Queue = queue.Queue()
     server = make_server(tls=tls, port=port, host=host, meter=meter)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from securecollab.data import load_dataset, partition
 from securecollab.models import build_model, load_arrays, parameters_to_arrays
@@ -33,6 +35,10 @@ class FedAvgPlan:
     seed: int = 0
     partition: str = "iid"
     alpha: float = 0.5
+    # Benchmarks only: the "model" is one vector of this many floats and
+    # clients submit ready-made updates instead of training.
+    vector_length: int = 0
+    record_transcripts: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -49,9 +55,19 @@ class FedAvgPlan:
         return [f"client-{i}" for i in range(self.num_clients)]
 
     def build_model(self, dataset=None):
+        if self.vector_length:
+            return UpdateVector(self.vector_length)
         ds = dataset or load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
         return build_model(self.model, ds.input_shape, ds.num_classes,
                            activation=self.activation, seed=self.seed)
+
+
+class UpdateVector(torch.nn.Module):
+    """Stands in for a model in aggregation benchmarks: one flat vector of parameters."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.update = torch.nn.Parameter(torch.zeros(length))
 
 
 class FedAvgRounds:
@@ -64,6 +80,7 @@ class FedAvgRounds:
         self.shapes = {n: a.shape for n, a in initial}
         self._pending: dict[str, tuple[int, list[tuple[str, np.ndarray]]]] = {}
         self._finished: set[str] = set()  # clients that fetched the final model
+        self.aggregated_at: list[float] = []  # wall-clock time each round's aggregate was ready
         self._cond = threading.Condition()
 
     @property
@@ -118,6 +135,7 @@ class FedAvgRounds:
             for name, _ in self.params
         ]
         self._pending.clear()
+        self.aggregated_at.append(time.time())
         self.round += 1
         self._cond.notify_all()
 

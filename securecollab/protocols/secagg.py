@@ -8,6 +8,7 @@ The coordinator learns only the revealed aggregate.
 from __future__ import annotations
 
 import json
+import time
 import threading
 from dataclasses import asdict, dataclass, field
 
@@ -126,6 +127,7 @@ class SecAggRounds:
         self.finished: set[str] = set()
         self.history: list[dict] = []
         self.failure: str | None = None
+        self.aggregated_at: list[float] = []  # wall-clock time each round's aggregate was revealed
         self._cond = threading.Condition()
 
     @property
@@ -181,6 +183,7 @@ class SecAggRounds:
     def advance(self, new_params, included: list[str]) -> None:
         with self._cond:
             self.history.append({"round": self.round, "included": included})
+            self.aggregated_at.append(time.time())
             self.params = new_params
             self.reported = set()
             self.round += 1
