@@ -1,10 +1,16 @@
-"""Overhead benchmarks: a secure protocol against its plain counterpart on the same loopback setup."""
+"""Overhead benchmarks: a secure protocol against its plain counterpart on the same loopback setup.
+
+Servers and clients are separate processes (clients start each round together
+at a barrier), so no client's work is serialized behind another's in one
+interpreter; on a 2-core machine they still share the CPU with the servers.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import multiprocessing as mp
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -20,98 +26,108 @@ from securecollab.transcript import load_transcript
 from securecollab.transport import make_channel, wait_ready
 
 
-def _ready_updates(clients: int, params: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.normal(0, 0.05, params).astype(np.float32) for _ in range(clients)]
+def _ready_update(index: int, params: int, seed: int) -> np.ndarray:
+    """Client `index`'s ready-made update (the same in the client process and in the checker)."""
+    return np.random.default_rng([seed, index]).normal(0, 0.05, params).astype(np.float32)
 
 
-def _run_clients(n: int, body) -> list[dict]:
-    """Run `body(i, barrier, meter)` for n clients in threads; returns each client's cost snapshot."""
-    barrier = threading.Barrier(n)
-    meters = [CostMeter(f"client-{i}") for i in range(n)]
-    errors: list[BaseException] = []
+def _run_clients(n: int, rounds: int, body, *args) -> tuple[list[float], list[dict]]:
+    """Run `body(i, barrier, starts, *args)` in n client processes, as separate hosts would.
 
-    def run(i):
-        try:
-            body(i, barrier, meters[i])
-        except BaseException as e:  # surfaced below, after every thread ends
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    Returns each round's first upload time and every client's cost snapshot."""
+    ctx = mp.get_context("spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned clients
+    barrier, starts, results = ctx.Barrier(n), ctx.Array("d", [float("inf")] * rounds), ctx.Queue()
+    procs = [ctx.Process(target=_client_main, args=(body, i, barrier, starts, results, *args)) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=900) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [o for o in out if isinstance(o, str)]
     if errors:
-        raise errors[0]
-    return [m.snapshot() for m in meters]
+        raise RuntimeError(f"bench client failed: {errors[0]}")
+    return list(starts), out
 
 
-def _plain_round_walls(updates, rounds: int, work: Path, certs: Path) -> tuple[list[float], list[dict]]:
+def _client_main(body, i, barrier, starts, results, *args):
+    meter = CostMeter(f"client-{i}")
+    try:
+        body(i, barrier, starts, meter, *args)
+        results.put(meter.snapshot())
+    except BaseException as e:  # reported to the parent, which stops the benchmark
+        barrier.abort()
+        results.put(f"client-{i}: {type(e).__name__}: {e}")
+
+
+def _mark_start(starts, r: int) -> None:
+    with starts.get_lock():
+        starts[r] = min(starts[r], time.time())
+
+
+def _plain_client(i, barrier, starts, meter, port, certs, params, rounds, seed):
     from securecollab.v1 import fedavg_pb2 as pb
     from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
     from securecollab.wire import encode_named
 
-    plan = FedAvgPlan(num_clients=len(updates), rounds=rounds, vector_length=len(updates[0]),
-                      record_transcripts=False)
-    starts = [float("inf")] * rounds
-    lock = threading.Lock()
-    with ProcessGroup(work / "logs") as group:
-        port = start_aggregator(group, plan, certs, work)
-
-        def client(i, barrier, meter):
-            cid = f"client-{i}"
-            with make_channel(f"localhost:{port}", tls=TlsFiles.for_party(certs, cid), meter=meter) as ch:
-                wait_ready(ch)
-                stub = pb_grpc.FedAvgAggregatorStub(ch)
-                stub.Join(pb.JoinRequest(client_id=cid), timeout=60)
-                for r in range(rounds):
-                    barrier.wait()
-                    with lock:
-                        starts[r] = min(starts[r], time.time())
-                    stub.SubmitUpdate(pb.ClientUpdate(client_id=cid, round=r, num_examples=1,
-                                                      params=encode_named([("update", updates[i])])), timeout=600)
-                    stub.GetModel(pb.ModelRequest(client_id=cid, round=r + 1), timeout=600)
-
-        costs = _run_clients(len(updates), client)
-        group.wait("aggregator", timeout=120)
-    done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
-    return [d - s for s, d in zip(starts, done)], costs
+    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    with make_channel(f"localhost:{port}", tls=TlsFiles.for_party(certs, cid), meter=meter) as ch:
+        wait_ready(ch)
+        stub = pb_grpc.FedAvgAggregatorStub(ch)
+        stub.Join(pb.JoinRequest(client_id=cid), timeout=60)
+        for r in range(rounds):
+            barrier.wait()
+            _mark_start(starts, r)
+            stub.SubmitUpdate(pb.ClientUpdate(client_id=cid, round=r, num_examples=1,
+                                              params=encode_named([("update", update)])), timeout=600)
+            stub.GetModel(pb.ModelRequest(client_id=cid, round=r + 1), timeout=600)
 
 
-def _secure_round_walls(updates, rounds: int, work: Path, certs: Path, spec: SecAggPlan):
+def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed, spec_json):
     from securecollab.protocols.secagg import update_vector
     from securecollab.v1 import secagg_pb2 as pb
     from securecollab.v1 import secagg_pb2_grpc as pb_grpc
     from services.secagg_client import upload
 
-    starts = [float("inf")] * rounds
-    lock = threading.Lock()
+    spec = SecAggPlan.from_json(spec_json)
+    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    tls = TlsFiles.for_party(certs, cid)
+    with make_channel(f"localhost:{port}", tls=tls, meter=meter) as ch:
+        wait_ready(ch)
+        coord = pb_grpc.CoordinatorStub(ch)
+        join = coord.Join(pb.SecAggJoinRequest(client_id=cid), timeout=60)
+        parties = [pb_grpc.ComputePartyStub(make_channel(t, tls=tls, meter=meter, server_name=n))
+                   for t, n in zip(join.party_targets, join.party_names)]
+        # The delta from a zero model is the update itself, plus the count coordinate.
+        vector = update_vector([("update", update)], [("update", np.zeros_like(update))])
+        for r in range(rounds):
+            coord.GetRound(pb.RoundRequest(client_id=cid, round=r), timeout=600)
+            barrier.wait()
+            _mark_start(starts, r)
+            upload(cid, r, vector, parties, spec)
+            coord.ReportUploaded(pb.UploadReport(client_id=cid, round=r), timeout=60)
+        coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
+
+
+def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path):
+    plan = FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params, record_transcripts=False)
+    with ProcessGroup(work / "logs") as group:
+        port = start_aggregator(group, plan, certs, work)
+        starts, costs = _run_clients(clients, rounds, _plain_client, port, certs, params, rounds, seed)
+        group.wait("aggregator", timeout=120)
+    done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
+    return [d - s for s, d in zip(starts, done)], costs
+
+
+def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan):
     with ProcessGroup(work / "logs") as group:
         port = start_secagg_servers(group, spec, certs, work)
-
-        def client(i, barrier, meter):
-            cid = f"client-{i}"
-            tls = TlsFiles.for_party(certs, cid)
-            with make_channel(f"localhost:{port}", tls=tls, meter=meter) as ch:
-                wait_ready(ch)
-                coord = pb_grpc.CoordinatorStub(ch)
-                join = coord.Join(pb.SecAggJoinRequest(client_id=cid), timeout=60)
-                parties = [pb_grpc.ComputePartyStub(make_channel(t, tls=tls, meter=meter, server_name=n))
-                           for t, n in zip(join.party_targets, join.party_names)]
-                zero = [("update", np.zeros_like(updates[i]))]
-                vector = update_vector([("update", updates[i])], zero)  # the delta from a zero model, plus the count
-                for r in range(rounds):
-                    coord.GetRound(pb.RoundRequest(client_id=cid, round=r), timeout=600)
-                    barrier.wait()
-                    with lock:
-                        starts[r] = min(starts[r], time.time())
-                    upload(cid, r, vector, parties, spec)
-                    coord.ReportUploaded(pb.UploadReport(client_id=cid, round=r), timeout=60)
-                coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
-
-        costs = _run_clients(len(updates), client)
+        starts, costs = _run_clients(clients, rounds, _secure_client, port, certs, params, rounds, seed,
+                                     spec.to_json())
         group.wait("coordinator", timeout=300)
     records = load_transcript(work / "transcripts" / "coordinator.jsonl").of_kind("aggregate")
     # A round ends when the aggregate is revealed at the coordinator.
@@ -120,23 +136,23 @@ def _secure_round_walls(updates, rounds: int, work: Path, certs: Path, spec: Sec
     return walls, costs, [rec.tensors["aggregate"] for rec in records], phases
 
 
-def bench_secagg(clients: int, params: int, *, rounds: int = 3, parties: int = 3, seed_compression: bool = True,
+def bench_secagg(clients: int, params: int, *, rounds: int = 5, parties: int = 3, seed_compression: bool = True,
                  norm_bound: float = 0.0, work_dir: Path, seed: int = 0, log=print) -> dict:
     """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation."""
-    updates = _ready_updates(clients, params, seed)
     ids = [f"client-{i}" for i in range(clients)]
     certs = ensure_certs(work_dir / "certs", ["aggregator", "coordinator",
                                               *[f"party-{i}" for i in range(parties)], *ids])
     log(f"plain: aggregator + {clients} clients, D={params:,}, {rounds} rounds ...")
-    plain_walls, plain_costs = _plain_round_walls(updates, rounds, work_dir / "plain", certs)
+    plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs)
     spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
                                           record_transcripts=False),
                       n_parties=parties, seed_compression=seed_compression, min_clients=clients,
                       norm_bound=norm_bound)
     log(f"secure: coordinator + {parties} compute parties{' + dealer' if spec.needs_dealer else ''} "
         f"+ {clients} clients ...")
-    secure_walls, secure_costs, revealed, phases = _secure_round_walls(updates, rounds, work_dir / "secure", certs, spec)
-    expected = np.sum(np.stack(updates).astype(np.float64), axis=0)
+    secure_walls, secure_costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed,
+                                                                       work_dir / "secure", certs, spec)
+    expected = np.sum([_ready_update(i, params, seed).astype(np.float64) for i in range(clients)], axis=0)
     max_err = max(float(np.abs(a[:-1] - expected).max()) for a in revealed)
 
     def upload_per_client(costs, method):

@@ -223,7 +223,7 @@ def client_secagg(
 def bench_secagg_cmd(
     clients: Annotated[int, typer.Option(min=2, help="K: clients, each with a ready update.")] = 10,
     params: Annotated[int, typer.Option(min=1, help="D: floats per update.")] = 1_000_000,
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds measured (the median is reported).")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds measured (the median is reported; the first includes warm-up).")] = 5,
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
     norm_bound: Annotated[float, typer.Option(min=0.0, help="Also bound update norms inside MPC (needs the dealer).")] = 0.0,

@@ -24,8 +24,9 @@ class ProcessGroup:
 
     def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
+        # Many parties share few cores: one math thread each avoids oversubscription.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+                                env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
         log.close()
         self.procs[name] = proc
         return proc

@@ -15,7 +15,8 @@ import numpy as np
 
 from securecollab.v1 import tensor_pb2 as pb
 
-# 1 MiB chunks keep every message well under gRPC's default 4 MiB limit.
+# 1 MiB chunks keep every message well under gRPC's default 4 MiB limit, so any
+# peer can receive them (4 MiB chunks measured no faster in bench secagg).
 CHUNK_BYTES = 1 << 20
 # Refuse absurd payloads before allocating for them (HE contexts are ~100 MB).
 MAX_PAYLOAD_BYTES = 1 << 30

@@ -5,35 +5,20 @@ Every test runs CrypTen in fresh subprocesses so CrypTen's global state
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.crypten_procs import REPO, free_port, party_env
 SUBPROCESS_TIMEOUT = 90
 SCALE = 2**16  # CrypTen's default fixed-point precision (16 fractional bits)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # Stale rendezvous settings from the outer environment must not leak in.
-    for key in ("RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"  # two parties share two cores
-    return env
 
 
 def _spawn(code: str, *args) -> subprocess.Popen:
@@ -43,7 +28,7 @@ def _spawn(code: str, *args) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         cwd=REPO,
-        env=_env(),
+        env=party_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -120,7 +105,7 @@ def test_from_pytorch_cnn_encrypted_inference_matches_plaintext(tmp_path):
     import torch
 
     out = tmp_path / "cnn.json"
-    _wait_all([_spawn(_CNN_WORKER, _free_port(), out)])
+    _wait_all([_spawn(_CNN_WORKER, free_port(), out)])
     res = json.loads(out.read_text())
 
     assert res["model_encrypted"] and res["output_encrypted"]
@@ -176,7 +161,7 @@ def _to_signed64(v: int) -> int:
 
 @pytest.mark.timeout(120)
 def test_two_party_mpc_sum_product_comparison(tmp_path):
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"party{r}.json" for r in range(2)]
     _wait_all([_spawn(_MPC_WORKER, r, port, outs[r]) for r in range(2)])
     p0, p1 = (json.loads(o.read_text()) for o in outs)

@@ -8,8 +8,6 @@ they return, the way the coordinator would: sum mod 2^64, divide by 2^16.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.crypten_procs import REPO, free_port, party_env
 SCALE = 2**16
 SUBPROCESS_TIMEOUT = 60
 INT64 = np.iinfo(np.int64)
@@ -45,19 +43,8 @@ def _reconstruct(result_shares: list[np.ndarray]) -> np.ndarray:
     return np.sum(result_shares, axis=0, dtype=np.int64) / SCALE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    for key in ("RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)  # stale rendezvous settings must not leak in
-    env["OMP_NUM_THREADS"] = "1"  # several parties share few cores
-    return env
 
 
 def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_bound=None, dp_sigma=None,
@@ -67,7 +54,7 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
     for rank, share in enumerate(_split(updates, n_parties, rng)):
         np.save(tmp_path / f"in{rank}.npy", share)
     dealer = norm_bound is not None
-    common = [str(n_parties), str(_free_port()), str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal)]
+    common = [str(n_parties), str(free_port()), str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal)]
     roles = [("party", rank) for rank in range(n_parties)] + ([("dealer", n_parties)] if dealer else [])
     procs = []
     try:
@@ -75,7 +62,7 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
             # Logs go to temp files, not pipes, so a chatty process never blocks.
             log = tempfile.TemporaryFile(mode="w+")
             proc = subprocess.Popen([sys.executable, __file__, role, str(rank), *common],
-                                    cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+                                    cwd=REPO, env=party_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
             proc.log = log
             procs.append(proc)
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT  # for the whole round, not per process
