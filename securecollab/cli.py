@@ -93,7 +93,10 @@ def demo(
         table.add_column(h)
     for r in rows(card):
         table.add_row(*r)
-    Console().print(table)
+    out_console = Console()
+    if not out_console.is_terminal:
+        out_console = Console(width=130)  # piped or logged: don't squeeze the table to 80 columns
+    out_console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -223,7 +226,8 @@ def client_secagg(
 def bench_secagg_cmd(
     clients: Annotated[int, typer.Option(min=2, help="K: clients, each with a ready update.")] = 10,
     params: Annotated[int, typer.Option(min=1, help="D: floats per update.")] = 1_000_000,
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds measured (the median is reported; the first includes warm-up).")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds measured (their median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and left out of the median (kept in the JSON).")] = 2,
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
     norm_bound: Annotated[float, typer.Option(min=0.0, help="Also bound update norms inside MPC (needs the dealer).")] = 0.0,
@@ -233,7 +237,7 @@ def bench_secagg_cmd(
     import tempfile
     from securecollab.bench import bench_secagg
     with tempfile.TemporaryDirectory(prefix="bench-secagg-") as work:
-        result = bench_secagg(clients, params, rounds=rounds, parties=compute_parties,
+        result = bench_secagg(clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
                               seed_compression=seed_compression, norm_bound=norm_bound, work_dir=Path(work),
                               log=lambda m: console.print(m))
     out.parent.mkdir(parents=True, exist_ok=True)

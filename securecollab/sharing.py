@@ -141,7 +141,11 @@ def split_shares(encoded, n_parties: int, *, compress: bool = True,
     # Uncompressed masks come from the same CSPRNG (ChaCha20 of an OS-random seed,
     # never numpy's RNG); the modes differ only in whether the seed or its expansion is sent.
     masks = [prg_int64(s, n) for s in seeds]
-    correction = _ring_sub(secret, add_shares(masks))
+    # correction = secret - sum(masks) mod 2^64, in place in one buffer (the hot path of every upload)
+    correction = secret.view(np.uint64).copy()
+    for mask in masks:
+        np.subtract(correction, mask.view(np.uint64), out=correction)
+    correction = correction.view(np.int64)
     shares = [Share(party=0, dense=correction, length=n)]
     for party, (seed, mask) in enumerate(zip(seeds, masks), start=1):
         shares.append(Share(party=party, seed=seed, length=n) if compress

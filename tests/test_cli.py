@@ -1,0 +1,69 @@
+"""The public command line, as a user runs it: help, certificates, benchmark JSON, and the demo's scorecard."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from securecollab.certs import identity_from_pem
+
+
+def securecollab(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "securecollab", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_the_public_commands():
+    out = securecollab("--help")
+    assert out.returncode == 0
+    for command in ("demo", "train", "serve", "client", "certs", "bench"):
+        assert command in out.stdout
+
+
+def test_certs_writes_a_ca_and_role_bearing_certificates(tmp_path):
+    out = securecollab("certs", "--out", str(tmp_path), "coordinator", "party-0", "client-3", "p9:dealer")
+    assert out.returncode == 0, out.stderr
+    roles = {p: identity_from_pem((tmp_path / f"{p}.pem").read_bytes()).role
+             for p in ("coordinator", "party-0", "client-3", "p9")}
+    assert roles == {"coordinator": "coordinator", "party-0": "party", "client-3": "client", "p9": "dealer"}
+    assert (tmp_path / "ca.pem").exists()
+
+
+def test_certs_refuses_a_bad_party_spec_with_a_clear_error(tmp_path):
+    out = securecollab("certs", "--out", str(tmp_path), "client-0:wizard")
+    assert out.returncode == 2
+    assert "wizard" in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_secagg_writes_the_documented_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = securecollab("bench", "secagg", "--clients", "3", "--params", "20000", "--rounds", "2", "--warmup", "0", "--out", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    for side in ("plain", "secure"):
+        assert r[side]["round_wall_s"] > 0 and r[side]["upload_bytes_per_client"] > 0
+    # one int64 share (plus seeds and framing) against float32 weights
+    assert 1.95 <= r["ratio"]["upload_bytes"] <= 2.1
+    assert r["ratio"]["round_wall"] == pytest.approx(r["secure"]["round_wall_s"] / r["plain"]["round_wall_s"])
+    assert 0 < r["max_abs_error"] <= 3 * 2 ** -16
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_a_scorecard_in_the_design_vocabulary(tmp_path):
+    out = securecollab("demo", "--quick", "--out", str(tmp_path), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    card = json.loads((tmp_path / "scorecard.json").read_text())
+    assert set(card["protocols"]) == {"centralized", "fedavg", "secagg"}
+    for name in ("fedavg", "secagg"):
+        p = card["protocols"][name]
+        assert 0.5 < p["accuracy"] <= 1.0
+        for field in ("wall_s", "bytes_sent", "bytes_received", "peak_rss_mb"):
+            assert p["costs"][field] > 0 and p["baseline"]["costs"][field] >= 0
+        assert "accuracy" in p["baseline"]
+    assert card["protocols"]["secagg"]["baseline"]["protocol"] == "fedavg"
+    assert card["attacks"] == []
+    assert (tmp_path / "scorecard.md").read_text().startswith("# securecollab scorecard")
+    assert (tmp_path / "costs.png").read_bytes()[:4] == b"\x89PNG"
+    assert "secagg" in out.stdout  # the table is printed
