@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from securecollab.crypten_compat import init_party, load_crypten
+from securecollab.sharing import FRAC_BITS, SCALE  # CrypTen's default encoding; shares arrive in it
 
-FRAC_BITS = 16  # CrypTen's default encoder precision; shares arrive in it
-SCALE = 1 << FRAC_BITS
 # Squared norms live at scale 2^32 in a signed 64-bit ring: bound^2 * 2^32 < 2^63.
 MAX_NORM_BOUND = 2.0 ** ((63 - 2 * FRAC_BITS) / 2) - 1.0
 

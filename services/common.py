@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import grpc
 
@@ -31,7 +32,6 @@ def rpc_errors(method):
 def write_port_file(path, port: int) -> None:
     """Tell a launcher which port a port-0 server bound (written atomically)."""
     if path:
-        from pathlib import Path
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(path)

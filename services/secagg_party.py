@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,7 +17,7 @@ from securecollab.costs import CostMeter
 from securecollab.mpc import AggregationSpec, aggregate_round, setup_party, shutdown
 from securecollab.protocols import ProtocolError
 from securecollab.protocols.secagg import SecAggPlan, ShareStore
-from securecollab.sharing import Share
+from securecollab.sharing import SEED_BYTES, Share
 from securecollab.transcript import TranscriptRecorder
 from securecollab.transport import make_server, peer_identity
 from securecollab.v1 import secagg_pb2 as pb
@@ -26,7 +27,6 @@ from services.common import rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ComputeParty"].full_name
-SEED_BYTES = 32
 MAX_SHARE_LENGTH = 1 << 27  # 1 GiB of int64
 
 
@@ -106,8 +106,6 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
     server.add(pb_grpc.add_ComputePartyServicer_to_server,
                ComputePartyServicer(index, store, jobs, transcript), SERVICE)
     stop = threading.Event()
-
-    import signal
 
     def on_signal(*_):
         stop.set()
