@@ -1,0 +1,359 @@
+"""Encrypted inference for a square-activation MLP: one query per ciphertext, or a batch per slot.
+
+:class:`HEMlp` packs one input vector (repeated over the slots) in a single
+ciphertext and runs the diagonal BSGS layers of :mod:`securecollab.he.linear`.
+:class:`HEMlpBatched` puts input ``k`` of a batch in slot ``k`` of every
+ciphertext, several features per ciphertext when the batch leaves slots
+free (:class:`BatchLayout`): a linear layer is then a block-diagonal
+multiply-accumulate across ciphertexts, with rotations by whole blocks
+only (none for a full batch).
+
+Both take the model's weights with :meth:`from_torch` (no context needed, so
+the client can read ``depth`` and ``galois_steps`` to build its keys) and
+encode them once for a server context with :meth:`bind`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+from tenseal import sealapi
+from torch import nn
+
+from securecollab.he.context import PublicContext
+from securecollab.he.linear import DiagonalPlan, EncryptedLinear, next_pow2, replicate, rotations_pow2
+from securecollab.he.seal import SealKit
+
+
+def mlp_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight, bias) of each Linear in Flatten/Linear/Square order; rejects anything else."""
+    from securecollab.models import Square  # local import keeps he/ usable without models
+
+    layers, expect_linear = [], True
+    for module in model:
+        if isinstance(module, nn.Flatten):
+            continue
+        if isinstance(module, nn.Linear) and expect_linear:
+            bias = module.bias.detach().double().numpy() if module.bias is not None else None
+            layers.append((module.weight.detach().double().numpy(), bias))
+            expect_linear = False
+        elif isinstance(module, Square) and not expect_linear:
+            expect_linear = True
+        else:
+            raise ValueError(f"HE evaluation supports Linear/Square alternation only, got {module!r}")
+    if not layers or expect_linear:
+        raise ValueError("the model must start and end with a Linear layer")
+    return layers
+
+
+def _kit(ctx) -> SealKit:
+    """The SEAL objects of a TenSEAL context, a PublicContext or a SealKit (cached per context)."""
+    if isinstance(ctx, SealKit):
+        return ctx
+    if isinstance(ctx, PublicContext):
+        return ctx.kit
+    kit = _KITS.get(ctx)
+    if kit is None:
+        kit = _KITS[ctx] = SealKit(ctx)
+    return kit
+
+
+_KITS: "weakref.WeakKeyDictionary[ts.Context, SealKit]" = weakref.WeakKeyDictionary()
+
+
+def _check_galois_keys(kit: SealKit, steps) -> None:
+    """Refuse at bind time a context that cannot make the rotations a model needs."""
+    if not steps:
+        return
+    if kit.galois_keys is None:
+        raise ValueError("the context has no Galois keys; send public_bytes(ctx, <the model's galois steps>)")
+    tool = kit.context.key_context_data().galois_tool()
+    for step in steps:
+        if not kit.galois_keys.has_key(tool.get_elt_from_step(step)):
+            raise ValueError(f"the context lacks the Galois key for rotation step {step}")
+
+
+def _square(kit: SealKit, ct: sealapi.Ciphertext) -> None:
+    kit.evaluator.square_inplace(ct)
+    kit.evaluator.relinearize_inplace(ct, kit.relin_keys)
+    kit.evaluator.rescale_to_next_inplace(ct)
+
+
+class HEMlp:
+    """Single-query encrypted MLP: Linear -> x^2 -> ... -> Linear."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]):
+        self.layers = layers
+        self.plans = [DiagonalPlan(*w.shape) for w, _ in layers]
+        self._compiled: list[EncryptedLinear] | None = None
+        self.kit: SealKit | None = None
+
+    @classmethod
+    def from_torch(cls, model: nn.Module) -> "HEMlp":
+        return cls(mlp_layers(model))
+
+    @property
+    def in_features(self) -> int:
+        return self.plans[0].in_features
+
+    @property
+    def depth(self) -> int:
+        """Rescales needed: one per linear layer and one per square."""
+        return 2 * len(self.layers) - 1
+
+    @property
+    def galois_steps(self) -> list[int]:
+        return sorted({s for plan in self.plans for s in plan.galois_steps()})
+
+    @property
+    def min_slots(self) -> int:
+        return max(plan.length for plan in self.plans)
+
+    def bind(self, ctx) -> "HEMlp":
+        """Encode every weight diagonal and bias once for this (server) context."""
+        kit = _kit(ctx)
+        _check_galois_keys(kit, self.galois_steps)
+        if len(kit.level_parms()) <= self.depth:
+            raise ValueError(f"the context allows fewer than the {self.depth} rescales this model needs")
+        primes = kit.level_primes()
+        compiled, level, scale = [], 0, kit.scale
+        for i, (w, b) in enumerate(self.layers):
+            compiled.append(EncryptedLinear(kit, w, b, level=level, in_scale=scale))
+            level += 1
+            if i < len(self.layers) - 1:
+                scale = scale * scale / primes[level]  # the square's rescale
+                level += 1
+        self.kit, self._compiled = kit, compiled
+        return self
+
+    def evaluate(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        """Encrypted logits (slots 0..n_classes-1, repeated) from an encrypted input."""
+        if self._compiled is None:
+            raise RuntimeError("call bind(context) before evaluate")
+        for i, layer in enumerate(self._compiled):
+            ct = layer(ct)
+            if i < len(self._compiled) - 1:
+                _square(self.kit, ct)
+        return ct
+
+    def evaluate_bytes(self, data: bytes) -> bytes:
+        """Wire form of :meth:`evaluate`: SEAL ciphertext bytes in and out."""
+        return self.kit.ciphertext_bytes(self.evaluate(self.kit.ciphertext_from_bytes(data)))
+
+
+def _input_slots(slot_count: int, x: np.ndarray, in_features: int | None) -> np.ndarray:
+    """One flattened input, zero-padded to a power of two and repeated over all slots."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return replicate(x, DiagonalPlan(1, in_features or len(x)).in_period, slot_count)
+
+
+def encrypt_input(ctx, x: np.ndarray, in_features: int | None = None) -> sealapi.Ciphertext:
+    """Client side: one input in :class:`HEMlp`'s layout."""
+    kit = _kit(ctx)
+    return kit.encrypt(_input_slots(kit.slot_count, x, in_features))
+
+
+def encrypt_input_bytes(ctx, x: np.ndarray, in_features: int | None = None) -> bytes:
+    """Wire form of :func:`encrypt_input`; seeded symmetric encryption halves it."""
+    kit = _kit(ctx)
+    return kit.encrypt_bytes(_input_slots(kit.slot_count, x, in_features))
+
+
+def decrypt_logits(ctx, ct: sealapi.Ciphertext, n_classes: int) -> np.ndarray:
+    """Client side: the first ``n_classes`` slots of an encrypted result."""
+    return _kit(ctx).decrypt(ct)[:n_classes]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where feature ``f`` of input ``k`` sits when a batch of ``batch_size`` inputs is packed.
+
+    Each input's slot index ``k`` is padded to a ``block`` of ``next_pow2(batch_size)``
+    slots, so a ciphertext holds ``groups = slot_count // block`` blocks, and
+    feature ``f`` goes to block ``f % groups`` of ciphertext ``f // groups``.
+    A full batch (one block per ciphertext) needs no rotation at all; a small
+    one fills the otherwise idle slots with more features, cutting the
+    ciphertext count, the plaintext products and the squares by ``groups``
+    at the price of rotations by whole blocks.
+    """
+
+    batch_size: int
+    slot_count: int
+
+    def __post_init__(self):
+        if not 1 <= self.batch_size <= self.slot_count:
+            raise ValueError(f"batch size {self.batch_size} must be in [1, {self.slot_count}]; split the batch")
+
+    @property
+    def block(self) -> int:
+        return next_pow2(self.batch_size)
+
+    @property
+    def groups(self) -> int:
+        return self.slot_count // self.block
+
+    def n_ciphertexts(self, features: int) -> int:
+        return -(-features // self.groups)
+
+    def galois_steps(self) -> list[int]:
+        """Block rotations by ``block * 2**k``: enough to make every block shift."""
+        return [self.block << k for k in range((self.groups - 1).bit_length())]
+
+    def pack(self, x: np.ndarray) -> list[np.ndarray]:
+        """(batch_size, features) -> one slot vector per ciphertext."""
+        n, features = x.shape
+        cube = np.zeros((self.n_ciphertexts(features) * self.groups, self.block))
+        cube[:features, :n] = x.T
+        return list(cube.reshape(-1, self.slot_count))
+
+    def unpack(self, slots: list[np.ndarray], features: int) -> np.ndarray:
+        """Inverse of :meth:`pack`: (batch_size, features)."""
+        cube = np.concatenate([np.asarray(v).reshape(self.groups, self.block) for v in slots])
+        return cube[:features, :self.batch_size].T
+
+    def block_weights(self, weight: np.ndarray) -> np.ndarray:
+        """(C_out, C_in, groups, groups) array: [o, c, r, g] multiplies block g of rot(x_c, r blocks).
+
+        Block g of output ciphertext o is feature ``o*G + g``; rotating input
+        ``c`` by ``r`` blocks brings feature ``c*G + (g + r) % G`` there.
+        """
+        g_ = self.groups
+        c_out, c_in = self.n_ciphertexts(weight.shape[0]), self.n_ciphertexts(weight.shape[1])
+        padded = np.zeros((c_out * g_, c_in * g_))
+        padded[:weight.shape[0], :weight.shape[1]] = weight
+        g = np.arange(g_)
+        rows = np.arange(c_out)[:, None, None, None] * g_ + g            # [o, 1, 1, g]
+        cols = (np.arange(c_in)[None, :, None, None] * g_
+                + (g + np.arange(g_)[:, None]) % g_)                      # [1, c, r, g]
+        return padded[rows, cols]
+
+
+class HEMlpBatched:
+    """SIMD across inputs: slot ``k`` of each block holds input ``k`` (see :class:`BatchLayout`)."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]):
+        self.layers = layers
+        self.kit: SealKit | None = None
+        self.layout: BatchLayout | None = None
+        self._compiled = None
+
+    @classmethod
+    def from_torch(cls, model: nn.Module) -> "HEMlpBatched":
+        return cls(mlp_layers(model))
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0][0].shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1][0].shape[0]
+
+    @property
+    def depth(self) -> int:
+        return 2 * len(self.layers) - 1
+
+    @staticmethod
+    def galois_steps(batch_size: int, slot_count: int) -> list[int]:
+        """Rotation keys a batch of this size needs (none for a full batch)."""
+        return BatchLayout(batch_size, slot_count).galois_steps()
+
+    def bind(self, ctx, batch_size: int) -> "HEMlpBatched":
+        """Encode every weight once, for batches of ``batch_size`` inputs."""
+        kit = _kit(ctx)
+        layout = BatchLayout(batch_size, kit.slot_count)
+        if len(kit.level_parms()) <= self.depth:
+            raise ValueError(f"the context allows fewer than the {self.depth} rescales this model needs")
+        _check_galois_keys(kit, layout.galois_steps())
+        parms, primes = kit.level_parms(), kit.level_primes()
+        compiled, level, scale = [], 0, kit.scale
+        for i, (w, b) in enumerate(self.layers):
+            compiled.append(self._encode_layer(kit, layout, w, b, parms[level], primes[level],
+                                               parms[level + 1], scale))
+            level += 1
+            if i < len(self.layers) - 1:
+                scale = scale * scale / primes[level]
+                level += 1
+        self.kit, self.layout, self._compiled = kit, layout, compiled
+        return self
+
+    @staticmethod
+    def _encode_layer(kit, layout, w, b, parms, prime, bias_parms, scale):
+        """(plains[o][c][r] or None for an all-zero block diagonal, bias plain per output or None)."""
+        def encode(per_block, parms_id, at_scale):
+            if np.all(per_block == per_block[0]):  # one value everywhere: cheap constant encoding
+                return kit.encode_constant(per_block[0], parms_id, at_scale)
+            return kit.encode(np.repeat(per_block, layout.block), parms_id, at_scale)
+
+        # The weights' scale equals the prime the rescale drops, so the scale stays put.
+        plains = [[[encode(d, parms, prime) if d.any() else None for d in per_c] for per_c in per_o]
+                  for per_o in layout.block_weights(w)]
+        biases = [None] * len(plains)
+        if b is not None and np.any(b):
+            padded = np.zeros(len(plains) * layout.groups)
+            padded[:len(b)] = b
+            biases = [encode(v, bias_parms, scale) if v.any() else None
+                      for v in padded.reshape(len(plains), layout.groups)]
+        return plains, biases
+
+    def _linear(self, cts, plains, biases):
+        kit, ev = self.kit, self.kit.evaluator
+        # Rotations are made once per input ciphertext and shared by every output.
+        rotated = [rotations_pow2(kit, ct, self.layout.groups, unit=self.layout.block) for ct in cts]
+        out, term = [], sealapi.Ciphertext()
+        for per_o, bias in zip(plains, biases):
+            acc = None
+            for per_c, rots in zip(per_o, rotated):
+                for plain, ct in zip(per_c, rots):
+                    if plain is None:
+                        continue
+                    if acc is None:
+                        acc = sealapi.Ciphertext()
+                        ev.multiply_plain(ct, plain, acc)
+                    else:  # accumulate in place: no list of full-size temporaries
+                        ev.multiply_plain(ct, plain, term)
+                        ev.add_inplace(acc, term)
+            if acc is None:
+                raise ValueError("a weight row is all zeros")
+            ev.rescale_to_next_inplace(acc)  # once per output, after the whole sum
+            if bias is not None:
+                ev.add_plain_inplace(acc, bias)
+            out.append(acc)
+        return out
+
+    def evaluate(self, cts: list[sealapi.Ciphertext]) -> list[sealapi.Ciphertext]:
+        """Encrypted logits in the batch layout; :func:`decrypt_batch` reads them."""
+        if self._compiled is None:
+            raise RuntimeError("call bind(context, batch_size) before evaluate")
+        expected = self.layout.n_ciphertexts(self.in_features)
+        if len(cts) != expected:
+            raise ValueError(f"expected {expected} input ciphertexts for this batch layout, got {len(cts)}")
+        for i, (plains, biases) in enumerate(self._compiled):
+            cts = self._linear(cts, plains, biases)
+            if i < len(self._compiled) - 1:
+                for ct in cts:
+                    _square(self.kit, ct)
+        return cts
+
+
+def encrypt_batch(ctx, x: np.ndarray) -> list[sealapi.Ciphertext]:
+    """Client side: (n, features...) inputs packed by :class:`BatchLayout`, n <= slot_count."""
+    kit = _kit(ctx)
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return [kit.encrypt(v) for v in BatchLayout(len(x), kit.slot_count).pack(x)]
+
+
+def encrypt_batch_bytes(ctx, x: np.ndarray) -> list[bytes]:
+    """Wire form of :func:`encrypt_batch` (seeded symmetric encryption: half the bytes)."""
+    kit = _kit(ctx)
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return [kit.encrypt_bytes(v) for v in BatchLayout(len(x), kit.slot_count).pack(x)]
+
+
+def decrypt_batch(ctx, cts: list[sealapi.Ciphertext], n: int, n_classes: int) -> np.ndarray:
+    """Client side: (n, n_classes) logits from the batch-layout result ciphertexts."""
+    kit = _kit(ctx)
+    return BatchLayout(n, kit.slot_count).unpack([kit.decrypt(ct) for ct in cts], n_classes)
