@@ -82,7 +82,7 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     if not block:
         return server, rounds, meter
     rounds.wait_for_round(plan.rounds, timeout=None)
-    if not rounds.wait_all_finished(timeout=60.0):
+    if not rounds.wait_all_finished(plan.client_ids(), timeout=60.0):
         log.warning("not every client fetched the final model")
     server.stop(grace=30.0)  # returns as soon as the last responses are delivered
     if out_dir:

@@ -129,7 +129,7 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
         time.sleep(2.0)  # let waiting clients hear ABORTED
         server.stop(grace=2.0)
         raise
-    rounds.wait_all_finished(timeout=30.0)
+    rounds.wait_all_finished(rounds.last_included(), timeout=30.0)
     server.stop(grace=30.0)  # returns as soon as the last responses are delivered
     if out_dir:
         np.savez(out_dir / "secagg_model.npz", **dict(rounds.params))

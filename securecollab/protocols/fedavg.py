@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from securecollab.data import load_dataset, partition
 from securecollab.models import build_model, load_arrays, parameters_to_arrays
 from securecollab.protocols import ProtocolError
+from securecollab.protocols.rounds import RoundState
 from securecollab.training import TrainConfig, train_local
 
 
@@ -70,42 +69,14 @@ class UpdateVector(torch.nn.Module):
         self.update = torch.nn.Parameter(torch.zeros(length))
 
 
-class FedAvgRounds:
+class FedAvgRounds(RoundState):
     """Aggregator side: collects one update per client per round and averages them, weighted by examples."""
 
     def __init__(self, plan: FedAvgPlan, initial: list[tuple[str, np.ndarray]]):
+        super().__init__(plan.rounds, plan.client_ids(), [(n, a.astype(np.float32)) for n, a in initial])
         self.plan = plan
-        self.round = 0
-        self.params = [(n, a.astype(np.float32)) for n, a in initial]
         self.shapes = {n: a.shape for n, a in initial}
         self._pending: dict[str, tuple[int, list[tuple[str, np.ndarray]]]] = {}
-        self._finished: set[str] = set()  # clients that fetched the final model
-        self.aggregated_at: list[float] = []  # wall-clock time each round's aggregate was ready
-        self._cond = threading.Condition()
-
-    @property
-    def done(self) -> bool:
-        return self.round >= self.plan.rounds
-
-    def check_client(self, client_id: str) -> None:
-        if client_id not in self.plan.client_ids():
-            raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
-
-    def wait_for_round(self, round_: int, timeout: float | None, client_id: str = "") -> tuple[int, bool, list]:
-        """Block until the global model for `round_` exists; returns (round, done, params)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.round >= round_ or self.done, timeout=timeout):
-                raise ProtocolError("DEADLINE_EXCEEDED", f"round {round_} not reached in time")
-            if self.done and client_id:
-                self._finished.add(client_id)
-                self._cond.notify_all()
-            return self.round, self.done, list(self.params)
-
-    def wait_all_finished(self, timeout: float) -> bool:
-        """Block until every client has the final model (so the server can stop)."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self.done and len(self._finished) == self.plan.num_clients, timeout=timeout)
 
     def submit(self, client_id: str, round_: int, num_examples: int, params) -> int:
         """Accept one client's update; returns how many updates this round holds now."""
@@ -130,14 +101,11 @@ class FedAvgRounds:
         weights = np.array([n for n, _ in self._pending.values()], dtype=np.float64)
         weights /= weights.sum()
         updates = [dict(p) for _, p in self._pending.values()]
-        self.params = [
+        self._pending.clear()
+        self._advance([
             (name, sum(w * u[name].astype(np.float64) for w, u in zip(weights, updates)).astype(np.float32))
             for name, _ in self.params
-        ]
-        self._pending.clear()
-        self.aggregated_at.append(time.time())
-        self.round += 1
-        self._cond.notify_all()
+        ])
 
 
 def client_data(plan: FedAvgPlan, index: int):

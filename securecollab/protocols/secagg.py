@@ -8,13 +8,13 @@ The coordinator learns only the revealed aggregate.
 from __future__ import annotations
 
 import json
-import time
 import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from securecollab.protocols import ProtocolError
+from securecollab.protocols.rounds import RoundState
 from securecollab.protocols.fedavg import FedAvgPlan
 from securecollab.sharing import Share
 
@@ -116,39 +116,14 @@ class ShareStore:
         return [s.expand() for s in shares]
 
 
-class SecAggRounds:
+class SecAggRounds(RoundState):
     """Coordinator side: opens rounds, collects upload reports, closes a round at all-reported or deadline."""
 
     def __init__(self, plan: SecAggPlan, initial):
+        super().__init__(plan.training.rounds, plan.training.client_ids(), initial)
         self.plan = plan
-        self.round = 0
-        self.params = list(initial)
         self.reported: set[str] = set()
-        self.finished: set[str] = set()
         self.history: list[dict] = []
-        self.failure: str | None = None
-        self.aggregated_at: list[float] = []  # wall-clock time each round's aggregate was revealed
-        self._cond = threading.Condition()
-
-    @property
-    def done(self) -> bool:
-        return self.round >= self.plan.training.rounds
-
-    def check_client(self, client_id: str) -> None:
-        if client_id not in self.plan.training.client_ids():
-            raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
-
-    def wait_for_round(self, round_: int, timeout: float | None, client_id: str = ""):
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.round >= round_ or self.done or self.failure,
-                                       timeout=timeout):
-                raise ProtocolError("DEADLINE_EXCEEDED", f"round {round_} not reached in time")
-            if self.failure:
-                raise ProtocolError("ABORTED", self.failure)
-            if self.done and client_id:
-                self.finished.add(client_id)
-                self._cond.notify_all()
-            return self.round, self.done, list(self.params)
 
     def report(self, client_id: str, round_: int) -> int:
         self.check_client(client_id)
@@ -183,20 +158,9 @@ class SecAggRounds:
     def advance(self, new_params, included: list[str]) -> None:
         with self._cond:
             self.history.append({"round": self.round, "included": included})
-            self.aggregated_at.append(time.time())
-            self.params = new_params
             self.reported = set()
-            self.round += 1
-            self._cond.notify_all()
+            self._advance(new_params)
 
-    def fail(self, message: str) -> None:
-        """End training: every waiting and later client call gets ABORTED with this message."""
-        with self._cond:
-            self.failure = message
-            self._cond.notify_all()
-
-    def wait_all_finished(self, timeout: float) -> bool:
-        """Until every client of the last round has fetched the final model."""
-        last = set(self.history[-1]["included"]) if self.history else set()
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done and last <= self.finished, timeout=timeout)
+    def last_included(self) -> list[str]:
+        """The clients of the last round: those the coordinator waits for before stopping."""
+        return self.history[-1]["included"] if self.history else []
