@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from securecollab.protocols import ProtocolError
-from securecollab.wire import WireError
+from securecollab.wire import WireError, decode_named
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +35,10 @@ def write_port_file(path, port: int) -> None:
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(path)
+
+
+def receive_global_model(reply, shapes: dict, transcript, sender: str) -> list:
+    """A client's view of a round's global model: validated against its own model's shapes, then recorded."""
+    params = decode_named(reply.params, expect=shapes, finite=True)
+    transcript.record("global_model", round=reply.round, sender=sender, meta={"done": reply.done}, tensors=params)
+    return params

@@ -14,8 +14,9 @@ from securecollab.transcript import TranscriptRecorder
 from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
 from securecollab.v1 import fedavg_pb2 as pb
 from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, encode_named
 from securecollab.models import load_arrays
+from securecollab.wire import encode_named
+from services.common import receive_global_model
 
 log = logging.getLogger(__name__)
 # A round waits for the slowest client's local training.
@@ -39,9 +40,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
         round_ = 0
         while True:
             m = stub.GetModel(pb.ModelRequest(client_id=client_id, round=round_), timeout=ROUND_WAIT_S)
-            params = decode_named(m.params, expect=shapes, finite=True)
-            transcript.record("global_model", round=m.round, sender="aggregator",
-                              meta={"done": m.done}, tensors=params)
+            params = receive_global_model(m, shapes, transcript, "aggregator")
             if m.done:
                 load_arrays(model, params)
                 break

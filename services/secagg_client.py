@@ -21,7 +21,9 @@ from securecollab.transcript import TranscriptRecorder
 from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
 from securecollab.v1 import secagg_pb2 as pb
 from securecollab.v1 import secagg_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, iter_chunks
+from securecollab.wire import iter_chunks
+
+from services.common import receive_global_model
 
 log = logging.getLogger(__name__)
 # Fault injection for dropout tests: where in which round this client vanishes.
@@ -79,9 +81,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
     round_ = 0
     while True:
         info = coord.GetRound(pb.RoundRequest(client_id=client_id, round=round_), timeout=3600)
-        params = decode_named(info.params, expect=shapes, finite=True)
-        transcript.record("global_model", round=info.round, sender="coordinator",
-                          meta={"done": info.done}, tensors=params)
+        params = receive_global_model(info, shapes, transcript, "coordinator")
         if info.done:
             load_arrays(model, params)
             break
