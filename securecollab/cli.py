@@ -43,7 +43,7 @@ def _logging(verbose: bool) -> None:
 
 
 # Options shared by every command that takes a training plan.
-Model = Annotated[str, typer.Option(help="Model: mlp or cnn.")]
+Model = Annotated[str, typer.Option(help="Model: mlp, cnn or convnet.")]
 DatasetOpt = Annotated[str, typer.Option(help="Data set: digits, breast_cancer or npz (with --dataset-path).")]
 DatasetPath = Annotated[Optional[Path], typer.Option(help="MedMNIST-style .npz file (for --dataset npz).")]
 Clients = Annotated[int, typer.Option(min=1, help="Number of FL clients.")]

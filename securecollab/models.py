@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "convnet")
 ACTIVATIONS = ("relu", "square", "poly")
 
 MLP_HIDDEN = 64
 CNN_FC_HIDDEN = 64
+CONVNET_CHANNELS = 4
 
 
 class Square(nn.Module):
@@ -113,6 +114,33 @@ class SmallCNN(CutSequential):
         self.default_cut = "after_conv2"
 
 
+class ConvNet(CutSequential):
+    """One convolution, then two fully connected layers: shallow enough for CKKS.
+
+    The shape of TenSEAL's MNIST tutorial network (conv, act, fc, act, fc),
+    sized to the image: 3x3 stride 1 for small images like the 8x8 digits,
+    7x7 stride 3 from 16 pixels up. With square activations the whole
+    network is a degree-4 polynomial needing 5 rescales (see securecollab.he).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, activation: str = "relu"):
+        channels, height, width = input_shape
+        kernel, stride = (3, 1) if min(height, width) < 16 else (7, 3)
+        if min(height, width) < kernel:
+            raise ValueError(f"convnet needs images of at least {kernel}x{kernel} pixels, got {height}x{width}")
+        out_h, out_w = (height - kernel) // stride + 1, (width - kernel) // stride + 1
+        super().__init__(
+            nn.Conv2d(channels, CONVNET_CHANNELS, kernel, stride=stride),
+            make_activation(activation),
+            nn.Flatten(),
+            nn.Linear(CONVNET_CHANNELS * out_h * out_w, CNN_FC_HIDDEN),
+            make_activation(activation),
+            nn.Linear(CNN_FC_HIDDEN, num_classes),
+        )
+        self.cut_points = {"after_conv": 3, "after_fc1": 5}
+        self.default_cut = "after_conv"
+
+
 def build_model(
     name: str,
     input_shape: tuple[int, ...],
@@ -135,12 +163,12 @@ def build_model(
         )
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if name == "cnn" and len(input_shape) != 3:
+    if name in ("cnn", "convnet") and len(input_shape) != 3:
         raise ValueError(
-            f"cnn needs image input shaped (C, H, W), got input shape {input_shape}; "
+            f"{name} needs image input shaped (C, H, W), got input shape {input_shape}; "
             "use 'mlp' for tabular data"
         )
-    model_class = MLP if name == "mlp" else SmallCNN
+    model_class = {"mlp": MLP, "cnn": SmallCNN, "convnet": ConvNet}[name]
     if seed is None:
         return model_class(input_shape, num_classes, activation)
     with torch.random.fork_rng(devices=[]):

@@ -9,7 +9,7 @@ import tenseal as ts
 from securecollab.data import load_dataset
 from securecollab.he.context import load_public, make_context, public_bytes, split_public
 from securecollab.he.linear import DiagonalPlan, EncryptedLinear, replicate
-from securecollab.he.mlp import (BatchLayout, HEMlp, HEMlpBatched, decrypt_batch, decrypt_logits,
+from securecollab.he.net import (BatchLayout, HENet, HENetBatched, decrypt_batch, decrypt_logits,
                                  encrypt_batch, encrypt_batch_bytes, encrypt_input, encrypt_input_bytes)
 from securecollab.he.seal import SealKit
 from securecollab.models import build_model
@@ -32,8 +32,8 @@ def trained(digits):
 
 @pytest.fixture(scope="module")
 def single(trained):
-    """(client context, public blob, server-bound HEMlp)."""
-    he = HEMlp.from_torch(trained)
+    """(client context, public blob, server-bound HENet)."""
+    he = HENet.from_torch(trained, (1, 8, 8))
     ctx = make_context(he.depth)
     blob = public_bytes(ctx, he.galois_steps)
     he.bind(load_public(blob))
@@ -100,10 +100,10 @@ def test_batch_layout_packs_and_block_weights_match_numpy():
 
 
 def test_batched_whole_test_set_matches_plaintext(trained, digits):
-    he = HEMlpBatched.from_torch(trained)
+    he = HENetBatched.from_torch(trained, (1, 8, 8))
     ctx = make_context(he.depth)
     n, slots = len(digits.x_test), SealKit(ctx).slot_count
-    he.bind(load_public(public_bytes(ctx, HEMlpBatched.galois_steps(n, slots))), n)
+    he.bind(load_public(public_bytes(ctx, HENetBatched.galois_steps(n, slots))), n)
     upload = encrypt_batch_bytes(ctx, digits.x_test)
     got = decrypt_batch(ctx, he.evaluate([he.kit.ciphertext_from_bytes(b) for b in upload]), n, 10)
     expected = predict_logits(trained, digits.x_test)
@@ -113,12 +113,12 @@ def test_batched_whole_test_set_matches_plaintext(trained, digits):
 
 
 def test_batched_full_batch_needs_no_rotation(trained, digits):
-    he = HEMlpBatched.from_torch(trained)
+    he = HENetBatched.from_torch(trained, (1, 8, 8))
     ctx = make_context(he.depth)
     slots = SealKit(ctx).slot_count
-    assert HEMlpBatched.galois_steps(slots, slots) == []
+    assert HENetBatched.galois_steps(slots, slots) == []
     # A full layout's plaintexts are per-weight constants: check on a small slice of the model.
-    small = HEMlpBatched([(trained[1].weight.detach().double().numpy()[:4, :8], None)])
+    small = HENetBatched([(trained[1].weight.detach().double().numpy()[:4, :8], None)])
     small.bind(load_public(public_bytes(ctx, [])), slots)
     x = np.resize(digits.x_test[:, :8], (slots, 8))
     got = decrypt_batch(ctx, small.evaluate(encrypt_batch(ctx, x)), slots, 4)
@@ -158,6 +158,6 @@ def test_galois_keys_only_for_the_model_steps(single):
         assert not kit.galois_keys.has_key(tool.get_elt_from_step(step))
     # A model that needs a missing rotation is refused at bind time.
     rng = np.random.default_rng(0)
-    wider = HEMlp([(rng.normal(size=(8, 256)), None)])
+    wider = HENet([(rng.normal(size=(8, 256)), None)])
     with pytest.raises(ValueError, match="Galois key"):
         wider.bind(load_public(blob))

@@ -168,3 +168,22 @@ class SealKit:
 
     def ciphertext_from_bytes(self, data: bytes) -> sealapi.Ciphertext:
         return load_into(sealapi.Ciphertext(), self.context, data)
+
+    def load_fresh(self, data: bytes) -> sealapi.Ciphertext:
+        """A client's freshly encrypted input, refused (ValueError) unless it is one.
+
+        SEAL checks the bytes are a valid ciphertext for these parameters; a
+        fresh input must also sit at the top level, at the context's scale,
+        with two polynomials, or evaluation would silently compute garbage.
+        """
+        try:
+            ct = self.ciphertext_from_bytes(data)
+        except (RuntimeError, ValueError) as e:  # what SEAL raises for foreign or damaged bytes
+            raise ValueError(f"not a ciphertext for this session's parameters ({e})") from None
+        if ct.parms_id() != self.context.first_parms_id():
+            raise ValueError("the ciphertext is not at the top level of this session's modulus chain")
+        if ct.size() != 2 or not ct.is_ntt_form():
+            raise ValueError(f"expected a fresh 2-polynomial NTT-form ciphertext, got size {ct.size()}")
+        if abs(ct.scale / self.scale - 1) > 1e-9:
+            raise ValueError(f"ciphertext scale 2^{np.log2(ct.scale):.1f} != the session's 2^{np.log2(self.scale):.1f}")
+        return ct

@@ -1,8 +1,10 @@
-"""Encrypted inference for a square-activation MLP: one query per ciphertext, or a batch per slot.
+"""Encrypted inference for a square-activation network: one query per ciphertext, or a batch per slot.
 
-:class:`HEMlp` packs one input vector (repeated over the slots) in a single
+The network arrives as affine maps separated by squares
+(:func:`securecollab.he.lower.affine_layers`: MLPs, and CNNs whose
+convolutions are lowered to im2col matrices). :class:`HENet` packs one input vector (repeated over the slots) in a single
 ciphertext and runs the diagonal BSGS layers of :mod:`securecollab.he.linear`.
-:class:`HEMlpBatched` puts input ``k`` of a batch in slot ``k`` of every
+:class:`HENetBatched` puts input ``k`` of a batch in slot ``k`` of every
 ciphertext, several features per ciphertext when the batch leaves slots
 free (:class:`BatchLayout`): a linear layer is then a block-diagonal
 multiply-accumulate across ciphertexts, with rotations by whole blocks
@@ -24,29 +26,10 @@ from tenseal import sealapi
 from torch import nn
 
 from securecollab.he.context import PublicContext
+from securecollab.he.conv import Im2colConv, Im2colGeometry
+from securecollab.he.lower import affine_layers
 from securecollab.he.linear import DiagonalPlan, EncryptedLinear, next_pow2, replicate, rotations_pow2
 from securecollab.he.seal import SealKit
-
-
-def mlp_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(weight, bias) of each Linear in Flatten/Linear/Square order; rejects anything else."""
-    from securecollab.models import Square  # local import keeps he/ usable without models
-
-    layers, expect_linear = [], True
-    for module in model:
-        if isinstance(module, nn.Flatten):
-            continue
-        if isinstance(module, nn.Linear) and expect_linear:
-            bias = module.bias.detach().double().numpy() if module.bias is not None else None
-            layers.append((module.weight.detach().double().numpy(), bias))
-            expect_linear = False
-        elif isinstance(module, Square) and not expect_linear:
-            expect_linear = True
-        else:
-            raise ValueError(f"HE evaluation supports Linear/Square alternation only, got {module!r}")
-    if not layers or expect_linear:
-        raise ValueError("the model must start and end with a Linear layer")
-    return layers
 
 
 def _kit(ctx) -> SealKit:
@@ -82,22 +65,78 @@ def _square(kit: SealKit, ct: sealapi.Ciphertext) -> None:
     kit.evaluator.rescale_to_next_inplace(ct)
 
 
-class HEMlp:
-    """Single-query encrypted MLP: Linear -> x^2 -> ... -> Linear."""
+@dataclass(frozen=True)
+class InputEncoding:
+    """How a client lays out one input for :class:`HENet` (public: the server sends it).
 
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]):
+    Without ``im2col`` the flattened input is zero-padded to a power of two
+    and repeated over all slots; with it, the input is unfolded into the
+    first convolution's patches (:class:`Im2colGeometry`).
+    """
+
+    features: int
+    im2col: Im2colGeometry | None = None
+
+    def slots(self, x: np.ndarray, slot_count: int) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.size != self.features:
+            raise ValueError(f"expected an input of {self.features} values, got {x.size}")
+        if self.im2col is not None:
+            return self.im2col.input_slots(x, slot_count)
+        return replicate(x.ravel(), next_pow2(self.features), slot_count)
+
+    def to_dict(self) -> dict:
+        return {"features": self.features, "im2col": self.im2col.to_dict() if self.im2col else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputEncoding":
+        try:
+            geometry = d.get("im2col")
+            return cls(int(d["features"]), Im2colGeometry.from_dict(geometry) if geometry else None)
+        except (AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"malformed input encoding: {e}") from None
+
+
+class HENet:
+    """Single-query encrypted network: affine -> x^2 -> ... -> affine.
+
+    ``first_conv`` (geometry, kernel, bias) makes the first layer a
+    client-side-im2col convolution (:mod:`securecollab.he.conv`) instead of a
+    dense diagonal product; ``layers[0]`` is then that convolution's matrix.
+    """
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]],
+                 first_conv: tuple[Im2colGeometry, np.ndarray, np.ndarray | None] | None = None):
         self.layers = layers
+        self.first_conv = first_conv
         self.plans = [DiagonalPlan(*w.shape) for w, _ in layers]
-        self._compiled: list[EncryptedLinear] | None = None
+        self._compiled: list | None = None
         self.kit: SealKit | None = None
 
     @classmethod
-    def from_torch(cls, model: nn.Module) -> "HEMlp":
-        return cls(mlp_layers(model))
+    def from_torch(cls, model: nn.Module, input_shape: tuple[int, ...], slot_count: int = 4096) -> "HENet":
+        """Lower ``model``; a leading Conv2d -> Square goes by im2col when its layout fits ``slot_count``."""
+        from securecollab.models import Square
+
+        layers = affine_layers(model, input_shape)
+        modules = list(model)
+        first_conv = None
+        if (len(modules) > 1 and isinstance(modules[0], nn.Conv2d) and isinstance(modules[1], Square)
+                and len(input_shape) == 3):
+            geometry = Im2colGeometry.of(modules[0], input_shape)
+            if slot_count % geometry.period == 0:
+                conv = modules[0]
+                bias = conv.bias.detach().double().numpy() if conv.bias is not None else None
+                first_conv = (geometry, conv.weight.detach().double().numpy(), bias)
+        return cls(layers, first_conv)
 
     @property
     def in_features(self) -> int:
         return self.plans[0].in_features
+
+    @property
+    def input_encoding(self) -> InputEncoding:
+        return InputEncoding(self.in_features, self.first_conv[0] if self.first_conv else None)
 
     @property
     def depth(self) -> int:
@@ -106,13 +145,15 @@ class HEMlp:
 
     @property
     def galois_steps(self) -> list[int]:
-        return sorted({s for plan in self.plans for s in plan.galois_steps()})
+        steps = set(self.first_conv[0].galois_steps()) if self.first_conv else set(self.plans[0].galois_steps())
+        return sorted(steps.union(*(plan.galois_steps() for plan in self.plans[1:])))
 
     @property
     def min_slots(self) -> int:
-        return max(plan.length for plan in self.plans)
+        lengths = [plan.length for plan in self.plans[1 if self.first_conv else 0:]]
+        return max(lengths + ([self.first_conv[0].period] if self.first_conv else []))
 
-    def bind(self, ctx) -> "HEMlp":
+    def bind(self, ctx) -> "HENet":
         """Encode every weight diagonal and bias once for this (server) context."""
         kit = _kit(ctx)
         _check_galois_keys(kit, self.galois_steps)
@@ -121,7 +162,10 @@ class HEMlp:
         primes = kit.level_primes()
         compiled, level, scale = [], 0, kit.scale
         for i, (w, b) in enumerate(self.layers):
-            compiled.append(EncryptedLinear(kit, w, b, level=level, in_scale=scale))
+            if i == 0 and self.first_conv:
+                compiled.append(Im2colConv(kit, *self.first_conv, in_scale=scale))
+            else:
+                compiled.append(EncryptedLinear(kit, w, b, level=level, in_scale=scale))
             level += 1
             if i < len(self.layers) - 1:
                 scale = scale * scale / primes[level]  # the square's rescale
@@ -141,25 +185,19 @@ class HEMlp:
 
     def evaluate_bytes(self, data: bytes) -> bytes:
         """Wire form of :meth:`evaluate`: SEAL ciphertext bytes in and out."""
-        return self.kit.ciphertext_bytes(self.evaluate(self.kit.ciphertext_from_bytes(data)))
+        return self.kit.ciphertext_bytes(self.evaluate(self.kit.load_fresh(data)))
 
 
-def _input_slots(slot_count: int, x: np.ndarray, in_features: int | None) -> np.ndarray:
-    """One flattened input, zero-padded to a power of two and repeated over all slots."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    return replicate(x, DiagonalPlan(1, in_features or len(x)).in_period, slot_count)
-
-
-def encrypt_input(ctx, x: np.ndarray, in_features: int | None = None) -> sealapi.Ciphertext:
-    """Client side: one input in :class:`HEMlp`'s layout."""
+def encrypt_input(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> sealapi.Ciphertext:
+    """Client side: one input in :class:`HENet`'s layout (default: flattened and repeated)."""
     kit = _kit(ctx)
-    return kit.encrypt(_input_slots(kit.slot_count, x, in_features))
+    return kit.encrypt((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
 
 
-def encrypt_input_bytes(ctx, x: np.ndarray, in_features: int | None = None) -> bytes:
+def encrypt_input_bytes(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> bytes:
     """Wire form of :func:`encrypt_input`; seeded symmetric encryption halves it."""
     kit = _kit(ctx)
-    return kit.encrypt_bytes(_input_slots(kit.slot_count, x, in_features))
+    return kit.encrypt_bytes((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
 
 
 def decrypt_logits(ctx, ct: sealapi.Ciphertext, n_classes: int) -> np.ndarray:
@@ -231,7 +269,20 @@ class BatchLayout:
         return padded[rows, cols]
 
 
-class HEMlpBatched:
+@dataclass(frozen=True)
+class _Constant:
+    """A weight that is the same in every slot, encoded only when multiplied."""
+
+    value: float
+    parms_id: object
+    scale: float
+
+    def encode(self, kit: SealKit, into: sealapi.Plaintext) -> sealapi.Plaintext:
+        kit.encoder.encode(self.value, self.parms_id, self.scale, into)
+        return into
+
+
+class HENetBatched:
     """SIMD across inputs: slot ``k`` of each block holds input ``k`` (see :class:`BatchLayout`)."""
 
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]):
@@ -241,8 +292,8 @@ class HEMlpBatched:
         self._compiled = None
 
     @classmethod
-    def from_torch(cls, model: nn.Module) -> "HEMlpBatched":
-        return cls(mlp_layers(model))
+    def from_torch(cls, model: nn.Module, input_shape: tuple[int, ...]) -> "HENetBatched":
+        return cls(affine_layers(model, input_shape))
 
     @property
     def in_features(self) -> int:
@@ -261,7 +312,7 @@ class HEMlpBatched:
         """Rotation keys a batch of this size needs (none for a full batch)."""
         return BatchLayout(batch_size, slot_count).galois_steps()
 
-    def bind(self, ctx, batch_size: int) -> "HEMlpBatched":
+    def bind(self, ctx, batch_size: int) -> "HENetBatched":
         """Encode every weight once, for batches of ``batch_size`` inputs."""
         kit = _kit(ctx)
         layout = BatchLayout(batch_size, kit.slot_count)
@@ -284,8 +335,10 @@ class HEMlpBatched:
     def _encode_layer(kit, layout, w, b, parms, prime, bias_parms, scale):
         """(plains[o][c][r] or None for an all-zero block diagonal, bias plain per output or None)."""
         def encode(per_block, parms_id, at_scale):
-            if np.all(per_block == per_block[0]):  # one value everywhere: cheap constant encoding
-                return kit.encode_constant(per_block[0], parms_id, at_scale)
+            if np.all(per_block == per_block[0]):
+                # One value everywhere (always, for a full batch): keep the number and encode it
+                # when used -- 40 us against a 0.5 ms product, and no N*L words held per weight.
+                return _Constant(float(per_block[0]), parms_id, at_scale)
             return kit.encode(np.repeat(per_block, layout.block), parms_id, at_scale)
 
         # The weights' scale equals the prime the rescale drops, so the scale stays put.
@@ -303,13 +356,15 @@ class HEMlpBatched:
         kit, ev = self.kit, self.kit.evaluator
         # Rotations are made once per input ciphertext and shared by every output.
         rotated = [rotations_pow2(kit, ct, self.layout.groups, unit=self.layout.block) for ct in cts]
-        out, term = [], sealapi.Ciphertext()
+        out, term, scratch = [], sealapi.Ciphertext(), sealapi.Plaintext()
         for per_o, bias in zip(plains, biases):
             acc = None
             for per_c, rots in zip(per_o, rotated):
                 for plain, ct in zip(per_c, rots):
                     if plain is None:
                         continue
+                    if isinstance(plain, _Constant):
+                        plain = plain.encode(kit, scratch)
                     if acc is None:
                         acc = sealapi.Ciphertext()
                         ev.multiply_plain(ct, plain, acc)
@@ -320,7 +375,7 @@ class HEMlpBatched:
                 raise ValueError("a weight row is all zeros")
             ev.rescale_to_next_inplace(acc)  # once per output, after the whole sum
             if bias is not None:
-                ev.add_plain_inplace(acc, bias)
+                ev.add_plain_inplace(acc, bias.encode(kit, scratch) if isinstance(bias, _Constant) else bias)
             out.append(acc)
         return out
 
@@ -338,22 +393,33 @@ class HEMlpBatched:
                     _square(self.kit, ct)
         return cts
 
+    def evaluate_bytes(self, data: list[bytes]) -> list[bytes]:
+        """Wire form of :meth:`evaluate`: SEAL ciphertext bytes in and out."""
+        return [self.kit.ciphertext_bytes(ct) for ct in self.evaluate([self.kit.load_fresh(d) for d in data])]
 
-def encrypt_batch(ctx, x: np.ndarray) -> list[sealapi.Ciphertext]:
-    """Client side: (n, features...) inputs packed by :class:`BatchLayout`, n <= slot_count."""
-    kit = _kit(ctx)
+
+def _batch_slots(kit: SealKit, x: np.ndarray, batch_size: int | None) -> list[np.ndarray]:
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    return [kit.encrypt(v) for v in BatchLayout(len(x), kit.slot_count).pack(x)]
+    size = batch_size or len(x)
+    if len(x) > size:
+        raise ValueError(f"{len(x)} inputs exceed the batch size {size}")
+    return BatchLayout(size, kit.slot_count).pack(x)
 
 
-def encrypt_batch_bytes(ctx, x: np.ndarray) -> list[bytes]:
+def encrypt_batch(ctx, x: np.ndarray, batch_size: int | None = None) -> list[sealapi.Ciphertext]:
+    """Client side: (n, features...) inputs packed by the layout of ``batch_size`` (default n) inputs."""
+    kit = _kit(ctx)
+    return [kit.encrypt(v) for v in _batch_slots(kit, x, batch_size)]
+
+
+def encrypt_batch_bytes(ctx, x: np.ndarray, batch_size: int | None = None) -> list[bytes]:
     """Wire form of :func:`encrypt_batch` (seeded symmetric encryption: half the bytes)."""
     kit = _kit(ctx)
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    return [kit.encrypt_bytes(v) for v in BatchLayout(len(x), kit.slot_count).pack(x)]
+    return [kit.encrypt_bytes(v) for v in _batch_slots(kit, x, batch_size)]
 
 
-def decrypt_batch(ctx, cts: list[sealapi.Ciphertext], n: int, n_classes: int) -> np.ndarray:
+def decrypt_batch(ctx, cts: list[sealapi.Ciphertext], n: int, n_classes: int,
+                  batch_size: int | None = None) -> np.ndarray:
     """Client side: (n, n_classes) logits from the batch-layout result ciphertexts."""
     kit = _kit(ctx)
-    return BatchLayout(n, kit.slot_count).unpack([kit.decrypt(ct) for ct in cts], n_classes)
+    return BatchLayout(batch_size or n, kit.slot_count).unpack([kit.decrypt(ct) for ct in cts], n_classes)[:n]
