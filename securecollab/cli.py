@@ -29,6 +29,7 @@ class Role(str, Enum):
     coordinator = "coordinator"
     party = "party"
     dealer = "dealer"
+    he = "he"
 
 
 class TrainProtocol(str, Enum):
@@ -80,12 +81,14 @@ def demo(
     results = {}
     steps = [("centralized", "centralized training (baseline)"),
              ("fedavg", f"plain FedAvg over gRPC: {clients} client processes, {plan.rounds} rounds"),
-             ("secagg", f"FedAvg over secure aggregation: 3 CrypTen compute parties, {clients} clients")]
+             ("secagg", f"FedAvg over secure aggregation: 3 CrypTen compute parties, {clients} clients"),
+             ("he_inference", "encrypted inference (CKKS): HE server process, the test set encrypted")]
     for name, label in steps:
         with console.status(f"[bold]{label}[/bold] ..."):
             results[name] = run_protocol(name, plan, out / "runs" / name)
         console.print(f"[green]done[/green] {label}: accuracy {results[name]['accuracy']:.3f}, "
                       f"{results[name]['costs']['wall_s']:.1f}s")
+    _print_he_examples(results["he_inference"])
     card = build_scorecard(results, plan=json.loads(plan.to_json()))
     paths = write_scorecard(card, out)
     table = Table(title=f"securecollab scorecard: {plan.dataset} / {plan.model} (baseline in brackets)")
@@ -98,6 +101,20 @@ def demo(
         out_console = Console(width=130)  # piped or logged: don't squeeze the table to 80 columns
     out_console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _print_he_examples(result: dict) -> None:
+    m = result["metrics"]
+    table = Table(title=f"encrypted inference ({m['model']}, x^2 activations): decrypted vs plaintext, one query each")
+    for h in ["test image", "label", "plaintext", "decrypted", "max |logit error|"]:
+        table.add_column(h)
+    for e in result["examples"]:
+        table.add_row(str(e["index"]), str(e["label"]), str(e["plaintext"]), str(e["decrypted"]),
+                      f"{e['max_abs_logit_error']:.1e}")
+    Console().print(table)
+    console.print(f"whole test set, batched: argmax agreement {m['batched_argmax_agreement']:.3f}, max |logit error| "
+                  f"{m['batched_max_abs_logit_error']:.1e}; one query {m['single_latency_s']:.2f}s, "
+                  f"session keys {m['session_key_bytes'] / 1e6:.1f} MB")
 
 
 @app.command()
@@ -134,9 +151,13 @@ def serve(
     port_file: Annotated[Optional[Path], typer.Option(help="Write the bound port here (for port 0).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write costs, transcript and final model here.")] = None,
     plan_json: Annotated[Optional[str], typer.Option(help="Full training plan as JSON (overrides the options below).")] = None,
-    model: Model = "mlp", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
+    model: Annotated[Optional[str], typer.Option(help="Model: mlp, cnn or convnet (default: convnet for he, else mlp).")] = None,
+    dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
     clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+    weights: Annotated[Optional[Path], typer.Option(help="he: serve these weights (.npz from a previous --out) instead of training.")] = None,
+    max_sessions: Annotated[int, typer.Option(min=1, help="he: open sessions kept (each holds a client's keys); the least recently used is dropped.")] = 4,
+    max_batch: Annotated[int, typer.Option(min=0, help="he: largest batch a session may ask for (0: single queries only).")] = 4096,
     index: Annotated[int, typer.Option(min=0, help="party: this compute party's index (rank in the MPC world).")] = 0,
     party_target: Annotated[Optional[list[str]], typer.Option(help="coordinator: host:port of each compute party, in index order (repeat).")] = None,
     mpc_addr: Annotated[str, typer.Option(help="party/dealer: address of compute party 0's MPC rendezvous (CrypTen, gloo).")] = "127.0.0.1",
@@ -149,13 +170,22 @@ def serve(
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
     verbose: Verbose = True,
 ):
-    """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done."""
+    """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done.
+
+    `he` serves encrypted inference: it trains its square-activation model on the embedded data at start
+    (HE defaults: 30 epochs, lr 0.01; --plan-json takes a full HE model plan) or loads --weights.
+    """
     from securecollab.certs import TlsFiles
     from securecollab.protocols.fedavg import FedAvgPlan
     from securecollab.protocols.secagg import SecAggPlan
     _logging(verbose)
     default_id = f"party-{index}" if role is Role.party else role.value
     tls = TlsFiles.for_party(certs, party_id or default_id)
+    if role is Role.he:
+        _serve_he(tls, model or "convnet", dataset, dataset_path, seed, plan_json, weights, max_sessions, max_batch,
+                  host, port, port_file, out)
+        return
+    model = model or "mlp"
     training = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
     if role is Role.aggregator:
         from services.fedavg_aggregator import serve as serve_aggregator
@@ -177,6 +207,90 @@ def serve(
     elif role is Role.dealer:
         from securecollab.mpc import run_dealer
         run_dealer(plan.n_parties, mpc_addr, mpc_port)
+
+
+def _serve_he(tls, model, dataset, dataset_path, seed, plan_json, weights, max_sessions, max_batch,
+              host, port, port_file, out):
+    from securecollab.protocols.he import HEModelHost, HEModelPlan, save_weights
+    from services.he_server import serve as serve_he
+    plan = HEModelPlan.from_json(plan_json) if plan_json else HEModelPlan(
+        model=model, dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None, seed=seed)
+    try:
+        if weights:
+            net, ds = plan.load(weights)
+        else:
+            logging.getLogger("securecollab.he").info(
+                "training %s (%s activations) on %s: %d epochs", plan.model, plan.activation, plan.dataset, plan.epochs)
+            net, ds = plan.train()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if out:
+        save_weights(net, out / "he_model.npz")
+    host_model = HEModelHost(net, ds.input_shape, ds.num_classes, name=plan.model,
+                             max_sessions=max_sessions, max_batch_size=max_batch)
+    serve_he(host_model, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+
+
+@app.command()
+def infer(
+    target: Annotated[str, typer.Option(help="HE inference server address host:port.")],
+    party_id: Annotated[str, typer.Option("--id", help="This client's id (its certificate name).")] = "client-0",
+    certs: CertsDir = Path("certs"),
+    server_name: Annotated[Optional[str], typer.Option(help="Name expected in the server certificate.")] = None,
+    count: Annotated[int, typer.Option(min=1, help="How many test images to classify.")] = 10,
+    batch: Annotated[bool, typer.Option(help="Pack all the images into one batched query instead of one query each.")] = False,
+    inputs: Annotated[Optional[Path], typer.Option(help="A .npy array of inputs shaped (n, *input_shape) instead of test images.")] = None,
+    dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Write results, costs and the client transcript here.")] = None,
+    verbose: Verbose = False,
+):
+    """Classify images on a running HE server: encrypted here, evaluated there, decrypted here."""
+    import numpy as np
+
+    from securecollab.certs import TlsFiles
+    from securecollab.data import load_dataset
+    from securecollab.transcript import TranscriptRecorder
+    from services.he_client import HEClient
+    _logging(verbose)
+    labels = None
+    if inputs:
+        x = np.load(inputs, allow_pickle=False).astype("float32")[:count]
+    else:
+        ds = load_dataset(dataset, seed=seed, path=dataset_path)
+        x, labels = ds.x_test[:count], ds.y_test[:count]
+    transcript = TranscriptRecorder(out / "transcripts" / f"{party_id}.jsonl" if out else None,
+                                    party=party_id, role="client")
+    with HEClient(target, tls=TlsFiles.for_party(certs, party_id), party_id=party_id, server_name=server_name,
+                  transcript=transcript) as client:
+        if tuple(x.shape[1:]) != client.description.input_shape:
+            raise typer.BadParameter(f"inputs are shaped {x.shape[1:]}, the model takes {client.description.input_shape}")
+        with console.status("making CKKS keys and opening a session ..."):
+            session = client.open_session(batch_size=len(x) if batch else 0)
+        console.print(f"session: {session['context_bytes'] / 1e6:.1f} MB of public keys "
+                      f"(made in {session['keygen_s']:.2f}s, server set-up {session['server_setup_s']:.2f}s)")
+        with console.status(f"{len(x)} encrypted {'batched ' if batch else ''}quer{'y' if batch else 'ies'} ..."):
+            logits = client.infer_batch(x) if batch else np.stack([client.infer(xi) for xi in x])
+        timings = client.batched if batch else client.single
+        costs = client.meter.snapshot()
+    table = Table(title=f"encrypted inference: {client.description.model}")
+    for h in ["#", "label", "prediction", "top logit"]:
+        table.add_column(h)
+    for i, row in enumerate(logits):
+        table.add_row(str(i), "-" if labels is None else str(labels[i]), str(int(row.argmax())), f"{row.max():.3f}")
+    Console().print(table)
+    per = timings.queries or 1
+    console.print(f"per {'batch' if batch else 'query'}: encrypt {timings.encrypt_s / per:.3f}s, "
+                  f"network+server {timings.rpc_s / per:.3f}s (server {timings.server_s / per:.3f}s), "
+                  f"decrypt {timings.decrypt_s / per:.4f}s; sent {costs['bytes_sent'] / 1e6:.2f} MB, "
+                  f"received {costs['bytes_received'] / 1e6:.2f} MB in all")
+    result = {"predictions": logits.argmax(1).tolist(), "logits": logits.tolist(), "session": session,
+              "costs": costs}
+    if labels is not None:
+        result["accuracy"] = float((logits.argmax(1) == labels).mean())
+        console.print(f"accuracy on these {len(x)} images: {result['accuracy']:.3f}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"infer_{party_id}.json").write_text(json.dumps(result, indent=2))
 
 
 @client_app.command("fedavg")
@@ -250,6 +364,40 @@ def bench_secagg_cmd(
     table.add_row("ratio", f"{result['ratio']['round_wall']:.2f}", f"{result['ratio']['upload_bytes']:.3f}")
     Console().print(table)
     console.print(f"max |revealed - plaintext aggregate| = {result['max_abs_error']:.2e}; wrote {out}")
+
+
+@bench_app.command("he")
+def bench_he_cmd(
+    model: Annotated[str, typer.Option(help="Square-activation model served: convnet or mlp.")] = "convnet",
+    queries: Annotated[int, typer.Option(min=0, help="Single encrypted queries: the first N test images (0: all).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batched query (4096 fills every slot).")] = 4096,
+    batch_rounds: Annotated[int, typer.Option(min=1, help="Batches timed (median reported).")] = 2,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_he.json"),
+):
+    """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness."""
+    import tempfile
+    from securecollab.inference import bench_he
+    from securecollab.protocols.he import HEModelPlan
+    with tempfile.TemporaryDirectory(prefix="bench-he-") as work:
+        r = bench_he(HEModelPlan(model=model, seed=seed), queries=queries, batch_size=batch_size,
+                     batch_rounds=batch_rounds, work_dir=Path(work), log=lambda m: console.print(m))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
+    he, st = r["he"], r["he"]["single"]["stages_s"]
+    table = Table(title=f"HE inference: {model} on {r['dataset']} ({r['single_queries']} single queries, "
+                        f"batches of {batch_size})")
+    for h in ["", "latency s (1 query)", "bytes / query", "throughput img/s"]:
+        table.add_column(h)
+    table.add_row("plain", f"{r['plain']['latency_s']:.4f}", f"{r['plain']['query_bytes']:,.0f}", "-")
+    table.add_row("HE (CKKS)", f"{he['latency_s']:.3f}", f"{he['query_bytes']:,.0f}", f"{he['throughput_per_s']:.0f}")
+    Console().print(table)
+    console.print(f"stages per query: keygen {st['keygen']:.2f}s (once per session), encrypt {st['encrypt']:.4f}s, "
+                  f"network+server {st['network_and_server']:.3f}s (server {st['server']:.3f}s), "
+                  f"decrypt {st['decrypt']:.4f}s; session keys {he['session_key_bytes'] / 1e6:.1f} MB")
+    console.print(f"argmax agreement {he['argmax_agreement']:.4f}, max |logit error| {he['max_abs_logit_error']:.2e} "
+                  f"over the whole test set; accuracy plaintext {r['plaintext_accuracy']:.3f}, "
+                  f"HE {r['he_accuracy']:.3f}; wrote {out}")
 
 
 @app.command()

@@ -192,3 +192,15 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
               "costs": _costs({"wall_s": wall}, [coord_costs, *party_costs, *client_costs])}
     (out_dir / "result_secagg.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+@register("he_inference")
+def run_he(plan: FedAvgPlan, out_dir: Path, **_) -> dict:
+    """Encrypted inference (CKKS) of the test set by an HE server process, beside its plain inference API."""
+    from securecollab.data import load_dataset
+    from securecollab.inference import run_he_inference
+    from securecollab.protocols.he import HEModelPlan
+
+    images = len(load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path).input_shape) == 3
+    return run_he_inference(HEModelPlan(model="convnet" if images else "mlp", dataset=plan.dataset,
+                                        dataset_path=plan.dataset_path, seed=plan.seed), out_dir)

@@ -8,16 +8,20 @@ from pathlib import Path
 
 COST_FIELDS = ("wall_s", "cpu_s", "bytes_sent", "bytes_received", "peak_rss_mb")
 # Which plain run each protocol's overhead is measured against.
-BASELINE_OF = {"fedavg": "centralized", "secagg": "fedavg", "split": "centralized",
-               "he_inference": "centralized"}
+# (HE inference brings its own: the plain inference API of the same server.)
+BASELINE_OF = {"fedavg": "centralized", "secagg": "fedavg", "split": "centralized"}
 
 
 def build_scorecard(results: dict[str, dict], *, plan: dict, attacks: list[dict] | None = None) -> dict:
     protocols = {}
     for name, res in results.items():
         entry = {"accuracy": res["accuracy"], "costs": res["costs"]}
+        entry.update({k: res[k] for k in ("metrics", "examples") if k in res})
         base = BASELINE_OF.get(name)
-        if base in results:
+        if "baseline" in res:
+            entry["baseline"] = {"protocol": res["baseline"]["protocol"], "accuracy": res["baseline"]["accuracy"],
+                                 "costs": {k: res["baseline"]["costs"][k] for k in COST_FIELDS}}
+        elif base in results:
             entry["baseline"] = {"protocol": base, "accuracy": results[base]["accuracy"],
                                  "costs": {k: results[base]["costs"][k] for k in COST_FIELDS}}
         protocols[name] = entry

@@ -32,7 +32,7 @@ from securecollab.he.linear import DiagonalPlan, EncryptedLinear, next_pow2, rep
 from securecollab.he.seal import SealKit
 
 
-def _kit(ctx) -> SealKit:
+def kit_of(ctx) -> SealKit:
     """The SEAL objects of a TenSEAL context, a PublicContext or a SealKit (cached per context)."""
     if isinstance(ctx, SealKit):
         return ctx
@@ -155,7 +155,7 @@ class HENet:
 
     def bind(self, ctx) -> "HENet":
         """Encode every weight diagonal and bias once for this (server) context."""
-        kit = _kit(ctx)
+        kit = kit_of(ctx)
         _check_galois_keys(kit, self.galois_steps)
         if len(kit.level_parms()) <= self.depth:
             raise ValueError(f"the context allows fewer than the {self.depth} rescales this model needs")
@@ -190,19 +190,19 @@ class HENet:
 
 def encrypt_input(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> sealapi.Ciphertext:
     """Client side: one input in :class:`HENet`'s layout (default: flattened and repeated)."""
-    kit = _kit(ctx)
+    kit = kit_of(ctx)
     return kit.encrypt((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
 
 
 def encrypt_input_bytes(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> bytes:
     """Wire form of :func:`encrypt_input`; seeded symmetric encryption halves it."""
-    kit = _kit(ctx)
+    kit = kit_of(ctx)
     return kit.encrypt_bytes((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
 
 
 def decrypt_logits(ctx, ct: sealapi.Ciphertext, n_classes: int) -> np.ndarray:
     """Client side: the first ``n_classes`` slots of an encrypted result."""
-    return _kit(ctx).decrypt(ct)[:n_classes]
+    return kit_of(ctx).decrypt(ct)[:n_classes]
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class HENetBatched:
 
     def bind(self, ctx, batch_size: int) -> "HENetBatched":
         """Encode every weight once, for batches of ``batch_size`` inputs."""
-        kit = _kit(ctx)
+        kit = kit_of(ctx)
         layout = BatchLayout(batch_size, kit.slot_count)
         if len(kit.level_parms()) <= self.depth:
             raise ValueError(f"the context allows fewer than the {self.depth} rescales this model needs")
@@ -408,18 +408,18 @@ def _batch_slots(kit: SealKit, x: np.ndarray, batch_size: int | None) -> list[np
 
 def encrypt_batch(ctx, x: np.ndarray, batch_size: int | None = None) -> list[sealapi.Ciphertext]:
     """Client side: (n, features...) inputs packed by the layout of ``batch_size`` (default n) inputs."""
-    kit = _kit(ctx)
+    kit = kit_of(ctx)
     return [kit.encrypt(v) for v in _batch_slots(kit, x, batch_size)]
 
 
 def encrypt_batch_bytes(ctx, x: np.ndarray, batch_size: int | None = None) -> list[bytes]:
     """Wire form of :func:`encrypt_batch` (seeded symmetric encryption: half the bytes)."""
-    kit = _kit(ctx)
+    kit = kit_of(ctx)
     return [kit.encrypt_bytes(v) for v in _batch_slots(kit, x, batch_size)]
 
 
 def decrypt_batch(ctx, cts: list[sealapi.Ciphertext], n: int, n_classes: int,
                   batch_size: int | None = None) -> np.ndarray:
     """Client side: (n, n_classes) logits from the batch-layout result ciphertexts."""
-    kit = _kit(ctx)
+    kit = kit_of(ctx)
     return BatchLayout(batch_size or n, kit.slot_count).unpack([kit.decrypt(ct) for ct in cts], n_classes)[:n]

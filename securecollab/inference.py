@@ -1,0 +1,197 @@
+"""Encrypted inference end to end against an HE server process: the demo's run and `bench he`.
+
+The model is trained here (deterministically from the plan's seed) and the
+server process loads the very same weights, so the plaintext logits computed
+here are the oracle for the decrypted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.launch import ProcessGroup, securecollab_cmd
+from securecollab.protocols.he import HEModelPlan, save_weights
+from securecollab.training import predict_logits
+from securecollab.transcript import TranscriptRecorder
+
+CLIENT = "client-0"
+PLAIN_CLIENT = "client-1"
+
+
+def prepare(plan: HEModelPlan, work: Path):
+    """(model, dataset, weights path, certs dir): the trained model and what the server needs to serve it."""
+    from securecollab.runs import ensure_certs
+    model, ds = plan.train()
+    weights = work / "he_model.npz"
+    save_weights(model, weights)
+    certs = ensure_certs(work / "certs", ["he", CLIENT, PLAIN_CLIENT])
+    return model, ds, weights, certs
+
+
+def start_server(group: ProcessGroup, plan: HEModelPlan, weights: Path, certs: Path,
+                 out_dir: Path | None, max_batch: int) -> int:
+    extra = ["--out", str(out_dir)] if out_dir else []
+    return group.start_service("he-server", securecollab_cmd(
+        "serve", "he", "--plan-json", plan.to_json(), "--weights", str(weights), "--certs", str(certs),
+        "--host", "127.0.0.1", "--max-batch", str(max_batch), "--max-sessions", "2", *extra), timeout=300)
+
+
+def server_peak_rss_mb(group: ProcessGroup) -> float:
+    """The server's peak resident memory so far (VmHWM), read from /proc."""
+    status = Path(f"/proc/{group.procs['he-server'].pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+
+
+def agreement(he_logits: np.ndarray, plain_logits: np.ndarray) -> dict:
+    return {"n": len(he_logits),
+            "argmax_agreement": float((he_logits.argmax(1) == plain_logits.argmax(1)).mean()),
+            "max_abs_logit_error": float(np.abs(he_logits - plain_logits).max())}
+
+
+def _method_bytes(meter: CostMeter, method: str) -> int:
+    snap = meter.snapshot()["by_method"]
+    return sum(v for direction in ("sent", "received") for k, v in snap[direction].items() if k.endswith(method))
+
+
+def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, batch_rounds: int = 2,
+             work_dir: Path, log=print) -> dict:
+    """Single-query latency and batched throughput over mutual TLS on loopback, against plain inference.
+
+    Single queries: the first ``queries`` test images (0: the whole test set), one
+    at a time. Batched: full batches of ``batch_size`` images drawn cyclically
+    from the test set, so every test image is covered when the batch is at
+    least the test set's size; throughput is images per second end to end
+    (encrypt, send, evaluate, return, decrypt), median over ``batch_rounds``.
+    """
+    from services.he_client import HEClient, Timings
+
+    log(f"training {plan.model} ({plan.activation}) on {plan.dataset} ...")
+    model, ds, weights, certs = prepare(plan, work_dir)
+    x_test = ds.x_test if not queries else ds.x_test[:queries]
+    reference = predict_logits(model, ds.x_test).astype(np.float64)
+    with ProcessGroup(work_dir / "logs") as group:
+        port = start_server(group, plan, weights, certs, None, batch_size)
+        target = f"localhost:{port}"
+        with HEClient(target, tls=TlsFiles.for_party(certs, PLAIN_CLIENT), party_id=PLAIN_CLIENT) as plain:
+            plain.predict_plain(ds.x_test[:1])  # connection and lazy initialisation out of the timing
+            plain.plain = Timings()
+            for xi in x_test[:min(len(x_test), 100)]:
+                plain.predict_plain(xi[None])
+            plain_bytes = _method_bytes(plain.meter, "/PredictPlain") / (plain.plain.queries + 1)
+        log(f"HE session (batch size {batch_size}): making keys ...")
+        with HEClient(target, tls=TlsFiles.for_party(certs, CLIENT), party_id=CLIENT) as client:
+            session = client.open_session(batch_size=batch_size)
+            log(f"{len(x_test)} single encrypted queries ...")
+            single = np.stack([client.infer(xi) for xi in x_test])
+            query_bytes = _method_bytes(client.meter, "/Infer") / client.single.queries
+            log(f"{batch_rounds} full batches of {batch_size} ...")
+            cyclic = np.resize(ds.x_test, (batch_size, *ds.x_test.shape[1:])).astype(np.float32)
+            batch_walls, batched = [], None
+            for _ in range(batch_rounds):
+                t0 = time.perf_counter()
+                batched = client.infer_batch(cyclic)
+                batch_walls.append(time.perf_counter() - t0)
+            batch_bytes = _method_bytes(client.meter, "/InferBatch") / batch_rounds
+            session_key_bytes = _method_bytes(client.meter, "/OpenSession")
+        peak_rss = server_peak_rss_mb(group)
+
+    t = client.single
+    single_check = agreement(single, reference[:len(x_test)])
+    batch_check = agreement(batched, np.resize(reference, (batch_size, reference.shape[1])))
+    n = t.queries
+    he = {
+        "latency_s": statistics.median(t.latencies),
+        "latency_s_mean": statistics.mean(t.latencies),
+        "throughput_per_s": batch_size / statistics.median(batch_walls),
+        "query_bytes": query_bytes,
+        "session_key_bytes": session_key_bytes,
+        "argmax_agreement": min(single_check["argmax_agreement"], batch_check["argmax_agreement"]),
+        "max_abs_logit_error": max(single_check["max_abs_logit_error"], batch_check["max_abs_logit_error"]),
+        "single": {**single_check, "stages_s": {"keygen": session["keygen_s"], "encrypt": t.encrypt_s / n,
+                                                "network_and_server": t.rpc_s / n, "server": t.server_s / n,
+                                                "decrypt": t.decrypt_s / n}},
+        "batched": {**batch_check, "batch_size": batch_size, "batch_wall_s": batch_walls,
+                    "batch_bytes": batch_bytes,
+                    "stages_s": {"encrypt": client.batched.encrypt_s / batch_rounds,
+                                 "network_and_server": client.batched.rpc_s / batch_rounds,
+                                 "server": client.batched.server_s / batch_rounds,
+                                 "decrypt": client.batched.decrypt_s / batch_rounds}},
+        "session": {k: session[k] for k in ("keygen_s", "open_s", "server_setup_s", "slot_count", "galois_steps")},
+        "server_peak_rss_mb": peak_rss,
+    }
+    plain_stats = {"latency_s": statistics.median(plain.plain.latencies), "query_bytes": plain_bytes}
+    return {
+        "benchmark": "he", "model": plan.model, "activation": plan.activation, "dataset": plan.dataset,
+        "test_images": len(ds.x_test), "single_queries": len(x_test), "tls": "mutual",
+        "plaintext_accuracy": float((reference.argmax(1) == ds.y_test).mean()),
+        "he_accuracy": float((single.argmax(1) == ds.y_test[:len(x_test)]).mean()),
+        "plain": plain_stats, "he": he,
+        "ratio": {"latency": he["latency_s"] / plain_stats["latency_s"],
+                  "query_bytes": he["query_bytes"] / plain_stats["query_bytes"]},
+    }
+
+
+def run_he_inference(plan: HEModelPlan, out_dir: Path, *, show: int = 8, batch_size: int | None = None) -> dict:
+    """The demo's encrypted inference: the whole test set batched, ``show`` images one query each.
+
+    Returns a scorecard entry with the plain inference API (same server, the
+    server sees the images) as its baseline.
+    """
+    from services.he_client import HEClient
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, ds, weights, certs = prepare(plan, out_dir)
+    reference = predict_logits(model, ds.x_test).astype(np.float64)
+    batch_size = batch_size or len(ds.x_test)
+    with ProcessGroup(out_dir / "logs") as group:
+        port = start_server(group, plan, weights, certs, out_dir, batch_size)
+        target = f"localhost:{port}"
+        t0, c0 = time.perf_counter(), time.process_time()
+        with HEClient(target, tls=TlsFiles.for_party(certs, PLAIN_CLIENT), party_id=PLAIN_CLIENT,
+                      transcript=TranscriptRecorder(out_dir / "transcripts" / f"{PLAIN_CLIENT}.jsonl",
+                                                    party=PLAIN_CLIENT, role="client")) as plain:
+            plain_logits = plain.predict_plain(ds.x_test)
+        plain_costs = _run_costs(plain, t0, c0, server_peak_rss_mb(group))
+        t0, c0 = time.perf_counter(), time.process_time()
+        with HEClient(target, tls=TlsFiles.for_party(certs, CLIENT), party_id=CLIENT,
+                      transcript=TranscriptRecorder(out_dir / "transcripts" / f"{CLIENT}.jsonl",
+                                                    party=CLIENT, role="client")) as client:
+            session = client.open_session(batch_size=batch_size)
+            batched = client.infer_batch(ds.x_test)
+            single = np.stack([client.infer(xi) for xi in ds.x_test[:show]])
+        he_costs = _run_costs(client, t0, c0, server_peak_rss_mb(group))
+    checks = {"batched": agreement(batched, reference), "single": agreement(single, reference[:show])}
+    examples = [{"index": i, "label": int(ds.y_test[i]), "plaintext": int(reference[i].argmax()),
+                 "decrypted": int(single[i].argmax()),
+                 "max_abs_logit_error": float(np.abs(single[i] - reference[i]).max())} for i in range(show)]
+    result = {
+        "accuracy": float((batched.argmax(1) == ds.y_test).mean()),
+        "costs": he_costs,
+        "baseline": {"protocol": "plain_inference", "accuracy": float((plain_logits.argmax(1) == ds.y_test).mean()),
+                     "costs": plain_costs},
+        "metrics": {"model": plan.model, "activation": plan.activation, **{f"{k}_{m}": v for k, c in checks.items()
+                                                                          for m, v in c.items() if m != "n"},
+                    "session_key_bytes": session["context_bytes"],
+                    "single_latency_s": statistics.median(client.single.latencies),
+                    "batch_wall_s": client.batched.latencies[0], "batch_size": batch_size},
+        "examples": examples,
+    }
+    (out_dir / "result_he_inference.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _run_costs(client, t0: float, c0: float, server_rss_mb: float) -> dict:
+    """Scorecard costs of one client's run: its bytes; CPU of the client plus the server's reported work."""
+    snap = client.meter.snapshot()
+    server_s = sum(t.server_s for t in (client.single, client.batched, client.plain))
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0 + server_s
+            + client.session.get("server_setup_s", 0.0),
+            "bytes_sent": snap["bytes_sent"], "bytes_received": snap["bytes_received"],
+            "peak_rss_mb": server_rss_mb}

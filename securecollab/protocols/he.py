@@ -1,0 +1,207 @@
+"""HE inference, server side: the model in the clear, one CKKS session per client context.
+
+A session is opened from a client's public context (no secret key: refused
+otherwise) and binds the model's weights to it once -- single-query layout
+always, the batched layout when the client asked for a batch size -- so each
+query pays only for evaluation. Sessions belong to the certificate that
+opened them; query ids are single-use per session (replays are refused).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.data import Dataset, load_dataset
+from securecollab.he import HENet, HENetBatched, load_public
+from securecollab.models import build_model, load_arrays, parameters_to_arrays
+from securecollab.protocols import ProtocolError
+from securecollab.training import TrainConfig, predict_logits, train_local
+
+
+@dataclass(frozen=True)
+class HEModelPlan:
+    """Which model the server serves and how it is trained (square activations keep it polynomial)."""
+
+    model: str = "convnet"
+    dataset: str = "digits"
+    dataset_path: str | None = None
+    activation: str = "square"
+    # x^2 networks diverge at the ReLU models' lr 0.1; 0.01 and 30 epochs reach ~0.98 on digits.
+    epochs: int = 30
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 32
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "HEModelPlan":
+        return cls(**json.loads(text))
+
+    def load_data(self) -> Dataset:
+        return load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
+
+    def build(self, ds: Dataset):
+        return build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=self.seed)
+
+    def train(self, ds: Dataset | None = None):
+        """(model, dataset): trained in plaintext, deterministically from the seed."""
+        ds = ds or self.load_data()
+        model = self.build(ds)
+        train_local(model, ds.x_train, ds.y_train, TrainConfig(
+            epochs=self.epochs, lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, seed=self.seed))
+        if not all(np.isfinite(a).all() for _, a in parameters_to_arrays(model)):
+            raise ValueError("training diverged (non-finite weights); lower the learning rate")
+        return model, ds
+
+    def load(self, weights: Path, ds: Dataset | None = None):
+        """(model, dataset) with weights from an .npz (numpy only, no pickle)."""
+        ds = ds or self.load_data()
+        model = self.build(ds)
+        with np.load(weights, allow_pickle=False) as f:
+            load_arrays(model, [(k, f[k]) for k in f.files])
+        return model, ds
+
+
+def save_weights(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **dict(parameters_to_arrays(model)))
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str
+    context_bytes: int
+    net: HENet
+    batched: HENetBatched | None
+    batch_size: int
+    slot_count: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    queries: set[int] = field(default_factory=set)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class HEModelHost:
+    """The served model and its open sessions (bounded in number; the least recently used goes first)."""
+
+    def __init__(self, model, input_shape: tuple[int, ...], num_classes: int, *, name: str,
+                 max_sessions: int = 4, max_batch_size: int = 4096, max_context_bytes: int = 256 << 20):
+        self.model = model.eval()
+        self.name = name
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = num_classes
+        self.net = HENet.from_torch(model, self.input_shape)
+        self.batched = HENetBatched.from_torch(model, self.input_shape)
+        self.max_sessions = max_sessions
+        self.max_batch_size = max_batch_size
+        self.max_context_bytes = max_context_bytes
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict:
+        return {"model": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "depth": self.net.depth, "galois_steps": self.net.galois_steps, "min_slots": self.net.min_slots,
+                "input_encoding": self.net.input_encoding.to_dict(), "max_batch_size": self.max_batch_size,
+                "max_context_bytes": self.max_context_bytes}
+
+    # -- sessions -------------------------------------------------------------
+
+    def open_session(self, owner: str, context: bytes, batch_size: int) -> Session:
+        if batch_size > self.max_batch_size:
+            raise ProtocolError("INVALID_ARGUMENT", f"batch size {batch_size} exceeds this server's "
+                                                    f"maximum of {self.max_batch_size}")
+        try:
+            public = load_public(context)
+        except (ValueError, RuntimeError) as e:
+            raise ProtocolError("INVALID_ARGUMENT", f"unusable HE context: {e}") from None
+        slots = public.kit.slot_count
+        if slots < self.net.min_slots:
+            raise ProtocolError("INVALID_ARGUMENT", f"the context has {slots} slots; the model needs "
+                                                    f"{self.net.min_slots}")
+        if batch_size > slots:
+            raise ProtocolError("INVALID_ARGUMENT", f"batch size {batch_size} exceeds the {slots} slots")
+        try:
+            net = HENet(self.net.layers, self.net.first_conv).bind(public)
+            batched = HENetBatched(self.batched.layers).bind(public, batch_size) if batch_size else None
+        except ValueError as e:  # too little depth, missing Galois keys, ...
+            raise ProtocolError("INVALID_ARGUMENT", f"the context does not fit this model: {e}") from None
+        session = Session(secrets.token_hex(16), owner, len(context), net, batched, batch_size, slots)
+        with self._lock:
+            while len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)  # evict the least recently used
+            self._sessions[session.session_id] = session
+        return session
+
+    def session(self, session_id: str, owner: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise ProtocolError("NOT_FOUND", f"no open session {session_id!r} (closed or evicted: open a new one)")
+            if session.owner != owner:
+                raise ProtocolError("PERMISSION_DENIED", f"session {session_id!r} belongs to another party")
+            self._sessions.move_to_end(session_id)
+            session.last_used = time.monotonic()
+            return session
+
+    def close_session(self, session_id: str, owner: str) -> None:
+        self.session(session_id, owner)
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    @property
+    def open_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- queries --------------------------------------------------------------
+
+    @staticmethod
+    def _claim(session: Session, query_id: int) -> None:
+        if query_id in session.queries:
+            raise ProtocolError("ALREADY_EXISTS", f"query {query_id} was already answered in this session (replay)")
+        session.queries.add(query_id)
+
+    def infer(self, session: Session, query_id: int, ciphertext: bytes) -> bytes:
+        with session.lock:
+            self._claim(session, query_id)
+            try:
+                ct = session.net.kit.load_fresh(ciphertext)
+            except ValueError as e:
+                session.queries.discard(query_id)
+                raise ProtocolError("INVALID_ARGUMENT", str(e)) from None
+            return session.net.kit.ciphertext_bytes(session.net.evaluate(ct))
+
+    def infer_batch(self, session: Session, query_id: int, ciphertexts: list[bytes]) -> list[bytes]:
+        if session.batched is None:
+            raise ProtocolError("FAILED_PRECONDITION", "this session has no batched layout: open it with a batch size")
+        expected = session.batched.layout.n_ciphertexts(session.batched.in_features)
+        if len(ciphertexts) != expected:
+            raise ProtocolError("INVALID_ARGUMENT", f"a batch takes {expected} ciphertexts in this session, "
+                                                    f"got {len(ciphertexts)}")
+        with session.lock:
+            self._claim(session, query_id)
+            try:
+                cts = [session.batched.kit.load_fresh(c) for c in ciphertexts]
+            except ValueError as e:
+                session.queries.discard(query_id)
+                raise ProtocolError("INVALID_ARGUMENT", str(e)) from None
+            return [session.batched.kit.ciphertext_bytes(ct) for ct in session.batched.evaluate(cts)]
+
+    def predict_plain(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise ProtocolError("INVALID_ARGUMENT", f"inputs must be shaped (n, {', '.join(map(str, self.input_shape))}), "
+                                                    f"got {x.shape}")
+        if len(x) > self.max_batch_size:
+            raise ProtocolError("INVALID_ARGUMENT", f"at most {self.max_batch_size} inputs per request")
+        return predict_logits(self.model, x).astype(np.float32)

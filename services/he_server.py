@@ -1,0 +1,150 @@
+"""The HE inference service: evaluates its model on CKKS ciphertexts; never holds a secret key.
+
+Its transcript (the adversary's view of an honest-but-curious server) holds
+each session's public context and every ciphertext it received; the plain
+baseline method records the inputs it saw in the clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.he import HEModelHost
+from securecollab.transcript import TranscriptRecorder
+from securecollab.transport import make_server, peer_identity
+from securecollab.v1 import he_pb2 as pb
+from securecollab.v1 import he_pb2_grpc as pb_grpc
+from securecollab.wire import assemble_chunks, decode_tensor, encode_tensor
+from services.common import rpc_errors, write_port_file
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["HEInference"].full_name
+MAX_CIPHERTEXT_BYTES = 8 << 20
+
+
+class HEInferenceServicer(pb_grpc.HEInferenceServicer):
+    def __init__(self, host: HEModelHost, transcript: TranscriptRecorder):
+        self.host = host
+        self.transcript = transcript
+
+    @rpc_errors
+    def Describe(self, request, context):
+        d = self.host.describe()
+        return pb.ModelDescription(
+            model=d["model"], input_shape=d["input_shape"], num_classes=d["num_classes"], depth=d["depth"],
+            galois_steps=d["galois_steps"], min_slots=d["min_slots"],
+            input_encoding_json=json.dumps(d["input_encoding"]), max_batch_size=d["max_batch_size"],
+            max_context_bytes=d["max_context_bytes"])
+
+    @rpc_errors
+    def OpenSession(self, request_iterator, context):
+        owner = peer_identity(context).party_id
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "options":
+            raise ProtocolError("INVALID_ARGUMENT", "a session stream starts with its options")
+        batch_size = first.options.batch_size
+
+        def chunks():
+            for part in request_iterator:
+                if part.WhichOneof("part") != "context":
+                    raise ProtocolError("INVALID_ARGUMENT", "options may be sent only once, first")
+                yield part.context
+
+        _, blob = assemble_chunks(chunks(), max_bytes=self.host.max_context_bytes)
+        t0 = time.perf_counter()
+        session = self.host.open_session(owner, blob, batch_size)
+        setup_s = time.perf_counter() - t0
+        self.transcript.record("context", round=0, sender=owner,
+                               meta={"session": session.session_id, "batch_size": batch_size,
+                                     "sha256": hashlib.sha256(blob).hexdigest()},
+                               blobs={"public_context": blob})
+        log.info("session %s for %s: %.1f MB context, batch size %d, set up in %.2fs",
+                 session.session_id[:8], owner, len(blob) / 1e6, batch_size, setup_s)
+        return pb.SessionReply(session_id=session.session_id, context_bytes=len(blob),
+                               slot_count=session.slot_count, setup_s=setup_s)
+
+    @rpc_errors
+    def Infer(self, request, context):
+        owner = peer_identity(context).party_id
+        session = self.host.session(request.session_id, owner)
+        if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
+            raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
+        t0 = time.perf_counter()
+        out = self.host.infer(session, request.query_id, request.ciphertext)
+        server_s = time.perf_counter() - t0
+        self.transcript.record("query", round=0, step=request.query_id, sender=owner,
+                               meta={"session": session.session_id}, blobs={"ciphertext": request.ciphertext})
+        return pb.InferReply(query_id=request.query_id, ciphertext=out, server_s=server_s)
+
+    @rpc_errors
+    def InferBatch(self, request_iterator, context):
+        owner = peer_identity(context).party_id
+        parts = []
+        for part in request_iterator:
+            parts.append(part)
+            if len(parts) > self.host.batched.in_features:  # a batch never needs more ciphertexts than features
+                raise ProtocolError("INVALID_ARGUMENT", "too many ciphertexts for one batch")
+        if not parts:
+            raise ProtocolError("INVALID_ARGUMENT", "empty batch")
+        head = parts[0]
+        session = self.host.session(head.session_id, owner)
+        if head.count != len(parts) or [p.index for p in parts] != list(range(len(parts))):
+            raise ProtocolError("INVALID_ARGUMENT", f"batch parts must be numbered 0..{head.count - 1} in order, "
+                                                    f"got {len(parts)} parts")
+        for p in parts:
+            if (p.session_id, p.query_id, p.num_inputs, p.count) != (head.session_id, head.query_id,
+                                                                     head.num_inputs, head.count):
+                raise ProtocolError("INVALID_ARGUMENT", "batch parts disagree on session, query, inputs or count")
+        if not 1 <= head.num_inputs <= session.batch_size:
+            raise ProtocolError("INVALID_ARGUMENT", f"a batch holds 1..{session.batch_size} inputs in this session, "
+                                                    f"got {head.num_inputs}")
+        t0 = time.perf_counter()
+        out = self.host.infer_batch(session, head.query_id, [p.ciphertext for p in parts])
+        server_s = time.perf_counter() - t0
+        self.transcript.record("batch", round=0, step=head.query_id, sender=owner,
+                               meta={"session": session.session_id, "num_inputs": head.num_inputs},
+                               blobs={f"ciphertext_{p.index}": p.ciphertext for p in parts})
+        return pb.BatchReply(query_id=head.query_id, ciphertexts=out, server_s=server_s)
+
+    @rpc_errors
+    def CloseSession(self, request, context):
+        self.host.close_session(request.session_id, peer_identity(context).party_id)
+        return pb.CloseReply()
+
+    @rpc_errors
+    def PredictPlain(self, request, context):
+        owner = peer_identity(context).party_id
+        x = decode_tensor(request.inputs, expect_dtype=np.float32, finite=True)
+        t0 = time.perf_counter()
+        logits = self.host.predict_plain(x)
+        server_s = time.perf_counter() - t0
+        self.transcript.record("plain_query", round=0, sender=owner, tensors={"inputs": x})
+        return pb.PlainReply(logits=encode_tensor(logits), server_s=server_s)
+
+
+def serve(host_model: HEModelHost, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
+          out_dir: Path | None = None, port_file: Path | None = None, block: bool = True):
+    """Serve until SIGTERM (block=True), or return (server, meter) once started."""
+    meter = CostMeter("he-server")
+    transcript = TranscriptRecorder(out_dir / "transcripts" / "he-server.jsonl" if out_dir else None,
+                                    party="he-server", role="he")
+    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    server.add(pb_grpc.add_HEInferenceServicer_to_server, HEInferenceServicer(host_model, transcript), SERVICE)
+    server.start()
+    write_port_file(port_file, server.port)
+    log.info("HE inference (%s, depth %d) on port %d", host_model.name, host_model.net.depth, server.port)
+    if not block:
+        return server, meter
+    server.serve_until_signal()
+    if out_dir:
+        meter.write(out_dir / "costs_he-server.json")
+    return server, meter
