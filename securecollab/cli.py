@@ -397,7 +397,10 @@ def bench_he_cmd(
                   f"decrypt {st['decrypt']:.4f}s; session keys {he['session_key_bytes'] / 1e6:.1f} MB")
     console.print(f"argmax agreement {he['argmax_agreement']:.4f}, max |logit error| {he['max_abs_logit_error']:.2e} "
                   f"over the whole test set; accuracy plaintext {r['plaintext_accuracy']:.3f}, "
-                  f"HE {r['he_accuracy']:.3f}; wrote {out}")
+                  f"HE {r['he_accuracy']:.3f}")
+    for name, acc in r["plaintext_accuracy_by_activation"].items():
+        console.print(f"plaintext accuracy {name}: x^2 {acc['square']:.3f} vs ReLU {acc['relu']:.3f}")
+    console.print(f"wrote {out}")
 
 
 @app.command()

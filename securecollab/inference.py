@@ -55,6 +55,20 @@ def agreement(he_logits: np.ndarray, plain_logits: np.ndarray) -> dict:
             "max_abs_logit_error": float(np.abs(he_logits - plain_logits).max())}
 
 
+def friendly_vs_relu(plan: HEModelPlan, models=("convnet", "mlp")) -> dict:
+    """Plaintext test accuracy of each HE-friendly (x^2) model beside the same network with ReLU,
+    trained alike (the plan's epochs, lr and seed)."""
+    from dataclasses import replace
+    ds = plan.load_data()
+    out = {}
+    for model in models:
+        out[model] = {}
+        for act in ("square", "relu"):
+            net, _ = replace(plan, model=model, activation=act).train(ds)
+            out[model][act] = float((predict_logits(net, ds.x_test).argmax(1) == ds.y_test).mean())
+    return out
+
+
 def _method_bytes(meter: CostMeter, method: str) -> int:
     snap = meter.snapshot()["by_method"]
     return sum(v for direction in ("sent", "received") for k, v in snap[direction].items() if k.endswith(method))
@@ -132,6 +146,7 @@ def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, bat
         "test_images": len(ds.x_test), "single_queries": len(x_test), "tls": "mutual",
         "plaintext_accuracy": float((reference.argmax(1) == ds.y_test).mean()),
         "he_accuracy": float((single.argmax(1) == ds.y_test[:len(x_test)]).mean()),
+        "plaintext_accuracy_by_activation": friendly_vs_relu(plan),
         "plain": plain_stats, "he": he,
         "ratio": {"latency": he["latency_s"] / plain_stats["latency_s"],
                   "query_bytes": he["query_bytes"] / plain_stats["query_bytes"]},

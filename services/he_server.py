@@ -97,6 +97,8 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
             raise ProtocolError("INVALID_ARGUMENT", "empty batch")
         head = parts[0]
         session = self.host.session(head.session_id, owner)
+        if session.batched is None:
+            raise ProtocolError("FAILED_PRECONDITION", "this session has no batched layout: open it with a batch size")
         if head.count != len(parts) or [p.index for p in parts] != list(range(len(parts))):
             raise ProtocolError("INVALID_ARGUMENT", f"batch parts must be numbered 0..{head.count - 1} in order, "
                                                     f"got {len(parts)} parts")

@@ -17,7 +17,7 @@ def securecollab(*args, timeout=600):
 def test_help_lists_the_public_commands():
     out = securecollab("--help")
     assert out.returncode == 0
-    for command in ("demo", "train", "serve", "client", "certs", "bench"):
+    for command in ("demo", "train", "serve", "client", "certs", "bench", "infer"):
         assert command in out.stdout
 
 
@@ -55,15 +55,37 @@ def test_demo_quick_writes_a_scorecard_in_the_design_vocabulary(tmp_path):
     out = securecollab("demo", "--quick", "--out", str(tmp_path), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     card = json.loads((tmp_path / "scorecard.json").read_text())
-    assert set(card["protocols"]) == {"centralized", "fedavg", "secagg"}
-    for name in ("fedavg", "secagg"):
+    assert set(card["protocols"]) == {"centralized", "fedavg", "secagg", "he_inference"}
+    for name in ("fedavg", "secagg", "he_inference"):
         p = card["protocols"][name]
         assert 0.5 < p["accuracy"] <= 1.0
         for field in ("wall_s", "bytes_sent", "bytes_received", "peak_rss_mb"):
             assert p["costs"][field] > 0 and p["baseline"]["costs"][field] >= 0
         assert "accuracy" in p["baseline"]
     assert card["protocols"]["secagg"]["baseline"]["protocol"] == "fedavg"
+    he = card["protocols"]["he_inference"]
+    assert he["baseline"]["protocol"] == "plain_inference"
+    assert he["metrics"]["batched_argmax_agreement"] == 1.0 and he["metrics"]["batched_max_abs_logit_error"] <= 0.05
+    assert all(e["decrypted"] == e["plaintext"] for e in he["examples"])
     assert card["attacks"] == []
     assert (tmp_path / "scorecard.md").read_text().startswith("# securecollab scorecard")
     assert (tmp_path / "costs.png").read_bytes()[:4] == b"\x89PNG"
     assert "secagg" in out.stdout  # the table is printed
+    assert "decrypted" in out.stdout  # encrypted inference shown beside plaintext
+
+
+@pytest.mark.slow
+def test_bench_he_writes_the_documented_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = securecollab("bench", "he", "--queries", "3", "--batch-size", "512", "--batch-rounds", "1",
+                       "--out", str(path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    assert r["plain"]["latency_s"] > 0
+    he = r["he"]
+    for field in ("latency_s", "throughput_per_s", "query_bytes", "session_key_bytes"):
+        assert he[field] > 0
+    # a 512-image batch cycles through the whole 450-image test set
+    assert he["argmax_agreement"] == 1.0 and he["max_abs_logit_error"] <= 0.05
+    assert he["query_bytes"] <= 500_000
+    assert set(he["single"]["stages_s"]) == {"keygen", "encrypt", "network_and_server", "server", "decrypt"}

@@ -120,9 +120,62 @@ class PublicContext:
         self.kit = kit
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("malformed HE context (bad varint)")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes) -> dict[int, list[bytes | int]]:
+    """Top-level fields of a protobuf message, read at the wire level (no schema needed)."""
+    out: dict[int, list] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            n, pos = _varint(data, pos)
+            if pos + n > len(data):
+                raise ValueError("malformed HE context (truncated field)")
+            value, pos = data[pos:pos + n], pos + n
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"malformed HE context (wire type {wire})")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+# TenSEALContextProto.private_context = 3, and TenSEALPrivateProto.secret_key = 1 (tenseal/proto/tensealcontext.proto).
+_PRIVATE_CONTEXT, _SECRET_KEY = 3, 1
+
+
+def carries_secret_key(context_bytes: bytes) -> bool:
+    """Whether a serialized TenSEAL context holds a secret key, decided before anything is deserialized.
+
+    Checking after ``ts.context_from`` would already have put the key in
+    this process's memory; this looks at the protobuf fields instead.
+    """
+    for private in _fields(context_bytes).get(_PRIVATE_CONTEXT, []):
+        if isinstance(private, bytes) and any(_fields(private).get(_SECRET_KEY, [])):
+            return True
+    return False
+
+
 def load_public(data: bytes) -> PublicContext:
     """Open a client's context on the server; refuses one that carries a secret key."""
     context_bytes, galois = split_public(data)
+    if carries_secret_key(context_bytes):
+        raise ValueError("refusing a context that carries a secret key")
     ctx = ts.context_from(context_bytes)
     if ctx.is_private() or ctx.has_secret_key():
         raise ValueError("refusing a context that carries a secret key")

@@ -1,0 +1,220 @@
+"""The HE inference service over real processes and mutual TLS: exact in argmax, no secret key on the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tenseal as ts
+
+from securecollab.certs import TlsFiles
+from securecollab.he import make_context
+from securecollab.he.context import _MAGIC
+from securecollab.he.net import kit_of
+from securecollab.inference import CLIENT, PLAIN_CLIENT, agreement, prepare, start_server
+from securecollab.launch import ProcessGroup
+from securecollab.protocols.he import HEModelPlan
+from securecollab.training import predict_logits
+from securecollab.transcript import load_transcript
+from securecollab.v1 import he_pb2 as pb
+from securecollab.wire import encode_tensor, iter_chunks
+from services.he_client import HEClient
+
+pytestmark = pytest.mark.slow
+LOGIT_TOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(model, dataset, certs, target, server pid, out dir) with a convnet HE server process running."""
+    work = tmp_path_factory.mktemp("he")
+    model, ds, weights, certs = prepare(HEModelPlan(), work)
+    with ProcessGroup(work / "logs") as group:
+        port = start_server(group, HEModelPlan(), weights, certs, work / "server", max_batch=len(ds.x_test))
+        yield model, ds, certs, f"localhost:{port}", group.procs["he-server"].pid, work / "server"
+
+
+def client(served, party=CLIENT, **kw) -> HEClient:
+    _, _, certs, target, _, _ = served
+    return HEClient(target, tls=TlsFiles.for_party(certs, party), party_id=party, **kw)
+
+
+@pytest.fixture(scope="module")
+def batched_run(served):
+    """One batched session over the whole test set, plus five single queries."""
+    _, ds, *_ = served
+    with client(served) as c:
+        session = c.open_session(batch_size=len(ds.x_test))
+        batched = c.infer_batch(ds.x_test)
+        single = np.stack([c.infer(x) for x in ds.x_test[:5]])
+        per_query = sum(v for d in ("sent", "received") for k, v in c.meter.snapshot()["by_method"][d].items()
+                        if k.endswith("/Infer")) / 5
+        secret = c.context.secret_key()  # keep the key object alive for the memory scan
+        needle = _secret_key_needle(c.context)
+    return session, batched, single, per_query, needle, secret
+
+
+def test_whole_test_set_decrypts_to_the_plaintext_logits(served, batched_run):
+    model, ds, *_ = served
+    _, batched, single, per_query, *_ = batched_run
+    plain = predict_logits(model, ds.x_test)
+    whole = agreement(batched, plain)
+    assert whole["n"] == len(ds.x_test) == 450
+    assert whole["argmax_agreement"] == 1.0
+    assert whole["max_abs_logit_error"] <= LOGIT_TOL
+    few = agreement(single, plain[:5])
+    assert few["argmax_agreement"] == 1.0 and few["max_abs_logit_error"] <= LOGIT_TOL
+    assert per_query <= 500_000  # up + down for one query, keys excluded
+
+
+def test_transcripts_hold_what_each_side_received(served, batched_run, tmp_path):
+    model, ds, certs, target, _, out = served
+    # the client's view: exactly the decrypted logits it returned
+    t = tmp_path / "client.jsonl"
+    from securecollab.transcript import TranscriptRecorder
+    with client(served, transcript=TranscriptRecorder(t, party=CLIENT, role="client")) as c:
+        c.open_session()
+        got = c.infer(ds.x_test[7])
+        ctx = c.context
+        recorded = load_transcript(t).of_kind("logits")
+        np.testing.assert_array_equal(recorded[0].tensors["logits"], got)
+        # the server's view: a context without a secret key, and the very ciphertext sent
+        server = load_transcript(out / "transcripts" / "he-server.jsonl")
+        contexts = server.of_kind("context")
+        assert contexts and all(not ts.context_from(_ts_part(r.blobs["public_context"])).has_secret_key()
+                                for r in contexts)
+        query = server.of_kind("query")[-1]
+        kit = kit_of(ctx)
+        sent = kit.decrypt(kit.ciphertext_from_bytes(query.blobs["ciphertext"]))
+        expected = c.description.input_encoding.slots(ds.x_test[7], kit.slot_count)
+        np.testing.assert_allclose(sent, expected, atol=1e-3)
+
+
+def _ts_part(blob: bytes) -> bytes:
+    from securecollab.he.context import split_public
+    return split_public(blob)[0]
+
+
+def test_server_refuses_a_context_that_carries_a_secret_key(served):
+    with client(served) as c:
+        ctx = make_context(c.description.depth)
+        private = ctx.serialize(save_secret_key=True, save_galois_keys=False)
+        blob = _MAGIC + len(private).to_bytes(8, "big") + private
+        parts = [pb.SessionPart(options=pb.SessionOptions())] + [pb.SessionPart(context=ch)
+                                                                  for ch in iter_chunks(blob)]
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.OpenSession(iter(parts), timeout=120)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "secret key" in e.value.details()
+        assert c.stub.Describe(pb.DescribeRequest(), timeout=10).model == "convnet"  # still serving
+
+
+def _secret_key_needle(ctx) -> bytes:
+    """64 raw little-endian words of the secret key as SEAL holds it in memory (NTT form)."""
+    plain = kit_of(ctx).secret_key.data()
+    return np.array([plain.data(i) for i in range(4096, 4104)], dtype="<u8").tobytes()
+
+
+def _memory_contains(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of process ``pid`` holds ``needle`` (same user, no ptrace limits)."""
+    overlap = len(needle) - 1
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            tail, pos = b"", start
+            while pos < end:
+                try:
+                    mem.seek(pos)
+                    block = mem.read(min(64 << 20, end - pos))
+                except OSError:
+                    break
+                if not block:
+                    break
+                if needle in tail + block:
+                    return True
+                tail, pos = block[-overlap:], pos + len(block)
+    return False
+
+
+def test_server_process_never_holds_the_secret_key(served, batched_run, tmp_path):
+    *_, pid, _ = served
+    *_, needle, _ = batched_run
+    assert not _memory_contains(pid, needle)
+    # Positive control: a process that did load a private context is caught by the same scan.
+    ctx_file = tmp_path / "private.ctx"
+    ctx = make_context(5)
+    ctx_file.write_bytes(ctx.serialize(save_secret_key=True))
+    other_needle = _secret_key_needle(ctx)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, tenseal as ts
+        ctx = ts.context_from(open({str(ctx_file)!r}, "rb").read())
+        print("loaded", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "loaded"
+        assert _memory_contains(holder.pid, other_needle)
+        assert not _memory_contains(pid, other_needle)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _status(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
+    _, ds, *_ = served
+    with client(served) as c, client(served, party=PLAIN_CLIENT) as other:
+        c.open_session()
+        good = c.context
+        ct = kit_of(good).encrypt_bytes(c.description.input_encoding.slots(ds.x_test[0], kit_of(good).slot_count))
+        req = lambda **kw: pb.InferRequest(**{"session_id": c.session_id, "query_id": 10**6, "ciphertext": ct, **kw})
+        assert _status(lambda: c.stub.Infer(req(session_id="nope"))) == grpc.StatusCode.NOT_FOUND
+        assert _status(lambda: other.stub.Infer(req())) == grpc.StatusCode.PERMISSION_DENIED
+        assert _status(lambda: c.stub.Infer(req(ciphertext=b"garbage"))) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _status(lambda: c.stub.Infer(req(ciphertext=ct[:len(ct) // 2]))) == grpc.StatusCode.INVALID_ARGUMENT
+        first = c.stub.Infer(req())
+        assert _status(lambda: c.stub.Infer(req())) == grpc.StatusCode.ALREADY_EXISTS  # replay
+        # an evaluated (lower-level) ciphertext is not a fresh input
+        wrong_level = c.stub.Infer
+        assert _status(lambda: wrong_level(req(query_id=10**6 + 1, ciphertext=first.ciphertext))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        batch = pb.BatchPart(session_id=c.session_id, query_id=5, num_inputs=1, index=0, count=1, ciphertext=ct)
+        assert _status(lambda: c.stub.InferBatch(iter([batch]))) == grpc.StatusCode.FAILED_PRECONDITION
+        # sessions: options first; truncated context; a context without the model's rotation keys
+        assert _status(lambda: c.stub.OpenSession(iter([]))) == grpc.StatusCode.INVALID_ARGUMENT
+        from securecollab.he import public_bytes
+        blob = public_bytes(make_context(c.description.depth), [1])
+        chunks = list(iter_chunks(blob))
+        opts = pb.SessionPart(options=pb.SessionOptions())
+        assert _status(lambda: c.stub.OpenSession(iter([opts, *[pb.SessionPart(context=x) for x in chunks[:-1]]]))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        assert _status(lambda: c.stub.OpenSession(iter([opts, *[pb.SessionPart(context=x) for x in chunks]]))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        too_big = pb.SessionPart(options=pb.SessionOptions(batch_size=10**6))
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.OpenSession(iter([too_big, *[pb.SessionPart(context=x) for x in chunks]]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch size" in e.value.details()
+        # the plain API: wrong shape, NaN, wrong dtype
+        for bad in (np.zeros((2, 3), np.float32), np.full((1, 1, 8, 8), np.nan, np.float32),
+                    np.zeros((1, 1, 8, 8), np.float64)):
+            assert _status(lambda: c.stub.PredictPlain(pb.PlainRequest(inputs=encode_tensor(bad)))) \
+                == grpc.StatusCode.INVALID_ARGUMENT
+        # nothing above broke the session
+        logits = c.infer(ds.x_test[0])
+        assert logits.argmax() == predict_logits(served[0], ds.x_test[:1])[0].argmax()
+        c.stub.CloseSession(pb.CloseRequest(session_id=c.session_id))
+        assert _status(lambda: c.stub.Infer(req(query_id=7))) == grpc.StatusCode.NOT_FOUND
+        c.session_id = None
