@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,13 +13,13 @@ import tenseal as ts
 
 from securecollab.certs import TlsFiles
 from securecollab.he import make_context
-from securecollab.he.context import _MAGIC
+from securecollab.he.context import _MAGIC, split_public
 from securecollab.he.net import kit_of
 from securecollab.inference import CLIENT, PLAIN_CLIENT, agreement, prepare, start_server
 from securecollab.launch import ProcessGroup
 from securecollab.protocols.he import HEModelPlan
 from securecollab.training import predict_logits
-from securecollab.transcript import load_transcript
+from securecollab.transcript import TranscriptRecorder, load_transcript
 from securecollab.v1 import he_pb2 as pb
 from securecollab.wire import encode_tensor, iter_chunks
 from services.he_client import HEClient
@@ -76,7 +75,6 @@ def test_transcripts_hold_what_each_side_received(served, batched_run, tmp_path)
     model, ds, certs, target, _, out = served
     # the client's view: exactly the decrypted logits it returned
     t = tmp_path / "client.jsonl"
-    from securecollab.transcript import TranscriptRecorder
     with client(served, transcript=TranscriptRecorder(t, party=CLIENT, role="client")) as c:
         c.open_session()
         got = c.infer(ds.x_test[7])
@@ -96,7 +94,6 @@ def test_transcripts_hold_what_each_side_received(served, batched_run, tmp_path)
 
 
 def _ts_part(blob: bytes) -> bytes:
-    from securecollab.he.context import split_public
     return split_public(blob)[0]
 
 
@@ -188,8 +185,7 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
         first = c.stub.Infer(req())
         assert _status(lambda: c.stub.Infer(req())) == grpc.StatusCode.ALREADY_EXISTS  # replay
         # an evaluated (lower-level) ciphertext is not a fresh input
-        wrong_level = c.stub.Infer
-        assert _status(lambda: wrong_level(req(query_id=10**6 + 1, ciphertext=first.ciphertext))) \
+        assert _status(lambda: c.stub.Infer(req(query_id=10**6 + 1, ciphertext=first.ciphertext))) \
             == grpc.StatusCode.INVALID_ARGUMENT
         batch = pb.BatchPart(session_id=c.session_id, query_id=5, num_inputs=1, index=0, count=1, ciphertext=ct)
         assert _status(lambda: c.stub.InferBatch(iter([batch]))) == grpc.StatusCode.FAILED_PRECONDITION
@@ -210,8 +206,8 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
         # the plain API: wrong shape, NaN, wrong dtype
         for bad in (np.zeros((2, 3), np.float32), np.full((1, 1, 8, 8), np.nan, np.float32),
                     np.zeros((1, 1, 8, 8), np.float64)):
-            assert _status(lambda: c.stub.PredictPlain(pb.PlainRequest(inputs=encode_tensor(bad)))) \
-                == grpc.StatusCode.INVALID_ARGUMENT
+            request = pb.PlainRequest(inputs=encode_tensor(bad))
+            assert _status(lambda r=request: c.stub.PredictPlain(r)) == grpc.StatusCode.INVALID_ARGUMENT
         # nothing above broke the session
         logits = c.infer(ds.x_test[0])
         assert logits.argmax() == predict_logits(served[0], ds.x_test[:1])[0].argmax()
