@@ -30,12 +30,14 @@ class Role(str, Enum):
     party = "party"
     dealer = "dealer"
     he = "he"
+    split = "split"
 
 
 class TrainProtocol(str, Enum):
     centralized = "centralized"
     fedavg = "fedavg"
     secagg = "secagg"
+    split = "split"
 
 
 def _logging(verbose: bool) -> None:
@@ -155,6 +157,11 @@ def serve(
     dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
     clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+    cut: Annotated[Optional[str], typer.Option(help="split: cut point (model default if unset), e.g. after_fc1.")] = None,
+    split_mode: Annotated[str, typer.Option(help="split: vanilla (labels sent) or ushaped (head and labels stay on the client).")] = "vanilla",
+    client_weights: Annotated[str, typer.Option(help="split: handoff (client-side weights passed client to client) or per_client.")] = "handoff",
+    noise_sigma: Annotated[float, typer.Option(min=0.0, help="split defence: Gaussian noise std on activations.")] = 0.0,
+    nopeek: Annotated[float, typer.Option(min=0.0, help="split defence: NoPeek distance-correlation weight.")] = 0.0,
     weights: Annotated[Optional[Path], typer.Option(help="he: serve these weights (.npz from a previous --out) instead of training.")] = None,
     max_sessions: Annotated[int, typer.Option(min=1, help="he: open sessions kept (each holds a client's keys); the least recently used is dropped.")] = 4,
     max_batch: Annotated[int, typer.Option(min=0, help="he: largest batch a session may ask for (0: single queries only).")] = 4096,
@@ -186,6 +193,19 @@ def serve(
                   host, port, port_file, out)
         return
     model = model or "mlp"
+    if role is Role.split:
+        from securecollab.protocols.split import SplitPlan
+        from securecollab.runs import split_plan_of
+        from services.split_server import serve as serve_split
+        try:
+            plan = SplitPlan.from_json(plan_json) if plan_json else split_plan_of(
+                _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition,
+                      alpha), cut=cut, mode=split_mode, client_weights=client_weights, noise_sigma=noise_sigma,
+                nopeek_alpha=nopeek)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        serve_split(plan, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+        return
     training = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
     if role is Role.aggregator:
         from services.fedavg_aggregator import serve as serve_aggregator
@@ -309,6 +329,25 @@ def client_fedavg(
     _logging(verbose)
     result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id),
                         server_name=server_name, out_dir=out)
+    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+
+
+@client_app.command("split")
+def client_split(
+    target: Annotated[str, typer.Option(help="Split server address host:port.")],
+    party_id: Annotated[str, typer.Option("--id", help="Client id, e.g. client-0 (must match its certificate).")],
+    index: Annotated[int, typer.Option(min=0, help="Which data shard this client holds.")],
+    certs: CertsDir = Path("certs"),
+    server_name: Annotated[Optional[str], typer.Option(help="Name expected in the server certificate.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write result, costs, transcript and client-side weights here.")] = None,
+    verbose: Verbose = False,
+):
+    """Train the layers up to the cut (and the head, U-shaped) on this client's data; only activations leave."""
+    from securecollab.certs import TlsFiles
+    from services.split_client import run_client
+    _logging(verbose)
+    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
+                        out_dir=out)
     typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
 
 

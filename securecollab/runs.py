@@ -204,3 +204,45 @@ def run_he(plan: FedAvgPlan, out_dir: Path, **_) -> dict:
     images = len(load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path).input_shape) == 3
     return run_he_inference(HEModelPlan(model="convnet" if images else "mlp", dataset=plan.dataset,
                                         dataset_path=plan.dataset_path, seed=plan.seed), out_dir)
+
+
+def split_plan_of(plan: FedAvgPlan, **overrides):
+    """The split-learning plan matching a FedAvg plan: same model, data, seed and total epochs."""
+    from securecollab.protocols.split import SplitPlan
+    return SplitPlan(**{"model": plan.model, "dataset": plan.dataset, "dataset_path": plan.dataset_path,
+                        "activation": plan.activation, "num_clients": plan.num_clients,
+                        "epochs": plan.rounds * plan.local_epochs, "lr": plan.lr, "momentum": plan.momentum,
+                        "batch_size": plan.batch_size, "seed": plan.seed, "partition": plan.partition,
+                        "alpha": plan.alpha, **overrides})
+
+
+@register("split")
+def run_split(plan: FedAvgPlan, out_dir: Path, *, split=None, progress=None, **_) -> dict:
+    """Split learning over gRPC (mutual TLS): a server process and one process per client, in turns."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = split or split_plan_of(plan)
+    clients = spec.client_ids()
+    certs = ensure_certs(out_dir.parent / "certs", ["split", *clients])
+    t0 = time.perf_counter()
+    with ProcessGroup(out_dir / "logs") as group:
+        port = group.start_service("split", securecollab_cmd(
+            "serve", "split", "--plan-json", spec.to_json(), "--certs", str(certs), "--host", "127.0.0.1",
+            "--out", str(out_dir)))
+        for i, cid in enumerate(clients):
+            group.start(cid, securecollab_cmd("client", "split", "--target", f"localhost:{port}", "--id", cid,
+                                              "--index", str(i), "--certs", str(certs), "--out", str(out_dir)))
+        for cid in clients:
+            group.wait(cid, timeout=1800)
+            if progress:
+                progress(cid)
+        group.wait("split", timeout=120)
+    wall = time.perf_counter() - t0
+    results = [json.loads((out_dir / f"result_{c}.json").read_text()) for c in clients]
+    server_costs = json.loads((out_dir / "costs_split-server.json").read_text())
+    # With hand-off the last client in turn order holds the final client-side weights.
+    accuracy = (results[-1]["test_accuracy"] if spec.client_weights == "handoff"
+                else float(np.mean([r["test_accuracy"] for r in results])))
+    result = {"accuracy": accuracy, "client_accuracies": [r["test_accuracy"] for r in results],
+              "costs": _costs({"wall_s": wall}, [server_costs, *[r["costs"] for r in results]])}
+    (out_dir / "result_split.json").write_text(json.dumps(result, indent=2))
+    return result

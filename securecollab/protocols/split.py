@@ -1,0 +1,269 @@
+"""Split learning: the plan, the model's parts, the server's state machine, and the client's defences.
+
+Clients take turns (round-robin over clients within each epoch, each going
+through its whole shard). By default the client-side weights -- and their
+momentum buffers -- are *handed off* from client to client through the
+server at the end of every turn, so the sequence of SGD steps is exactly
+that of centralized training over the clients' batches in turn order (the
+equivalence the tests check); the server therefore sees the client-side
+weights at each hand-off (they are in its transcript). ``per_client`` keeps
+one client-side model per client instead: nothing but activations and
+gradients leaves a client, at the price of C different bottoms and no
+equivalence with centralized training.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from securecollab.data import load_dataset, partition
+from securecollab.models import build_model
+from securecollab.protocols import ProtocolError
+
+MODES = ("vanilla", "ushaped")
+CLIENT_WEIGHTS = ("handoff", "per_client")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    model: str = "mlp"
+    dataset: str = "digits"
+    dataset_path: str | None = None
+    activation: str = "relu"
+    num_clients: int = 2
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 32
+    seed: int = 0
+    partition: str = "iid"
+    alpha: float = 0.5
+    cut: str | None = None           # bottom | top; default: the model's default cut
+    mode: str = "vanilla"
+    head_cut: str | None = None      # U-shaped: middle | head; default: the last cut after `cut`
+    client_weights: str = "handoff"
+    noise_sigma: float = 0.0         # Gaussian noise on the activations sent
+    nopeek_alpha: float = 0.0        # weight of the distance-correlation penalty
+    record_transcripts: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.client_weights not in CLIENT_WEIGHTS:
+            raise ValueError(f"client_weights must be one of {CLIENT_WEIGHTS}, got {self.client_weights!r}")
+        if self.noise_sigma < 0 or self.nopeek_alpha < 0:
+            raise ValueError("noise_sigma and nopeek_alpha must be >= 0")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SplitPlan":
+        return cls(**json.loads(text))
+
+    def client_ids(self) -> list[str]:
+        return [f"client-{i}" for i in range(self.num_clients)]
+
+    def load_data(self):
+        return load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
+
+    def build(self, ds=None):
+        ds = ds or self.load_data()
+        return build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=self.seed)
+
+    def parts(self, model) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential | None]:
+        """(bottom, server part, head or None) sharing ``model``'s modules."""
+        cut = self.cut or model.default_cut
+        if cut not in model.cut_points:
+            raise ValueError(f"unknown cut {cut!r}; choose one of {', '.join(model.cut_points)}")
+        layers = list(model.children())
+        i = model.cut_points[cut]
+        if self.mode == "vanilla":
+            return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:]), None
+        later = [name for name, j in model.cut_points.items() if j > i]
+        head_cut = self.head_cut or (max(later, key=model.cut_points.get) if later else None)
+        if head_cut is None or model.cut_points.get(head_cut, -1) <= i:
+            raise ValueError(f"U-shaped mode needs a head cut after {cut!r}; choose one of {later or 'none'}")
+        j = model.cut_points[head_cut]
+        return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:j]), nn.Sequential(*layers[j:])
+
+    def shard(self, index: int, ds=None):
+        """(x, y) of client ``index``: a seeded partition of the training set, in index order."""
+        ds = ds or self.load_data()
+        parts = partition(ds.y_train, self.num_clients, self.partition, seed=self.seed, alpha=self.alpha)
+        idx = np.sort(parts[index])
+        return ds.x_train[idx], ds.y_train[idx]
+
+
+def sgd(module: nn.Module, plan: SplitPlan) -> torch.optim.SGD:
+    return torch.optim.SGD(module.parameters(), lr=plan.lr, momentum=plan.momentum)
+
+
+def optimizer_arrays(module: nn.Module, opt: torch.optim.SGD) -> list[tuple[str, np.ndarray]]:
+    """Momentum buffers by parameter name (absent before the first step)."""
+    out = []
+    for name, p in module.named_parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out.append((name, buf.detach().numpy().astype(np.float32, copy=True)))
+    return out
+
+
+def load_optimizer_arrays(module: nn.Module, opt: torch.optim.SGD, named) -> None:
+    params = dict(module.named_parameters())
+    for name, array in named:
+        if name not in params or tuple(array.shape) != tuple(params[name].shape):
+            raise ValueError(f"momentum buffer {name!r} does not fit the client-side model")
+        opt.state[params[name]]["momentum_buffer"] = torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sample distance correlation between the rows of x and z (NoPeek's leakage penalty)."""
+    def centred(v):
+        v = v.reshape(len(v), -1)
+        sq = (v * v).sum(1)
+        d = (sq[:, None] + sq[None, :] - 2 * v @ v.T).clamp_min(1e-12).sqrt()  # no NaN gradient at 0
+        return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
+    a, b = centred(x), centred(z)
+    dcov_xz, dvar_x, dvar_z = (a * b).mean(), (a * a).mean(), (b * b).mean()
+    return dcov_xz.clamp_min(0).sqrt() / (dvar_x * dvar_z).clamp_min(1e-24).sqrt().sqrt()
+
+
+class SplitServerState:
+    """The server's part of the model, its optimizer, the turn order and each client's step counter."""
+
+    def __init__(self, plan: SplitPlan):
+        self.plan = plan
+        ds = plan.load_data()
+        model = plan.build(ds)
+        bottom, self.part, _ = plan.parts(model)
+        self.num_classes = ds.num_classes
+        with torch.no_grad():
+            self.cut_shape = tuple(bottom(torch.from_numpy(ds.x_train[:1])).shape[1:])
+        self.opt = sgd(self.part, plan)
+        self.clients = plan.client_ids()
+        self._lock = threading.Lock()
+        self._turn_changed = threading.Condition(self._lock)
+        self._turn = 0                 # index into the (epoch, client) order
+        self._handoff: tuple[str, list, list] | None = None
+        self._last_step: dict[str, tuple[int, int]] = {}
+        self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self.finished: set[str] = set()
+        self.all_finished = threading.Event()
+
+    # -- who may act ----------------------------------------------------------
+
+    def check_client(self, client_id: str) -> int:
+        if client_id not in self.clients:
+            raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
+        return self.clients.index(client_id)
+
+    def _current(self) -> tuple[int, str] | None:
+        epoch, k = divmod(self._turn, len(self.clients))
+        return (epoch, self.clients[k]) if epoch < self.plan.epochs else None
+
+    def await_turn(self, client_id: str, epoch: int, timeout: float):
+        """Block until (epoch, client) is the current turn; returns the hand-off (previous client, weights, momentum)."""
+        self.check_client(client_id)
+        if self.plan.client_weights != "handoff":
+            raise ProtocolError("FAILED_PRECONDITION", "turns exist only with client_weights=handoff")
+        with self._turn_changed:
+            if not self._turn_changed.wait_for(lambda: self._current() == (epoch, client_id)
+                                               or self._past(epoch, client_id), timeout=timeout):
+                raise ProtocolError("DEADLINE_EXCEEDED", f"turn of {client_id} in epoch {epoch} did not come")
+            if self._current() != (epoch, client_id):
+                raise ProtocolError("FAILED_PRECONDITION", f"the turn of {client_id} in epoch {epoch} is over")
+            return self._handoff or ("", [], [])
+
+    def _past(self, epoch: int, client_id: str) -> bool:
+        return self._turn > epoch * len(self.clients) + self.clients.index(client_id)
+
+    def end_turn(self, client_id: str, epoch: int, weights: list, momentum: list) -> None:
+        self.check_client(client_id)
+        with self._turn_changed:
+            if self._current() != (epoch, client_id):
+                raise ProtocolError("FAILED_PRECONDITION", f"it is not {client_id}'s turn in epoch {epoch}")
+            self._handoff = (client_id, weights, momentum)
+            self._turn += 1
+            self._turn_changed.notify_all()
+
+    def _check_step(self, client_id: str, epoch: int, step: int) -> None:
+        if self.plan.client_weights == "handoff" and self._current() != (epoch, client_id):
+            raise ProtocolError("FAILED_PRECONDITION", f"{client_id} is not training in epoch {epoch} now")
+        last = self._last_step.get(client_id)
+        if last is not None and (epoch, step) <= last:
+            raise ProtocolError("ALREADY_EXISTS", f"step {step} of epoch {epoch} was already taken (replay)")
+
+    def _check_batch(self, activations: np.ndarray, labels: np.ndarray | None) -> None:
+        if activations.ndim != 1 + len(self.cut_shape) or tuple(activations.shape[1:]) != self.cut_shape \
+                or not 1 <= len(activations) <= self.plan.batch_size:
+            raise ProtocolError("INVALID_ARGUMENT", f"activations must be shaped (1..{self.plan.batch_size}, "
+                                                    f"{', '.join(map(str, self.cut_shape))}), got {activations.shape}")
+        if labels is not None:
+            if labels.shape != (len(activations),):
+                raise ProtocolError("INVALID_ARGUMENT", f"labels must be shaped ({len(activations)},), got {labels.shape}")
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ProtocolError("INVALID_ARGUMENT", f"labels must lie in [0, {self.num_classes})")
+
+    # -- training -------------------------------------------------------------
+
+    def forward(self, client_id: str, epoch: int, step: int, activations: np.ndarray, labels: np.ndarray | None):
+        """Vanilla: (gradient at the cut, loss). U-shaped: (server outputs, None)."""
+        self.check_client(client_id)
+        ushaped = self.plan.mode == "ushaped"
+        if ushaped and labels is not None:
+            raise ProtocolError("INVALID_ARGUMENT", "U-shaped mode keeps labels on the client: do not send them")
+        if not ushaped and labels is None:
+            raise ProtocolError("INVALID_ARGUMENT", "vanilla mode needs the labels")
+        self._check_batch(activations, labels)
+        with self._lock:
+            self._check_step(client_id, epoch, step)
+            self._last_step[client_id] = (epoch, step)
+            act = torch.from_numpy(activations).requires_grad_(True)
+            self.part.train()
+            out = self.part(act)
+            if ushaped:
+                self._pending[client_id] = (epoch, step, act, out)
+                return out.detach().numpy(), None
+            loss = nn.functional.cross_entropy(out, torch.from_numpy(labels))
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            return act.grad.numpy(), float(loss)
+
+    def backward(self, client_id: str, epoch: int, step: int, gradient: np.ndarray) -> np.ndarray:
+        """U-shaped: the gradient of the server's outputs in, the gradient at the cut out."""
+        self.check_client(client_id)
+        with self._lock:
+            pending = self._pending.get(client_id)
+            if pending is None or pending[:2] != (epoch, step):
+                raise ProtocolError("FAILED_PRECONDITION", f"no forward pass of step {step}, epoch {epoch} awaits "
+                                                           "its gradient")
+            _, _, act, out = pending
+            if gradient.shape != tuple(out.shape):
+                raise ProtocolError("INVALID_ARGUMENT", f"gradient must be shaped {tuple(out.shape)}, got {gradient.shape}")
+            del self._pending[client_id]
+            self.opt.zero_grad()
+            out.backward(torch.from_numpy(gradient))
+            self.opt.step()
+            return act.grad.numpy()
+
+    def predict(self, activations: np.ndarray) -> np.ndarray:
+        if activations.ndim != 1 + len(self.cut_shape) or tuple(activations.shape[1:]) != self.cut_shape:
+            raise ProtocolError("INVALID_ARGUMENT", f"activations must be shaped (n, {', '.join(map(str, self.cut_shape))})")
+        with self._lock, torch.no_grad():
+            self.part.eval()
+            return self.part(torch.from_numpy(activations)).numpy()
+
+    def finish(self, client_id: str) -> None:
+        self.check_client(client_id)
+        with self._lock:
+            self.finished.add(client_id)
+            if self.finished == set(self.clients):
+                self.all_finished.set()

@@ -1,0 +1,131 @@
+"""The split-learning server: runs the model past the cut; sees activations, gradients (and, vanilla, labels).
+
+Its transcript is the honest-but-curious server's view: every batch of
+activations (with labels in vanilla mode), the gradients it returned, in
+U-shaped mode the gradients of its outputs, and any client-side weights
+handed off through it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.certs import TlsFiles
+from securecollab.costs import CostMeter
+from securecollab.models import parameters_to_arrays
+from securecollab.protocols import ProtocolError
+from securecollab.protocols.split import SplitPlan, SplitServerState
+from securecollab.transcript import TranscriptRecorder
+from securecollab.transport import make_server, peer_identity
+from securecollab.v1 import split_pb2 as pb
+from securecollab.v1 import split_pb2_grpc as pb_grpc
+from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from services.common import rpc_errors, write_port_file
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["SplitServer"].full_name
+TURN_WAIT_S = 600.0
+MAX_PREDICT_ROWS = 4096
+
+
+class SplitServicer(pb_grpc.SplitServerServicer):
+    def __init__(self, state: SplitServerState, transcript: TranscriptRecorder):
+        self.state = state
+        self.transcript = transcript
+
+    def _caller(self, client_id: str, context) -> None:
+        self.state.check_client(client_id)
+        identity = peer_identity(context)
+        if identity.party_id != client_id:
+            raise ProtocolError("PERMISSION_DENIED", f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
+
+    @rpc_errors
+    def Join(self, request, context):
+        self._caller(request.client_id, context)
+        return pb.SplitJoinReply(plan_json=self.state.plan.to_json())
+
+    @rpc_errors
+    def AwaitTurn(self, request, context):
+        self._caller(request.client_id, context)
+        wait = min(TURN_WAIT_S, context.time_remaining() or TURN_WAIT_S)
+        previous, weights, momentum = self.state.await_turn(request.client_id, request.epoch, wait)
+        return pb.TurnReply(epoch=request.epoch, previous_client=previous, client_weights=encode_named(weights),
+                            client_optimizer=encode_named(momentum))
+
+    @rpc_errors
+    def EndTurn(self, request, context):
+        self._caller(request.client_id, context)
+        weights = decode_named(request.client_weights, finite=True)
+        momentum = decode_named(request.client_optimizer, finite=True)
+        self.state.end_turn(request.client_id, request.epoch, weights, momentum)
+        self.transcript.record("client_weights", round=request.epoch, sender=request.client_id, tensors=weights)
+        return pb.TurnAck()
+
+    @rpc_errors
+    def Forward(self, request, context):
+        self._caller(request.client_id, context)
+        act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
+        labels = decode_tensor(request.labels, expect_dtype=np.int64) if request.HasField("labels") else None
+        result, loss = self.state.forward(request.client_id, request.epoch, request.step, act, labels)
+        tensors = {"activations": act, **({"labels": labels} if labels is not None else {})}
+        if self.state.plan.mode == "vanilla":
+            self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
+                                   tensors={**tensors, "gradient_returned": result})
+            return pb.ForwardReply(gradient=encode_tensor(result), loss=loss)
+        self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
+                               tensors={**tensors, "outputs_returned": result})
+        return pb.ForwardReply(outputs=encode_tensor(result))
+
+    @rpc_errors
+    def Backward(self, request, context):
+        self._caller(request.client_id, context)
+        grad = decode_tensor(request.gradient, expect_dtype=np.float32, finite=True)
+        result = self.state.backward(request.client_id, request.epoch, request.step, grad)
+        self.transcript.record("output_gradient", round=request.epoch, step=request.step, sender=request.client_id,
+                               tensors={"gradient": grad, "gradient_returned": result})
+        return pb.BackwardReply(gradient=encode_tensor(result))
+
+    @rpc_errors
+    def Predict(self, request, context):
+        self._caller(request.client_id, context)
+        act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
+        if len(act) > MAX_PREDICT_ROWS:
+            raise ProtocolError("INVALID_ARGUMENT", f"at most {MAX_PREDICT_ROWS} rows per Predict")
+        out = self.state.predict(act)
+        self.transcript.record("predict", round=0, sender=request.client_id, tensors={"activations": act})
+        return pb.PredictReply(outputs=encode_tensor(out))
+
+    @rpc_errors
+    def Finish(self, request, context):
+        self._caller(request.client_id, context)
+        self.state.finish(request.client_id)
+        log.info("%s finished (%d/%d)", request.client_id, len(self.state.finished), len(self.state.clients))
+        return pb.FinishReply()
+
+
+def serve(plan: SplitPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
+          out_dir: Path | None = None, port_file: Path | None = None, block: bool = True):
+    """Serve until every client has finished (block=True), then write the server part's weights and costs."""
+    meter = CostMeter("split-server")
+    state = SplitServerState(plan)
+    record = out_dir and plan.record_transcripts
+    transcript = TranscriptRecorder(out_dir / "transcripts" / "split-server.jsonl" if record else None,
+                                    party="split-server", role="split")
+    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    server.add(pb_grpc.add_SplitServerServicer_to_server, SplitServicer(state, transcript), SERVICE)
+    server.start()
+    write_port_file(port_file, server.port)
+    log.info("split server (%s, %s, cut %s) on port %d for %d clients", plan.model, plan.mode,
+             plan.cut or "default", server.port, plan.num_clients)
+    if not block:
+        return server, state, meter
+    state.all_finished.wait()
+    server.stop(grace=10.0)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(out_dir / "split_server_part.npz", **dict(parameters_to_arrays(state.part)))
+        meter.write(out_dir / "costs_split-server.json")
+    return server, state, meter
