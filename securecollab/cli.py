@@ -84,6 +84,7 @@ def demo(
     steps = [("centralized", "centralized training (baseline)"),
              ("fedavg", f"plain FedAvg over gRPC: {clients} client processes, {plan.rounds} rounds"),
              ("secagg", f"FedAvg over secure aggregation: 3 CrypTen compute parties, {clients} clients"),
+             ("split", f"split learning over gRPC: server + {clients} client processes in turns"),
              ("he_inference", "encrypted inference (CKKS): HE server process, the test set encrypted")]
     for name, label in steps:
         with console.status(f"[bold]{label}[/bold] ..."):
@@ -159,6 +160,7 @@ def serve(
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
     cut: Annotated[Optional[str], typer.Option(help="split: cut point (model default if unset), e.g. after_fc1.")] = None,
     split_mode: Annotated[str, typer.Option(help="split: vanilla (labels sent) or ushaped (head and labels stay on the client).")] = "vanilla",
+    head_cut: Annotated[Optional[str], typer.Option(help="split, U-shaped: where the client's head starts (default: the last cut point).")] = None,
     client_weights: Annotated[str, typer.Option(help="split: handoff (client-side weights passed client to client) or per_client.")] = "handoff",
     noise_sigma: Annotated[float, typer.Option(min=0.0, help="split defence: Gaussian noise std on activations.")] = 0.0,
     nopeek: Annotated[float, typer.Option(min=0.0, help="split defence: NoPeek distance-correlation weight.")] = 0.0,
@@ -200,7 +202,7 @@ def serve(
         try:
             plan = SplitPlan.from_json(plan_json) if plan_json else split_plan_of(
                 _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition,
-                      alpha), cut=cut, mode=split_mode, client_weights=client_weights, noise_sigma=noise_sigma,
+                      alpha), cut=cut, mode=split_mode, head_cut=head_cut, client_weights=client_weights, noise_sigma=noise_sigma,
                 nopeek_alpha=nopeek)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
@@ -403,6 +405,40 @@ def bench_secagg_cmd(
     table.add_row("ratio", f"{result['ratio']['round_wall']:.2f}", f"{result['ratio']['upload_bytes']:.3f}")
     Console().print(table)
     console.print(f"max |revealed - plaintext aggregate| = {result['max_abs_error']:.2e}; wrote {out}")
+
+
+@bench_app.command("split")
+def bench_split_cmd(
+    model: Annotated[str, typer.Option(help="Model: mlp, cnn or convnet.")] = "cnn",
+    cut: Annotated[Optional[str], typer.Option(help="Cut point (model default if unset).")] = None,
+    mode: Annotated[str, typer.Option(help="vanilla or ushaped.")] = "vanilla",
+    clients: Annotated[int, typer.Option(min=1, help="Client processes taking turns (hand-off between them).")] = 1,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed (median reported).")] = 3,
+    batch_size: BatchSize = 32, seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_split.json"),
+):
+    """One epoch of split learning across processes vs one epoch of centralized training; bytes vs payload."""
+    import tempfile
+    from securecollab.bench_split import bench_split
+    from securecollab.protocols.split import SplitPlan
+    try:
+        plan = SplitPlan(model=model, cut=cut, mode=mode, num_clients=clients, epochs=epochs, batch_size=batch_size,
+                         seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="bench-split-") as work:
+        r = bench_split(plan, work_dir=Path(work), log=lambda m: console.print(m))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
+    c, s_ = r["centralized"], r["split"]
+    table = Table(title=f"split learning overhead: {model}, {mode}, {clients} client(s), batch {batch_size}")
+    for h in ["", "epoch wall s (median)", "accuracy", "bytes / epoch"]:
+        table.add_column(h)
+    table.add_row("centralized", f"{c['epoch_wall_s']:.3f}", f"{c['accuracy']:.3f}", "-")
+    table.add_row("split", f"{s_['epoch_wall_s']:.3f}", f"{s_['accuracy']:.3f}", f"{s_['bytes_per_epoch']:,.0f}")
+    Console().print(table)
+    console.print(f"ratio.epoch_wall {r['ratio']['epoch_wall']:.2f}; bytes / raw activations+gradients(+labels) "
+                  f"{s_['bytes_ratio_to_payload']:.4f} (hand-off {s_['handoff_bytes_per_epoch']:,.0f} B/epoch); wrote {out}")
 
 
 @bench_app.command("he")

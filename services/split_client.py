@@ -7,8 +7,11 @@ outputs (U-shaped) and any client-side weights handed to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,29 @@ log = logging.getLogger(__name__)
 TURN_WAIT_S = 900.0
 
 
+class _LockstepStream:
+    """One bidirectional call for a turn's vanilla steps: send a batch, wait for its gradient, repeat."""
+
+    def __init__(self, method):
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = method(iter(self._requests.get, None), timeout=TURN_WAIT_S)
+
+    def step(self, request):
+        self._requests.put(request)
+        return next(self._replies)
+
+    def __enter__(self) -> "_LockstepStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._requests.put(None)  # ends the request stream
+        if exc[0] is None:
+            for _ in self._replies:  # let the call finish cleanly
+                pass
+        else:
+            self._replies.cancel()
+
+
 class SplitClient:
     def __init__(self, stub, client_id: str, index: int, plan: SplitPlan, transcript: TranscriptRecorder):
         self.stub, self.client_id, self.index, self.plan, self.transcript = stub, client_id, index, plan, transcript
@@ -42,7 +68,8 @@ class SplitClient:
         self.mine = nn.ModuleDict({"bottom": self.bottom, **({"head": self.head} if self.head is not None else {})})
         self.opt = sgd(self.mine, plan)
         self.noise = torch.Generator().manual_seed(plan.seed * 1000 + index)
-        self.expect_grad = None
+        self._stream: _LockstepStream | None = None
+        self.epoch_times: list[tuple[float, float]] = []  # (start, end) of each epoch's turn, time.time()
 
     def _sent(self, act: torch.Tensor) -> np.ndarray:
         """What leaves the client: the activations, with Gaussian noise if configured."""
@@ -60,9 +87,8 @@ class SplitClient:
         self.opt.zero_grad()
         sent = self._sent(act)
         if self.head is None:  # vanilla: labels go with the activations
-            reply = self.stub.Forward(pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
-                                                        activations=encode_tensor(sent), labels=encode_tensor(yb)),
-                                      timeout=DEFAULT_DEADLINE_S)
+            reply = self._stream.step(pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
+                                                        activations=encode_tensor(sent), labels=encode_tensor(yb)))
             grad = self._grad(reply.gradient, sent.shape)
             self.transcript.record("gradient", round=epoch, step=step, sender="split-server",
                                    tensors={"gradient": grad.numpy()})
@@ -98,18 +124,22 @@ class SplitClient:
         self.transcript.record("client_weights", round=epoch, sender=reply.previous_client, tensors=weights)
 
     def run(self) -> None:
-        handoff = self.plan.client_weights == "handoff"
+        handoff = self.plan.hands_off
         for epoch in range(self.plan.epochs):
             if handoff:
                 self._receive_turn(epoch)
+            start = time.time()
             self.mine.train()
-            for step, idx in enumerate(batch_order(len(self.x), self.plan.batch_size, self.plan.seed, epoch)):
-                self.train_batch(epoch, step, self.x[idx], self.y[idx])
+            with _LockstepStream(self.stub.Train) if self.head is None else contextlib.nullcontext() as stream:
+                self._stream = stream
+                for step, idx in enumerate(batch_order(len(self.x), self.plan.batch_size, self.plan.seed, epoch)):
+                    self.train_batch(epoch, step, self.x[idx], self.y[idx])
             if handoff:
                 self.stub.EndTurn(pb.TurnEnd(client_id=self.client_id, epoch=epoch,
                                              client_weights=encode_named(parameters_to_arrays(self.mine)),
                                              client_optimizer=encode_named(optimizer_arrays(self.mine, self.opt))),
                                   timeout=DEFAULT_DEADLINE_S)
+            self.epoch_times.append((start, time.time()))
             log.info("%s: epoch %d done", self.client_id, epoch)
 
     @torch.no_grad()
@@ -143,7 +173,8 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
         train_costs = meter.snapshot()
         stub.Finish(pb.FinishRequest(client_id=client_id), timeout=DEFAULT_DEADLINE_S)
     result = {"client_id": client_id, "num_examples": len(client.x),
-              "test_accuracy": float((logits.argmax(1) == client.ds.y_test).mean()), "costs": train_costs}
+              "test_accuracy": float((logits.argmax(1) == client.ds.y_test).mean()), "costs": train_costs,
+              "epoch_times": client.epoch_times}
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"result_{client_id}.json").write_text(json.dumps(result, indent=2))

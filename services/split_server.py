@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from securecollab.certs import TlsFiles
@@ -22,7 +23,7 @@ from securecollab.transcript import TranscriptRecorder
 from securecollab.transport import make_server, peer_identity
 from securecollab.v1 import split_pb2 as pb
 from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from securecollab.wire import WireError, decode_named, decode_tensor, encode_named, encode_tensor
 from services.common import rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ class SplitServicer(pb_grpc.SplitServerServicer):
 
     @rpc_errors
     def Forward(self, request, context):
+        return self._vanilla_step(request, context) if self.state.plan.mode == "vanilla" else self._forward(request, context)
+
+    def _vanilla_step(self, request, context):
+        if self.state.plan.mode != "vanilla":
+            raise ProtocolError("FAILED_PRECONDITION", "Train streams vanilla steps; U-shaped mode uses Forward/Backward")
+        return self._forward(request, context)
+
+    def _forward(self, request, context):
         self._caller(request.client_id, context)
         act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
         labels = decode_tensor(request.labels, expect_dtype=np.int64) if request.HasField("labels") else None
@@ -78,6 +87,16 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
                                tensors={**tensors, "outputs_returned": result})
         return pb.ForwardReply(outputs=encode_tensor(result))
+
+    def Train(self, request_iterator, context):
+        """Forward, batch after batch, on one stream; a refused batch ends the stream with its status."""
+        for request in request_iterator:
+            try:
+                yield self._vanilla_step(request, context)
+            except ProtocolError as e:
+                context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            except WireError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     @rpc_errors
     def Backward(self, request, context):

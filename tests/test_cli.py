@@ -55,14 +55,15 @@ def test_demo_quick_writes_a_scorecard_in_the_design_vocabulary(tmp_path):
     out = securecollab("demo", "--quick", "--out", str(tmp_path), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     card = json.loads((tmp_path / "scorecard.json").read_text())
-    assert set(card["protocols"]) == {"centralized", "fedavg", "secagg", "he_inference"}
-    for name in ("fedavg", "secagg", "he_inference"):
+    assert set(card["protocols"]) == {"centralized", "fedavg", "secagg", "split", "he_inference"}
+    for name in ("fedavg", "secagg", "split", "he_inference"):
         p = card["protocols"][name]
         assert 0.5 < p["accuracy"] <= 1.0
         for field in ("wall_s", "bytes_sent", "bytes_received", "peak_rss_mb"):
             assert p["costs"][field] > 0 and p["baseline"]["costs"][field] >= 0
         assert "accuracy" in p["baseline"]
     assert card["protocols"]["secagg"]["baseline"]["protocol"] == "fedavg"
+    assert card["protocols"]["split"]["baseline"]["protocol"] == "centralized"
     he = card["protocols"]["he_inference"]
     assert he["baseline"]["protocol"] == "plain_inference"
     assert he["metrics"]["batched_argmax_agreement"] == 1.0 and he["metrics"]["batched_max_abs_logit_error"] <= 0.05
@@ -72,6 +73,20 @@ def test_demo_quick_writes_a_scorecard_in_the_design_vocabulary(tmp_path):
     assert (tmp_path / "costs.png").read_bytes()[:4] == b"\x89PNG"
     assert "secagg" in out.stdout  # the table is printed
     assert "decrypted" in out.stdout  # encrypted inference shown beside plaintext
+
+
+@pytest.mark.slow
+def test_bench_split_writes_the_documented_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = securecollab("bench", "split", "--model", "mlp", "--epochs", "2", "--out", str(path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    for side in ("centralized", "split"):
+        assert r[side]["epoch_wall_s"] > 0 and 0 <= r[side]["accuracy"] <= 1
+    assert r["ratio"]["epoch_wall"] == pytest.approx(r["split"]["epoch_wall_s"] / r["centralized"]["epoch_wall_s"])
+    # one client, vanilla: activations and gradients (64 floats each) and a label per example, plus framing
+    assert r["split"]["payload_bytes_per_epoch"] == 1347 * (64 * 4 * 2 + 8)
+    assert 1.0 <= r["split"]["bytes_ratio_to_payload"] <= 1.05
 
 
 @pytest.mark.slow

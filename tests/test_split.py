@@ -9,7 +9,7 @@ import torch
 
 from securecollab.models import load_arrays
 from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.protocols.split import SplitPlan, SplitServerState, distance_correlation, sgd
+from securecollab.protocols.split import SplitPlan, distance_correlation, sgd
 from securecollab.runs import run_protocol, split_plan_of
 from securecollab.training import batch_order
 from securecollab.transcript import load_transcript

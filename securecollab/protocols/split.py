@@ -67,6 +67,11 @@ class SplitPlan:
     def from_json(cls, text: str) -> "SplitPlan":
         return cls(**json.loads(text))
 
+    @property
+    def hands_off(self) -> bool:
+        """Client-side weights pass between clients (a single client simply keeps them)."""
+        return self.client_weights == "handoff" and self.num_clients > 1
+
     def client_ids(self) -> list[str]:
         return [f"client-{i}" for i in range(self.num_clients)]
 
@@ -171,8 +176,8 @@ class SplitServerState:
     def await_turn(self, client_id: str, epoch: int, timeout: float):
         """Block until (epoch, client) is the current turn; returns the hand-off (previous client, weights, momentum)."""
         self.check_client(client_id)
-        if self.plan.client_weights != "handoff":
-            raise ProtocolError("FAILED_PRECONDITION", "turns exist only with client_weights=handoff")
+        if not self.plan.hands_off:
+            raise ProtocolError("FAILED_PRECONDITION", "turns exist only when client-side weights are handed off")
         with self._turn_changed:
             if not self._turn_changed.wait_for(lambda: self._current() == (epoch, client_id)
                                                or self._past(epoch, client_id), timeout=timeout):
@@ -194,7 +199,7 @@ class SplitServerState:
             self._turn_changed.notify_all()
 
     def _check_step(self, client_id: str, epoch: int, step: int) -> None:
-        if self.plan.client_weights == "handoff" and self._current() != (epoch, client_id):
+        if self.plan.hands_off and self._current() != (epoch, client_id):
             raise ProtocolError("FAILED_PRECONDITION", f"{client_id} is not training in epoch {epoch} now")
         last = self._last_step.get(client_id)
         if last is not None and (epoch, step) <= last:
@@ -235,7 +240,7 @@ class SplitServerState:
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
-            return act.grad.numpy(), float(loss)
+            return act.grad.numpy(), float(loss.detach())
 
     def backward(self, client_id: str, epoch: int, step: int, gradient: np.ndarray) -> np.ndarray:
         """U-shaped: the gradient of the server's outputs in, the gradient at the cut out."""

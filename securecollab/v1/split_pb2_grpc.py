@@ -59,6 +59,11 @@ class SplitServerStub:
                 request_serializer=securecollab_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=securecollab_dot_v1_dot_split__pb2.BackwardReply.FromString,
                 _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/securecollab.v1.SplitServer/Train',
+                request_serializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Predict',
                 request_serializer=securecollab_dot_v1_dot_split__pb2.PredictRequest.SerializeToString,
@@ -109,6 +114,14 @@ class SplitServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request_iterator, context):
+        """Vanilla mode, the same steps as Forward over one stream for a whole turn:
+        one request, then its reply, in lockstep (saves a call set-up per batch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Evaluation only (no training, no state): activations -> logits (vanilla)
         or server output activations (U-shaped).
@@ -151,6 +164,11 @@ def add_SplitServerServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=securecollab_dot_v1_dot_split__pb2.BackwardRequest.FromString,
                     response_serializer=securecollab_dot_v1_dot_split__pb2.BackwardReply.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.FromString,
+                    response_serializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -298,6 +316,33 @@ class SplitServer:
             '/securecollab.v1.SplitServer/Backward',
             securecollab_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
             securecollab_dot_v1_dot_split__pb2.BackwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/securecollab.v1.SplitServer/Train',
+            securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+            securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,
