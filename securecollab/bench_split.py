@@ -1,7 +1,8 @@
 """`bench split`: one epoch of split learning across processes against one epoch of centralized training.
 
 Centralized: the same model, data, batch size and optimizer in one process,
-one math thread (as every protocol process gets). Split: a server process
+one math thread (as every protocol process gets), timed before and after the
+split run (this shared machine's speed drifts). Split: a server process
 and the client processes over mutual TLS on loopback; an epoch runs from the
 first client's first batch to the last client's last batch (hand-offs
 included). Bytes per epoch are what the clients' gRPC (de)serializers
@@ -70,6 +71,9 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
     central_walls, central_acc = centralized_epochs(plan)
     log(f"split ({plan.mode}, cut {plan.cut or 'default'}): server + {plan.num_clients} client process(es) ...")
     result = run_protocol("split", FedAvgPlan(), work_dir, split=plan)
+    # The machine's speed drifts: time the baseline again after, and take the median of both runs.
+    log("centralized again ...")
+    central_walls += centralized_epochs(plan)[0]
     clients = [json.loads((work_dir / f"result_{c}.json").read_text()) for c in plan.client_ids()]
     epoch_walls = [max(c["epoch_times"][e][1] for c in clients) - min(c["epoch_times"][e][0] for c in clients)
                    for e in range(plan.epochs)]

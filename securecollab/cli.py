@@ -413,7 +413,7 @@ def bench_split_cmd(
     cut: Annotated[Optional[str], typer.Option(help="Cut point (model default if unset).")] = None,
     mode: Annotated[str, typer.Option(help="vanilla or ushaped.")] = "vanilla",
     clients: Annotated[int, typer.Option(min=1, help="Client processes taking turns (hand-off between them).")] = 1,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed (median reported).")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed (median reported).")] = 5,
     batch_size: BatchSize = 32, seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_split.json"),
 ):

@@ -69,16 +69,17 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     def Forward(self, request, context):
         return self._vanilla_step(request, context) if self.state.plan.mode == "vanilla" else self._forward(request, context)
 
-    def _vanilla_step(self, request, context):
+    def _vanilla_step(self, request, context, defer_step: bool = False):
         if self.state.plan.mode != "vanilla":
             raise ProtocolError("FAILED_PRECONDITION", "Train streams vanilla steps; U-shaped mode uses Forward/Backward")
-        return self._forward(request, context)
+        return self._forward(request, context, defer_step)
 
-    def _forward(self, request, context):
+    def _forward(self, request, context, defer_step: bool = False):
         self._caller(request.client_id, context)
         act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
         labels = decode_tensor(request.labels, expect_dtype=np.int64) if request.HasField("labels") else None
-        result, loss = self.state.forward(request.client_id, request.epoch, request.step, act, labels)
+        result, loss = self.state.forward(request.client_id, request.epoch, request.step, act, labels,
+                                          defer_step=defer_step)
         tensors = {"activations": act, **({"labels": labels} if labels is not None else {})}
         if self.state.plan.mode == "vanilla":
             self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
@@ -92,11 +93,14 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         """Forward, batch after batch, on one stream; a refused batch ends the stream with its status."""
         for request in request_iterator:
             try:
-                yield self._vanilla_step(request, context)
+                reply = self._vanilla_step(request, context, defer_step=True)
             except ProtocolError as e:
                 context.abort(getattr(grpc.StatusCode, e.code), str(e))
             except WireError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            yield reply
+            # Resumed once the reply is on its way: the step overlaps the client's backward pass.
+            self.state.flush()
 
     @rpc_errors
     def Backward(self, request, context):
@@ -143,6 +147,7 @@ def serve(plan: SplitPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
         return server, state, meter
     state.all_finished.wait()
     server.stop(grace=10.0)
+    state.flush()
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(out_dir / "split_server_part.npz", **dict(parameters_to_arrays(state.part)))

@@ -161,6 +161,17 @@ class SplitServerState:
         self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self.finished: set[str] = set()
         self.all_finished = threading.Event()
+        self._step_pending = False
+
+    def flush(self) -> None:
+        """Apply an optimizer step that :meth:`forward` left pending (see ``defer_step``)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._step_pending:
+            self.opt.step()
+            self._step_pending = False
 
     # -- who may act ----------------------------------------------------------
 
@@ -194,6 +205,7 @@ class SplitServerState:
         with self._turn_changed:
             if self._current() != (epoch, client_id):
                 raise ProtocolError("FAILED_PRECONDITION", f"it is not {client_id}'s turn in epoch {epoch}")
+            self._flush()
             self._handoff = (client_id, weights, momentum)
             self._turn += 1
             self._turn_changed.notify_all()
@@ -218,8 +230,14 @@ class SplitServerState:
 
     # -- training -------------------------------------------------------------
 
-    def forward(self, client_id: str, epoch: int, step: int, activations: np.ndarray, labels: np.ndarray | None):
-        """Vanilla: (gradient at the cut, loss). U-shaped: (server outputs, None)."""
+    def forward(self, client_id: str, epoch: int, step: int, activations: np.ndarray, labels: np.ndarray | None,
+                *, defer_step: bool = False):
+        """Vanilla: (gradient at the cut, loss). U-shaped: (server outputs, None).
+
+        ``defer_step`` (vanilla) returns the gradient before the server's
+        optimizer step, which then runs on :meth:`flush` -- while the client
+        back-propagates -- or before anything else reads the weights.
+        """
         self.check_client(client_id)
         ushaped = self.plan.mode == "ushaped"
         if ushaped and labels is not None:
@@ -229,6 +247,7 @@ class SplitServerState:
         self._check_batch(activations, labels)
         with self._lock:
             self._check_step(client_id, epoch, step)
+            self._flush()
             self._last_step[client_id] = (epoch, step)
             act = torch.from_numpy(activations).requires_grad_(True)
             self.part.train()
@@ -239,7 +258,9 @@ class SplitServerState:
             loss = nn.functional.cross_entropy(out, torch.from_numpy(labels))
             self.opt.zero_grad()
             loss.backward()
-            self.opt.step()
+            self._step_pending = True
+            if not defer_step:
+                self._flush()
             return act.grad.numpy(), float(loss.detach())
 
     def backward(self, client_id: str, epoch: int, step: int, gradient: np.ndarray) -> np.ndarray:
@@ -263,12 +284,14 @@ class SplitServerState:
         if activations.ndim != 1 + len(self.cut_shape) or tuple(activations.shape[1:]) != self.cut_shape:
             raise ProtocolError("INVALID_ARGUMENT", f"activations must be shaped (n, {', '.join(map(str, self.cut_shape))})")
         with self._lock, torch.no_grad():
+            self._flush()
             self.part.eval()
             return self.part(torch.from_numpy(activations)).numpy()
 
     def finish(self, client_id: str) -> None:
         self.check_client(client_id)
         with self._lock:
+            self._flush()
             self.finished.add(client_id)
             if self.finished == set(self.clients):
                 self.all_finished.set()
