@@ -82,9 +82,17 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
     handoff = sum(v for c in clients for d in ("sent", "received") for k, v in c["costs"]["by_method"][d].items()
                   if k.endswith(("/AwaitTurn", "/EndTurn")))
     payload = payload_bytes_per_epoch(plan)
+    steps = sum(c["step_profile"]["steps"] for c in clients)
+    profile = None
+    if steps:  # vanilla: per step, the client's wait for the reply and the server's handling inside it
+        wait = sum(c["step_profile"]["wait_s"] for c in clients) / steps
+        server = sum(c["step_profile"]["server_s"] for c in clients) / steps
+        profile = {"step_wait_s": wait, "server_handling_s": server, "transport_s": wait - server,
+                   "client_s": statistics.median(epoch_walls) / (steps / plan.epochs) - wait}
     split = {"epoch_wall_s": statistics.median(epoch_walls), "epoch_wall_s_all": epoch_walls,
              "bytes_per_epoch": sent / plan.epochs, "payload_bytes_per_epoch": payload,
-             "handoff_bytes_per_epoch": handoff / plan.epochs, "accuracy": result["accuracy"]}
+             "handoff_bytes_per_epoch": handoff / plan.epochs, "accuracy": result["accuracy"],
+             "per_step": profile}
     split["bytes_ratio_to_payload"] = split["bytes_per_epoch"] / payload
     central = {"epoch_wall_s": statistics.median(central_walls), "epoch_wall_s_all": central_walls,
                "accuracy": central_acc}

@@ -70,6 +70,8 @@ class SplitClient:
         self.noise = torch.Generator().manual_seed(plan.seed * 1000 + index)
         self._stream: _LockstepStream | None = None
         self.epoch_times: list[tuple[float, float]] = []  # (start, end) of each epoch's turn, time.time()
+        # Where a training step's time goes (seconds, summed): waiting for the server, and its own handling.
+        self.profile = {"steps": 0, "wait_s": 0.0, "server_s": 0.0}
 
     def _sent(self, act: torch.Tensor) -> np.ndarray:
         """What leaves the client: the activations, with Gaussian noise if configured."""
@@ -87,8 +89,13 @@ class SplitClient:
         self.opt.zero_grad()
         sent = self._sent(act)
         if self.head is None:  # vanilla: labels go with the activations
-            reply = self._stream.step(pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
-                                                        activations=encode_tensor(sent), labels=encode_tensor(yb)))
+            request = pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
+                                        activations=encode_tensor(sent), labels=encode_tensor(yb))
+            t0 = time.perf_counter()
+            reply = self._stream.step(request)
+            self.profile["wait_s"] += time.perf_counter() - t0
+            self.profile["server_s"] += reply.server_s
+            self.profile["steps"] += 1
             grad = self._grad(reply.gradient, sent.shape)
             self.transcript.record("gradient", round=epoch, step=step, sender="split-server",
                                    tensors={"gradient": grad.numpy()})
@@ -174,7 +181,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
         stub.Finish(pb.FinishRequest(client_id=client_id), timeout=DEFAULT_DEADLINE_S)
     result = {"client_id": client_id, "num_examples": len(client.x),
               "test_accuracy": float((logits.argmax(1) == client.ds.y_test).mean()), "costs": train_costs,
-              "epoch_times": client.epoch_times}
+              "epoch_times": client.epoch_times, "step_profile": client.profile}
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"result_{client_id}.json").write_text(json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ handed off through it.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         return self._forward(request, context, defer_step)
 
     def _forward(self, request, context, defer_step: bool = False):
+        t0 = time.perf_counter()
         self._caller(request.client_id, context)
         act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
         labels = decode_tensor(request.labels, expect_dtype=np.int64) if request.HasField("labels") else None
@@ -84,10 +86,10 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         if self.state.plan.mode == "vanilla":
             self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
                                    tensors={**tensors, "gradient_returned": result})
-            return pb.ForwardReply(gradient=encode_tensor(result), loss=loss)
+            return pb.ForwardReply(gradient=encode_tensor(result), loss=loss, server_s=time.perf_counter() - t0)
         self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
                                tensors={**tensors, "outputs_returned": result})
-        return pb.ForwardReply(outputs=encode_tensor(result))
+        return pb.ForwardReply(outputs=encode_tensor(result), server_s=time.perf_counter() - t0)
 
     def Train(self, request_iterator, context):
         """Forward, batch after batch, on one stream; a refused batch ends the stream with its status."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from securecollab.v1 import tensor_pb2 as securecollab_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecurecollab/v1/split.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"%\n\x10SplitJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"#\n\x0eSplitJoinReply\x12\x11\n\tplan_json\x18\x01 \x01(\t\"/\n\x0bTurnRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\"\xa1\x01\n\tTurnReply\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x17\n\x0fprevious_client\x18\x02 \x01(\t\x12\x34\n\x0e\x63lient_weights\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\x12\x36\n\x10\x63lient_optimizer\x18\x04 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"\x99\x01\n\x07TurnEnd\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x34\n\x0e\x63lient_weights\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\x12\x36\n\x10\x63lient_optimizer\x18\x04 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"\t\n\x07TurnAck\"\x97\x01\n\x0e\x46orwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12,\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\'\n\x06labels\x18\x05 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"q\n\x0c\x46orwardReply\x12)\n\x08gradient\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12(\n\x07outputs\x18\x02 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\"l\n\x0f\x42\x61\x63kwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12)\n\x08gradient\x18\x04 \x01(\x0b\x32\x17.securecollab.v1.Tensor\":\n\rBackwardReply\x12)\n\x08gradient\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"Q\n\x0ePredictRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"8\n\x0cPredictReply\x12(\n\x07outputs\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"\"\n\rFinishRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\r\n\x0b\x46inishReply2\xd8\x04\n\x0bSplitServer\x12J\n\x04Join\x12!.securecollab.v1.SplitJoinRequest\x1a\x1f.securecollab.v1.SplitJoinReply\x12\x45\n\tAwaitTurn\x12\x1c.securecollab.v1.TurnRequest\x1a\x1a.securecollab.v1.TurnReply\x12=\n\x07\x45ndTurn\x12\x18.securecollab.v1.TurnEnd\x1a\x18.securecollab.v1.TurnAck\x12I\n\x07\x46orward\x12\x1f.securecollab.v1.ForwardRequest\x1a\x1d.securecollab.v1.ForwardReply\x12L\n\x08\x42\x61\x63kward\x12 .securecollab.v1.BackwardRequest\x1a\x1e.securecollab.v1.BackwardReply\x12K\n\x05Train\x12\x1f.securecollab.v1.ForwardRequest\x1a\x1d.securecollab.v1.ForwardReply(\x01\x30\x01\x12I\n\x07Predict\x12\x1f.securecollab.v1.PredictRequest\x1a\x1d.securecollab.v1.PredictReply\x12\x46\n\x06\x46inish\x12\x1e.securecollab.v1.FinishRequest\x1a\x1c.securecollab.v1.FinishReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecurecollab/v1/split.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"%\n\x10SplitJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"#\n\x0eSplitJoinReply\x12\x11\n\tplan_json\x18\x01 \x01(\t\"/\n\x0bTurnRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\"\xa1\x01\n\tTurnReply\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x17\n\x0fprevious_client\x18\x02 \x01(\t\x12\x34\n\x0e\x63lient_weights\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\x12\x36\n\x10\x63lient_optimizer\x18\x04 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"\x99\x01\n\x07TurnEnd\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x34\n\x0e\x63lient_weights\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\x12\x36\n\x10\x63lient_optimizer\x18\x04 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"\t\n\x07TurnAck\"\x97\x01\n\x0e\x46orwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12,\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\'\n\x06labels\x18\x05 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"\x83\x01\n\x0c\x46orwardReply\x12)\n\x08gradient\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12(\n\x07outputs\x18\x02 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x10\n\x08server_s\x18\x04 \x01(\x01\"l\n\x0f\x42\x61\x63kwardRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12)\n\x08gradient\x18\x04 \x01(\x0b\x32\x17.securecollab.v1.Tensor\":\n\rBackwardReply\x12)\n\x08gradient\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"Q\n\x0ePredictRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"8\n\x0cPredictReply\x12(\n\x07outputs\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"\"\n\rFinishRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\r\n\x0b\x46inishReply2\xd8\x04\n\x0bSplitServer\x12J\n\x04Join\x12!.securecollab.v1.SplitJoinRequest\x1a\x1f.securecollab.v1.SplitJoinReply\x12\x45\n\tAwaitTurn\x12\x1c.securecollab.v1.TurnRequest\x1a\x1a.securecollab.v1.TurnReply\x12=\n\x07\x45ndTurn\x12\x18.securecollab.v1.TurnEnd\x1a\x18.securecollab.v1.TurnAck\x12I\n\x07\x46orward\x12\x1f.securecollab.v1.ForwardRequest\x1a\x1d.securecollab.v1.ForwardReply\x12L\n\x08\x42\x61\x63kward\x12 .securecollab.v1.BackwardRequest\x1a\x1e.securecollab.v1.BackwardReply\x12K\n\x05Train\x12\x1f.securecollab.v1.ForwardRequest\x1a\x1d.securecollab.v1.ForwardReply(\x01\x30\x01\x12I\n\x07Predict\x12\x1f.securecollab.v1.PredictRequest\x1a\x1d.securecollab.v1.PredictReply\x12\x46\n\x06\x46inish\x12\x1e.securecollab.v1.FinishRequest\x1a\x1c.securecollab.v1.FinishReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,20 +46,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURNACK']._serialized_end=532
   _globals['_FORWARDREQUEST']._serialized_start=535
   _globals['_FORWARDREQUEST']._serialized_end=686
-  _globals['_FORWARDREPLY']._serialized_start=688
-  _globals['_FORWARDREPLY']._serialized_end=801
-  _globals['_BACKWARDREQUEST']._serialized_start=803
-  _globals['_BACKWARDREQUEST']._serialized_end=911
-  _globals['_BACKWARDREPLY']._serialized_start=913
-  _globals['_BACKWARDREPLY']._serialized_end=971
-  _globals['_PREDICTREQUEST']._serialized_start=973
-  _globals['_PREDICTREQUEST']._serialized_end=1054
-  _globals['_PREDICTREPLY']._serialized_start=1056
-  _globals['_PREDICTREPLY']._serialized_end=1112
-  _globals['_FINISHREQUEST']._serialized_start=1114
-  _globals['_FINISHREQUEST']._serialized_end=1148
-  _globals['_FINISHREPLY']._serialized_start=1150
-  _globals['_FINISHREPLY']._serialized_end=1163
-  _globals['_SPLITSERVER']._serialized_start=1166
-  _globals['_SPLITSERVER']._serialized_end=1766
+  _globals['_FORWARDREPLY']._serialized_start=689
+  _globals['_FORWARDREPLY']._serialized_end=820
+  _globals['_BACKWARDREQUEST']._serialized_start=822
+  _globals['_BACKWARDREQUEST']._serialized_end=930
+  _globals['_BACKWARDREPLY']._serialized_start=932
+  _globals['_BACKWARDREPLY']._serialized_end=990
+  _globals['_PREDICTREQUEST']._serialized_start=992
+  _globals['_PREDICTREQUEST']._serialized_end=1073
+  _globals['_PREDICTREPLY']._serialized_start=1075
+  _globals['_PREDICTREPLY']._serialized_end=1131
+  _globals['_FINISHREQUEST']._serialized_start=1133
+  _globals['_FINISHREQUEST']._serialized_end=1167
+  _globals['_FINISHREPLY']._serialized_start=1169
+  _globals['_FINISHREPLY']._serialized_end=1182
+  _globals['_SPLITSERVER']._serialized_start=1185
+  _globals['_SPLITSERVER']._serialized_end=1785
 # @@protoc_insertion_point(module_scope)

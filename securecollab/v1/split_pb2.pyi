@@ -70,14 +70,16 @@ class ForwardRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., activations: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("gradient", "outputs", "loss")
+    __slots__ = ("gradient", "outputs", "loss", "server_s")
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
     gradient: _tensor_pb2.Tensor
     outputs: _tensor_pb2.Tensor
     loss: float
-    def __init__(self, gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ...) -> None: ...
+    server_s: float
+    def __init__(self, gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., server_s: _Optional[float] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("client_id", "epoch", "step", "gradient")
