@@ -183,6 +183,7 @@ def serve(
 
     `he` serves encrypted inference: it trains its square-activation model on the embedded data at start
     (HE defaults: 30 epochs, lr 0.01; --plan-json takes a full HE model plan) or loads --weights.
+    `split` runs the layers past the cut for --clients clients taking turns, for rounds x local-epochs epochs.
     """
     from securecollab.certs import TlsFiles
     from securecollab.protocols.fedavg import FedAvgPlan
@@ -253,6 +254,23 @@ def _serve_he(tls, model, dataset, dataset_path, seed, plan_json, weights, max_s
     serve_he(host_model, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
 
 
+def _run_infer(target, certs, party_id, server_name, transcript, x, batch, connect_timeout):
+    import numpy as np
+    from securecollab.certs import TlsFiles
+    from services.he_client import HEClient
+    with HEClient(target, tls=TlsFiles.for_party(certs, party_id), party_id=party_id, server_name=server_name,
+                  transcript=transcript, connect_timeout=connect_timeout) as client:
+        if tuple(x.shape[1:]) != client.description.input_shape:
+            raise typer.BadParameter(f"inputs are shaped {x.shape[1:]}, the model takes {client.description.input_shape}")
+        with console.status("making CKKS keys and opening a session ..."):
+            session = client.open_session(batch_size=len(x) if batch else 0)
+        console.print(f"session: {session['context_bytes'] / 1e6:.1f} MB of public keys "
+                      f"(made in {session['keygen_s']:.2f}s, server set-up {session['server_setup_s']:.2f}s)")
+        with console.status(f"{len(x)} encrypted {'batched ' if batch else ''}quer{'y' if batch else 'ies'} ..."):
+            logits = client.infer_batch(x) if batch else np.stack([client.infer(xi) for xi in x])
+        return client, logits, session, client.batched if batch else client.single, client.meter.snapshot()
+
+
 @app.command()
 def infer(
     target: Annotated[str, typer.Option(help="HE inference server address host:port.")],
@@ -264,15 +282,15 @@ def infer(
     inputs: Annotated[Optional[Path], typer.Option(help="A .npy array of inputs shaped (n, *input_shape) instead of test images.")] = None,
     dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write results, costs and the client transcript here.")] = None,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server to answer.")] = 15.0,
     verbose: Verbose = False,
 ):
     """Classify images on a running HE server: encrypted here, evaluated there, decrypted here."""
+    import grpc
     import numpy as np
 
-    from securecollab.certs import TlsFiles
     from securecollab.data import load_dataset
     from securecollab.transcript import TranscriptRecorder
-    from services.he_client import HEClient
     _logging(verbose)
     labels = None
     if inputs:
@@ -282,18 +300,15 @@ def infer(
         x, labels = ds.x_test[:count], ds.y_test[:count]
     transcript = TranscriptRecorder(out / "transcripts" / f"{party_id}.jsonl" if out else None,
                                     party=party_id, role="client")
-    with HEClient(target, tls=TlsFiles.for_party(certs, party_id), party_id=party_id, server_name=server_name,
-                  transcript=transcript) as client:
-        if tuple(x.shape[1:]) != client.description.input_shape:
-            raise typer.BadParameter(f"inputs are shaped {x.shape[1:]}, the model takes {client.description.input_shape}")
-        with console.status("making CKKS keys and opening a session ..."):
-            session = client.open_session(batch_size=len(x) if batch else 0)
-        console.print(f"session: {session['context_bytes'] / 1e6:.1f} MB of public keys "
-                      f"(made in {session['keygen_s']:.2f}s, server set-up {session['server_setup_s']:.2f}s)")
-        with console.status(f"{len(x)} encrypted {'batched ' if batch else ''}quer{'y' if batch else 'ies'} ..."):
-            logits = client.infer_batch(x) if batch else np.stack([client.infer(xi) for xi in x])
-        timings = client.batched if batch else client.single
-        costs = client.meter.snapshot()
+    try:
+        client, logits, session, timings, costs = _run_infer(target, certs, party_id, server_name, transcript, x,
+                                                             batch, connect_timeout)
+    except TimeoutError as e:
+        console.print(f"[red]error[/red]: cannot reach the HE server at {target}: {e}")
+        raise typer.Exit(1) from None
+    except grpc.RpcError as e:
+        console.print(f"[red]error[/red]: the HE server refused: {e.code().name}: {e.details()}")
+        raise typer.Exit(1) from None
     table = Table(title=f"encrypted inference: {client.description.model}")
     for h in ["#", "label", "prediction", "top logit"]:
         table.add_column(h)

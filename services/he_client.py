@@ -70,12 +70,13 @@ class HEClient:
     """One session with an HE inference server: ``open_session``, then ``infer``/``infer_batch``."""
 
     def __init__(self, target: str, *, tls: TlsFiles, party_id: str, server_name: str | None = None,
-                 transcript: TranscriptRecorder | None = None, meter: CostMeter | None = None):
+                 transcript: TranscriptRecorder | None = None, meter: CostMeter | None = None,
+                 connect_timeout: float = 60.0):
         self.party_id = party_id
         self.meter = meter or CostMeter(party_id)
         self.transcript = transcript or TranscriptRecorder(None, party=party_id, role="client")
         self.channel = make_channel(target, tls=tls, meter=self.meter, server_name=server_name)
-        wait_ready(self.channel, timeout=60)
+        wait_ready(self.channel, timeout=connect_timeout)
         self.stub = pb_grpc.HEInferenceStub(self.channel)
         self.description = Description.from_reply(self.stub.Describe(pb.DescribeRequest(), timeout=DEFAULT_DEADLINE_S))
         self.context = None

@@ -30,6 +30,13 @@ def test_certs_writes_a_ca_and_role_bearing_certificates(tmp_path):
     assert (tmp_path / "ca.pem").exists()
 
 
+def test_infer_reports_an_unreachable_server_clearly(tmp_path):
+    securecollab("certs", "--out", str(tmp_path), "client-0")
+    out = securecollab("infer", "--target", "localhost:1", "--certs", str(tmp_path), "--connect-timeout", "1")
+    assert out.returncode == 1
+    assert "cannot reach the HE server" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_certs_refuses_a_bad_party_spec_with_a_clear_error(tmp_path):
     out = securecollab("certs", "--out", str(tmp_path), "client-0:wizard")
     assert out.returncode == 2
