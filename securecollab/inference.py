@@ -164,7 +164,7 @@ def run_he_inference(plan: HEModelPlan, out_dir: Path, *, show: int = 8, batch_s
     out_dir.mkdir(parents=True, exist_ok=True)
     model, ds, weights, certs = prepare(plan, out_dir)
     reference = predict_logits(model, ds.x_test).astype(np.float64)
-    batch_size = batch_size or len(ds.x_test)
+    batch_size = batch_size or min(len(ds.x_test), 4096)  # one batch fills at most the slots of N=8192
     with ProcessGroup(out_dir / "logs") as group:
         port = start_server(group, plan, weights, certs, out_dir, batch_size)
         target = f"localhost:{port}"
@@ -172,7 +172,8 @@ def run_he_inference(plan: HEModelPlan, out_dir: Path, *, show: int = 8, batch_s
         with HEClient(target, tls=TlsFiles.for_party(certs, PLAIN_CLIENT), party_id=PLAIN_CLIENT,
                       transcript=TranscriptRecorder(out_dir / "transcripts" / f"{PLAIN_CLIENT}.jsonl",
                                                     party=PLAIN_CLIENT, role="client")) as plain:
-            plain_logits = plain.predict_plain(ds.x_test)
+            plain_logits = np.concatenate([plain.predict_plain(ds.x_test[i:i + 1024])
+                                           for i in range(0, len(ds.x_test), 1024)])
         plain_costs = _run_costs(plain, t0, c0, server_peak_rss_mb(group))
         t0, c0 = time.perf_counter(), time.process_time()
         with HEClient(target, tls=TlsFiles.for_party(certs, CLIENT), party_id=CLIENT,

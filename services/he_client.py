@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from securecollab.certs import TlsFiles
@@ -175,12 +176,14 @@ class HEClient:
         return logits
 
     def close(self) -> None:
-        if self.session_id is not None:
-            try:
+        try:
+            if self.session_id is not None:
                 self.stub.CloseSession(pb.CloseRequest(session_id=self.session_id), timeout=DEFAULT_DEADLINE_S)
-            finally:
-                self.session_id = None
-        self.channel.close()
+        except grpc.RpcError as e:  # e.g. the server already evicted it: nothing left to close
+            log.info("closing session: %s", e.code().name)
+        finally:
+            self.session_id = None
+            self.channel.close()
 
     def __enter__(self) -> "HEClient":
         return self

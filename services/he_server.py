@@ -88,17 +88,19 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
     @rpc_errors
     def InferBatch(self, request_iterator, context):
         owner = peer_identity(context).party_id
-        parts = []
+        head = next(request_iterator, None)
+        if head is None:
+            raise ProtocolError("INVALID_ARGUMENT", "empty batch")
+        # Who and how many first: nothing is buffered for a session the caller does not own.
+        session = self.host.session(head.session_id, owner)
+        expected = self.host.batch_ciphertexts(session)
+        parts = [head]
         for part in request_iterator:
             parts.append(part)
-            if len(parts) > self.host.batched.in_features:  # a batch never needs more ciphertexts than features
-                raise ProtocolError("INVALID_ARGUMENT", "too many ciphertexts for one batch")
-        if not parts:
-            raise ProtocolError("INVALID_ARGUMENT", "empty batch")
-        head = parts[0]
-        session = self.host.session(head.session_id, owner)
-        if session.batched is None:
-            raise ProtocolError("FAILED_PRECONDITION", "this session has no batched layout: open it with a batch size")
+            if len(parts) > expected:
+                raise ProtocolError("INVALID_ARGUMENT", f"a batch takes {expected} ciphertexts in this session")
+        if any(len(p.ciphertext) > MAX_CIPHERTEXT_BYTES for p in parts):
+            raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
         if head.count != len(parts) or [p.index for p in parts] != list(range(len(parts))):
             raise ProtocolError("INVALID_ARGUMENT", f"batch parts must be numbered 0..{head.count - 1} in order, "
                                                     f"got {len(parts)} parts")

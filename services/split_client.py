@@ -14,6 +14,7 @@ import queue
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 from torch import nn
@@ -39,7 +40,8 @@ class _LockstepStream:
 
     def __init__(self, method):
         self._requests: queue.Queue = queue.Queue()
-        self._replies = method(iter(self._requests.get, None), timeout=TURN_WAIT_S)
+        # No deadline for a whole turn (it grows with the shard); keepalive notices a dead server.
+        self._replies = method(iter(self._requests.get, None))
 
     def step(self, request):
         self._requests.put(request)
@@ -121,7 +123,14 @@ class SplitClient:
         self.opt.step()
 
     def _receive_turn(self, epoch: int) -> None:
-        reply = self.stub.AwaitTurn(pb.TurnRequest(client_id=self.client_id, epoch=epoch), timeout=TURN_WAIT_S)
+        while True:  # the other clients' turns may take longer than one wait
+            try:
+                reply = self.stub.AwaitTurn(pb.TurnRequest(client_id=self.client_id, epoch=epoch), timeout=TURN_WAIT_S)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                log.info("%s: still waiting for its turn in epoch %d", self.client_id, epoch)
         if not reply.previous_client:
             return  # the very first turn starts from the seeded initialisation every client shares
         shapes = {n: tuple(p.shape) for n, p in self.mine.state_dict().items()}

@@ -60,8 +60,11 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     @rpc_errors
     def EndTurn(self, request, context):
         self._caller(request.client_id, context)
-        weights = decode_named(request.client_weights, finite=True)
+        weights = decode_named(request.client_weights, expect=self.state.client_shapes, finite=True)
         momentum = decode_named(request.client_optimizer, finite=True)
+        for name, array in momentum:
+            if self.state.client_param_shapes.get(name) != array.shape:
+                raise ProtocolError("INVALID_ARGUMENT", f"momentum buffer {name!r} does not fit the client-side model")
         self.state.end_turn(request.client_id, request.epoch, weights, momentum)
         self.transcript.record("client_weights", round=request.epoch, sender=request.client_id, tensors=weights)
         return pb.TurnAck()
@@ -117,7 +120,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     def Predict(self, request, context):
         self._caller(request.client_id, context)
         act = decode_tensor(request.activations, expect_dtype=np.float32, finite=True)
-        if len(act) > MAX_PREDICT_ROWS:
+        if act.ndim == 0 or len(act) > MAX_PREDICT_ROWS:
             raise ProtocolError("INVALID_ARGUMENT", f"at most {MAX_PREDICT_ROWS} rows per Predict")
         out = self.state.predict(act)
         self.transcript.record("predict", round=0, sender=request.client_id, tensors={"activations": act})

@@ -214,3 +214,30 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
         c.stub.CloseSession(pb.CloseRequest(session_id=c.session_id))
         assert _status(lambda: c.stub.Infer(req(query_id=7))) == grpc.StatusCode.NOT_FOUND
         c.session_id = None
+
+
+def test_context_parser_refuses_a_flood_of_fields_quickly():
+    import time
+    from securecollab.he.context import carries_secret_key
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="too many fields"):
+        carries_secret_key(b"\x08\x00" * 8_000_000)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_one_party_cannot_evict_another_partys_session():
+    from securecollab.he import public_bytes
+    from securecollab.protocols import ProtocolError
+    from securecollab.protocols.he import HEModelHost
+    ds_plan = HEModelPlan(model="mlp", epochs=1)
+    model, ds = ds_plan.train()
+    host = HEModelHost(model, ds.input_shape, ds.num_classes, name="mlp", max_sessions=1)
+    ctx = make_context(host.net.depth)
+    blob = public_bytes(ctx, host.net.galois_steps)
+    alice = host.open_session("alice", blob, 0)
+    with pytest.raises(ProtocolError) as e:
+        host.open_session("bob", blob, 0)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert host.session(alice.session_id, "alice") is alice  # still there
+    again = host.open_session("alice", blob, 0)  # her own oldest session makes room
+    assert host.open_sessions == 1 and host.session(again.session_id, "alice") is again

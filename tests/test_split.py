@@ -140,8 +140,14 @@ def test_bad_requests_are_refused_and_the_server_keeps_training(split_server, tl
         with make_channel(f"localhost:{server.port}", tls=tls_for("client-1")) as ch1:
             other = pb_grpc.SplitServerStub(ch1)
             assert status(other.Forward, fwd(client_id="client-1")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert status(stub.AwaitTurn, pb.TurnRequest(client_id="client-0", epoch=5)) == grpc.StatusCode.OUT_OF_RANGE
         turn = stub.AwaitTurn(pb.TurnRequest(client_id="client-0", epoch=0), timeout=10)
         assert turn.previous_client == ""
+        assert status(stub.Predict, pb.PredictRequest(client_id="client-0", activations=encode_tensor(
+            np.array(1.0, np.float32)))) == grpc.StatusCode.INVALID_ARGUMENT
+        # finite but overflowing activations are refused, and the step is not used up
+        assert status(stub.Forward, fwd(activations=encode_tensor(np.full_like(act, 3e38)))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
         reply = stub.Forward(fwd(), timeout=10)
         out = np.frombuffer(reply.outputs.data, np.float32).reshape(tuple(reply.outputs.shape))
         assert status(stub.Forward, fwd()) == grpc.StatusCode.ALREADY_EXISTS  # replayed step

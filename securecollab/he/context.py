@@ -132,11 +132,21 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(data: bytes) -> dict[int, list[bytes | int]]:
-    """Top-level fields of a protobuf message, read at the wire level (no schema needed)."""
+MAX_FIELDS = 64  # TenSEAL's messages have 3-5 fields; a flood of tiny ones is an attack on the parser
+
+
+def _fields(data: bytes, keep: set[int] | None = None) -> dict[int, list[bytes | int]]:
+    """Top-level fields of a protobuf message, read at the wire level (no schema needed).
+
+    Only the field numbers in ``keep`` (all if None) are returned; at most
+    MAX_FIELDS fields are read.
+    """
     out: dict[int, list] = {}
-    pos = 0
+    pos, count = 0, 0
     while pos < len(data):
+        count += 1
+        if count > MAX_FIELDS:
+            raise ValueError("malformed HE context (too many fields)")
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
@@ -151,7 +161,8 @@ def _fields(data: bytes) -> dict[int, list[bytes | int]]:
             value, pos = data[pos:pos + size], pos + size
         else:
             raise ValueError(f"malformed HE context (wire type {wire})")
-        out.setdefault(number, []).append(value)
+        if keep is None or number in keep:
+            out.setdefault(number, []).append(value)
     return out
 
 
@@ -165,8 +176,8 @@ def carries_secret_key(context_bytes: bytes) -> bool:
     Checking after ``ts.context_from`` would already have put the key in
     this process's memory; this looks at the protobuf fields instead.
     """
-    for private in _fields(context_bytes).get(_PRIVATE_CONTEXT, []):
-        if isinstance(private, bytes) and any(_fields(private).get(_SECRET_KEY, [])):
+    for private in _fields(context_bytes, keep={_PRIVATE_CONTEXT}).get(_PRIVATE_CONTEXT, []):
+        if isinstance(private, bytes) and any(_fields(private, keep={_SECRET_KEY}).get(_SECRET_KEY, [])):
             return True
     return False
 

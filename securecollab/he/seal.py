@@ -184,6 +184,6 @@ class SealKit:
             raise ValueError("the ciphertext is not at the top level of this session's modulus chain")
         if ct.size() != 2 or not ct.is_ntt_form():
             raise ValueError(f"expected a fresh 2-polynomial NTT-form ciphertext, got size {ct.size()}")
-        if abs(ct.scale / self.scale - 1) > 1e-9:
+        if not (np.isfinite(ct.scale) and abs(ct.scale / self.scale - 1) <= 1e-9):
             raise ValueError(f"ciphertext scale 2^{np.log2(ct.scale):.1f} != the session's 2^{np.log2(self.scale):.1f}")
         return ct

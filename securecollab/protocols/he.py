@@ -92,6 +92,9 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
+IDLE_EVICT_S = 300.0  # another party's session idle this long may be evicted
+
+
 class HEModelHost:
     """The served model and its open sessions (bounded in number; the least recently used goes first)."""
 
@@ -108,6 +111,8 @@ class HEModelHost:
         self.max_context_bytes = max_context_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+        # Opening a session holds a context (up to max_context_bytes) and encodes the weights: two at a time.
+        self._opening = threading.BoundedSemaphore(2)
 
     def describe(self) -> dict:
         return {"model": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
@@ -121,6 +126,14 @@ class HEModelHost:
         if batch_size > self.max_batch_size:
             raise ProtocolError("INVALID_ARGUMENT", f"batch size {batch_size} exceeds this server's "
                                                     f"maximum of {self.max_batch_size}")
+        if not self._opening.acquire(timeout=120):
+            raise ProtocolError("RESOURCE_EXHAUSTED", "too many sessions are being opened; try again")
+        try:
+            return self._open(owner, context, batch_size)
+        finally:
+            self._opening.release()
+
+    def _open(self, owner: str, context: bytes, batch_size: int) -> Session:
         try:
             public = load_public(context)
         except (ValueError, RuntimeError) as e:
@@ -138,8 +151,16 @@ class HEModelHost:
             raise ProtocolError("INVALID_ARGUMENT", f"the context does not fit this model: {e}") from None
         session = Session(secrets.token_hex(16), owner, len(context), net, batched, batch_size, slots)
         with self._lock:
-            while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)  # evict the least recently used
+            if len(self._sessions) >= self.max_sessions:
+                # Make room from the caller's own sessions first, then from sessions idle for long;
+                # one party must not be able to close everyone else's.
+                own = [sid for sid, s in self._sessions.items() if s.owner == owner]
+                idle = [sid for sid, s in self._sessions.items() if time.monotonic() - s.last_used > IDLE_EVICT_S]
+                victims = own or idle
+                if not victims:
+                    raise ProtocolError("RESOURCE_EXHAUSTED", f"all {self.max_sessions} session slots are in use; "
+                                                              "close one or try later")
+                del self._sessions[victims[0]]  # the least recently used of them
             self._sessions[session.session_id] = session
         return session
 
@@ -177,15 +198,20 @@ class HEModelHost:
             self._claim(session, query_id)
             try:
                 ct = session.net.kit.load_fresh(ciphertext)
-            except ValueError as e:
+                return session.net.kit.ciphertext_bytes(session.net.evaluate(ct))
+            except (ValueError, RuntimeError) as e:  # SEAL refusing a crafted ciphertext mid-evaluation
                 session.queries.discard(query_id)
-                raise ProtocolError("INVALID_ARGUMENT", str(e)) from None
-            return session.net.kit.ciphertext_bytes(session.net.evaluate(ct))
+                raise ProtocolError("INVALID_ARGUMENT", f"cannot evaluate this ciphertext: {e}") from None
 
-    def infer_batch(self, session: Session, query_id: int, ciphertexts: list[bytes]) -> list[bytes]:
+    @staticmethod
+    def batch_ciphertexts(session: Session) -> int:
+        """How many input ciphertexts one batch takes in this session."""
         if session.batched is None:
             raise ProtocolError("FAILED_PRECONDITION", "this session has no batched layout: open it with a batch size")
-        expected = session.batched.layout.n_ciphertexts(session.batched.in_features)
+        return session.batched.layout.n_ciphertexts(session.batched.in_features)
+
+    def infer_batch(self, session: Session, query_id: int, ciphertexts: list[bytes]) -> list[bytes]:
+        expected = self.batch_ciphertexts(session)
         if len(ciphertexts) != expected:
             raise ProtocolError("INVALID_ARGUMENT", f"a batch takes {expected} ciphertexts in this session, "
                                                     f"got {len(ciphertexts)}")
@@ -193,10 +219,10 @@ class HEModelHost:
             self._claim(session, query_id)
             try:
                 cts = [session.batched.kit.load_fresh(c) for c in ciphertexts]
-            except ValueError as e:
+                return [session.batched.kit.ciphertext_bytes(ct) for ct in session.batched.evaluate(cts)]
+            except (ValueError, RuntimeError) as e:
                 session.queries.discard(query_id)
-                raise ProtocolError("INVALID_ARGUMENT", str(e)) from None
-            return [session.batched.kit.ciphertext_bytes(ct) for ct in session.batched.evaluate(cts)]
+                raise ProtocolError("INVALID_ARGUMENT", f"cannot evaluate these ciphertexts: {e}") from None
 
     def predict_plain(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:

@@ -147,7 +147,11 @@ class SplitServerState:
         self.plan = plan
         ds = plan.load_data()
         model = plan.build(ds)
-        bottom, self.part, _ = plan.parts(model)
+        bottom, self.part, head = plan.parts(model)
+        client_side = nn.ModuleDict({"bottom": bottom, **({"head": head} if head is not None else {})})
+        # What a hand-off must carry: the client-side weights (and momentum) by name and shape.
+        self.client_shapes = {n: tuple(p.shape) for n, p in client_side.state_dict().items()}
+        self.client_param_shapes = {n: tuple(p.shape) for n, p in client_side.named_parameters()}
         self.num_classes = ds.num_classes
         with torch.no_grad():
             self.cut_shape = tuple(bottom(torch.from_numpy(ds.x_train[:1])).shape[1:])
@@ -162,6 +166,8 @@ class SplitServerState:
         self.finished: set[str] = set()
         self.all_finished = threading.Event()
         self._step_pending = False
+        self._version = 0
+        self._waiting: set[str] = set()
 
     def flush(self) -> None:
         """Apply an optimizer step that :meth:`forward` left pending (see ``defer_step``)."""
@@ -170,8 +176,16 @@ class SplitServerState:
 
     def _flush(self) -> None:
         if self._step_pending:
-            self.opt.step()
+            self._step()
             self._step_pending = False
+
+    def _step(self) -> None:
+        self.opt.step()
+        self._version += 1  # the weights a pending U-shaped forward used are gone
+
+    def _gradients_finite(self, *tensors: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.part.parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(t).all()) for t in (*tensors, *grads))
 
     # -- who may act ----------------------------------------------------------
 
@@ -189,10 +203,19 @@ class SplitServerState:
         self.check_client(client_id)
         if not self.plan.hands_off:
             raise ProtocolError("FAILED_PRECONDITION", "turns exist only when client-side weights are handed off")
+        if epoch >= self.plan.epochs:
+            raise ProtocolError("OUT_OF_RANGE", f"training has {self.plan.epochs} epochs; there is no epoch {epoch}")
         with self._turn_changed:
-            if not self._turn_changed.wait_for(lambda: self._current() == (epoch, client_id)
-                                               or self._past(epoch, client_id), timeout=timeout):
-                raise ProtocolError("DEADLINE_EXCEEDED", f"turn of {client_id} in epoch {epoch} did not come")
+            if client_id in self._waiting:  # one waiting call per client: waits hold server threads
+                raise ProtocolError("ALREADY_EXISTS", f"{client_id} is already waiting for a turn")
+            self._waiting.add(client_id)
+            try:
+                came = self._turn_changed.wait_for(lambda: self._current() == (epoch, client_id)
+                                                   or self._past(epoch, client_id), timeout=timeout)
+            finally:
+                self._waiting.discard(client_id)
+            if not came:
+                raise ProtocolError("DEADLINE_EXCEEDED", f"turn of {client_id} in epoch {epoch} has not come yet")
             if self._current() != (epoch, client_id):
                 raise ProtocolError("FAILED_PRECONDITION", f"the turn of {client_id} in epoch {epoch} is over")
             return self._handoff or ("", [], [])
@@ -206,6 +229,7 @@ class SplitServerState:
             if self._current() != (epoch, client_id):
                 raise ProtocolError("FAILED_PRECONDITION", f"it is not {client_id}'s turn in epoch {epoch}")
             self._flush()
+            self._pending.pop(client_id, None)
             self._handoff = (client_id, weights, momentum)
             self._turn += 1
             self._turn_changed.notify_all()
@@ -248,16 +272,22 @@ class SplitServerState:
         with self._lock:
             self._check_step(client_id, epoch, step)
             self._flush()
-            self._last_step[client_id] = (epoch, step)
             act = torch.from_numpy(activations).requires_grad_(True)
             self.part.train()
             out = self.part(act)
+            if not torch.isfinite(out).all():
+                raise ProtocolError("INVALID_ARGUMENT", "these activations overflow the server's layers")
             if ushaped:
-                self._pending[client_id] = (epoch, step, act, out)
+                self._last_step[client_id] = (epoch, step)
+                self._pending[client_id] = (epoch, step, act, out, self._version)
                 return out.detach().numpy(), None
             loss = nn.functional.cross_entropy(out, torch.from_numpy(labels))
             self.opt.zero_grad()
             loss.backward()
+            if not self._gradients_finite(loss, act.grad):
+                self.opt.zero_grad()  # nothing of this batch reaches the weights
+                raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
+            self._last_step[client_id] = (epoch, step)
             self._step_pending = True
             if not defer_step:
                 self._flush()
@@ -267,21 +297,31 @@ class SplitServerState:
         """U-shaped: the gradient of the server's outputs in, the gradient at the cut out."""
         self.check_client(client_id)
         with self._lock:
+            if self.plan.hands_off and self._current() != (epoch, client_id):
+                raise ProtocolError("FAILED_PRECONDITION", f"{client_id} is not training in epoch {epoch} now")
             pending = self._pending.get(client_id)
             if pending is None or pending[:2] != (epoch, step):
                 raise ProtocolError("FAILED_PRECONDITION", f"no forward pass of step {step}, epoch {epoch} awaits "
                                                            "its gradient")
-            _, _, act, out = pending
+            _, _, act, out, version = pending
             if gradient.shape != tuple(out.shape):
                 raise ProtocolError("INVALID_ARGUMENT", f"gradient must be shaped {tuple(out.shape)}, got {gradient.shape}")
-            del self._pending[client_id]
+            if version != self._version:
+                # Another client stepped in between (per-client mode): redo the forward pass on the
+                # current weights, as asynchronous split learning does, rather than use a stale graph.
+                act = act.detach().requires_grad_(True)
+                out = self.part(act)
             self.opt.zero_grad()
             out.backward(torch.from_numpy(gradient))
-            self.opt.step()
+            if not self._gradients_finite(act.grad):
+                self.opt.zero_grad()
+                raise ProtocolError("INVALID_ARGUMENT", "this gradient gives non-finite updates")
+            del self._pending[client_id]
+            self._step()
             return act.grad.numpy()
 
     def predict(self, activations: np.ndarray) -> np.ndarray:
-        if activations.ndim != 1 + len(self.cut_shape) or tuple(activations.shape[1:]) != self.cut_shape:
+        if activations.ndim < 1 or activations.ndim != 1 + len(self.cut_shape) or tuple(activations.shape[1:]) != self.cut_shape:
             raise ProtocolError("INVALID_ARGUMENT", f"activations must be shaped (n, {', '.join(map(str, self.cut_shape))})")
         with self._lock, torch.no_grad():
             self._flush()
