@@ -8,6 +8,7 @@ baseline method records the inputs it saw in the clear.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -94,13 +95,13 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         # Who and how many first: nothing is buffered for a session the caller does not own.
         session = self.host.session(head.session_id, owner)
         expected = self.host.batch_ciphertexts(session)
-        parts = [head]
-        for part in request_iterator:
+        parts = []
+        for part in itertools.chain([head], request_iterator):
+            if len(part.ciphertext) > MAX_CIPHERTEXT_BYTES:
+                raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
             parts.append(part)
             if len(parts) > expected:
                 raise ProtocolError("INVALID_ARGUMENT", f"a batch takes {expected} ciphertexts in this session")
-        if any(len(p.ciphertext) > MAX_CIPHERTEXT_BYTES for p in parts):
-            raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
         if head.count != len(parts) or [p.index for p in parts] != list(range(len(parts))):
             raise ProtocolError("INVALID_ARGUMENT", f"batch parts must be numbered 0..{head.count - 1} in order, "
                                                     f"got {len(parts)} parts")
