@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.costs import CostMeter, method_bytes
 from securecollab.launch import ProcessGroup
 from securecollab.protocols.fedavg import FedAvgPlan
 from securecollab.protocols.secagg import SecAggPlan
@@ -162,8 +162,7 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     max_err = max(float(np.abs(a[:-1] - expected).max()) for a in revealed)
 
     def upload_per_client(costs, method):
-        return statistics.mean(sum(v for k, v in c["by_method"]["sent"].items() if k.endswith(method))
-                               for c in costs) / rounds
+        return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
 
     plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
              "upload_bytes_per_client": upload_per_client(plain_costs, "/SubmitUpdate")}

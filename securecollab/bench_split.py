@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from securecollab.costs import method_bytes
 from securecollab.protocols.fedavg import FedAvgPlan
 from securecollab.protocols.split import SplitPlan, sgd
 from securecollab.runs import run_protocol
@@ -77,10 +78,8 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
     clients = [json.loads((work_dir / f"result_{c}.json").read_text()) for c in plan.client_ids()]
     epoch_walls = [max(c["epoch_times"][e][1] for c in clients) - min(c["epoch_times"][e][0] for c in clients)
                    for e in range(plan.epochs)]
-    sent = sum(v for c in clients for d in ("sent", "received") for k, v in c["costs"]["by_method"][d].items()
-               if k.endswith(TRAINING_METHODS))
-    handoff = sum(v for c in clients for d in ("sent", "received") for k, v in c["costs"]["by_method"][d].items()
-                  if k.endswith(("/AwaitTurn", "/EndTurn")))
+    sent = sum(method_bytes(c["costs"], *TRAINING_METHODS) for c in clients)
+    handoff = sum(method_bytes(c["costs"], "/AwaitTurn", "/EndTurn") for c in clients)
     payload = payload_bytes_per_epoch(plan)
     steps = sum(c["step_profile"]["steps"] for c in clients)
     profile = None

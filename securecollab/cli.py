@@ -330,6 +330,15 @@ def infer(
         (out / f"infer_{party_id}.json").write_text(json.dumps(result, indent=2))
 
 
+def _train_client(run_client, target, party_id, index, certs, server_name, out, verbose, **options):
+    """Run one protocol client with its certificate and print its summary line."""
+    from securecollab.certs import TlsFiles
+    _logging(verbose)
+    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
+                        out_dir=out, **options)
+    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+
+
 @client_app.command("fedavg")
 def client_fedavg(
     target: Annotated[str, typer.Option(help="Aggregator address host:port.")],
@@ -341,12 +350,8 @@ def client_fedavg(
     verbose: Verbose = False,
 ):
     """Take part in plain FedAvg rounds until the aggregator says training is done."""
-    from securecollab.certs import TlsFiles
     from services.fedavg_client import run_client
-    _logging(verbose)
-    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id),
-                        server_name=server_name, out_dir=out)
-    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+    _train_client(run_client, target, party_id, index, certs, server_name, out, verbose)
 
 
 @client_app.command("split")
@@ -360,12 +365,8 @@ def client_split(
     verbose: Verbose = False,
 ):
     """Train the layers up to the cut (and the head, U-shaped) on this client's data; only activations leave."""
-    from securecollab.certs import TlsFiles
     from services.split_client import run_client
-    _logging(verbose)
-    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
-                        out_dir=out)
-    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+    _train_client(run_client, target, party_id, index, certs, server_name, out, verbose)
 
 
 @client_app.command("secagg")
@@ -382,14 +383,11 @@ def client_secagg(
     verbose: Verbose = False,
 ):
     """Take part in FedAvg over secure aggregation: each round's update leaves only as secret shares."""
-    from securecollab.certs import TlsFiles
     from services.secagg_client import DROP_PHASES, run_client
     if drop and drop not in DROP_PHASES:
         raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
-    _logging(verbose)
-    result = run_client(target, party_id, index, tls=TlsFiles.for_party(certs, party_id), server_name=server_name,
-                        out_dir=out, drop=drop, drop_round=drop_round, boost=boost)
-    typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+    _train_client(run_client, target, party_id, index, certs, server_name, out, verbose,
+                  drop=drop, drop_round=drop_round, boost=boost)
 
 
 @bench_app.command("secagg")

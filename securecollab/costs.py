@@ -89,6 +89,11 @@ class CostMeter:
         return _MeteredChannel(channel, self)
 
 
+def method_bytes(snapshot: dict, *suffixes: str, directions=("sent", "received")) -> int:
+    """Bytes a cost snapshot counted for the methods ending in ``suffixes`` (e.g. "/Infer")."""
+    return sum(v for d in directions for k, v in snapshot["by_method"][d].items() if k.endswith(suffixes))
+
+
 def peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.costs import method_bytes
 from securecollab.launch import ProcessGroup, securecollab_cmd
 from securecollab.protocols.he import HEModelPlan, save_weights
 from securecollab.training import predict_logits
@@ -69,11 +69,6 @@ def friendly_vs_relu(plan: HEModelPlan, models=("convnet", "mlp")) -> dict:
     return out
 
 
-def _method_bytes(meter: CostMeter, method: str) -> int:
-    snap = meter.snapshot()["by_method"]
-    return sum(v for direction in ("sent", "received") for k, v in snap[direction].items() if k.endswith(method))
-
-
 def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, batch_rounds: int = 2,
              work_dir: Path, log=print) -> dict:
     """Single-query latency and batched throughput over mutual TLS on loopback, against plain inference.
@@ -98,13 +93,13 @@ def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, bat
             plain.plain = Timings()
             for xi in x_test[:min(len(x_test), 100)]:
                 plain.predict_plain(xi[None])
-            plain_bytes = _method_bytes(plain.meter, "/PredictPlain") / (plain.plain.queries + 1)
+            plain_bytes = method_bytes(plain.meter.snapshot(), "/PredictPlain") / (plain.plain.queries + 1)
         log(f"HE session (batch size {batch_size}): making keys ...")
         with HEClient(target, tls=TlsFiles.for_party(certs, CLIENT), party_id=CLIENT) as client:
             session = client.open_session(batch_size=batch_size)
             log(f"{len(x_test)} single encrypted queries ...")
             single = np.stack([client.infer(xi) for xi in x_test])
-            query_bytes = _method_bytes(client.meter, "/Infer") / client.single.queries
+            query_bytes = method_bytes(client.meter.snapshot(), "/Infer") / client.single.queries
             log(f"{batch_rounds} full batches of {batch_size} ...")
             cyclic = np.resize(ds.x_test, (batch_size, *ds.x_test.shape[1:])).astype(np.float32)
             batch_walls, batched = [], None
@@ -112,8 +107,8 @@ def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, bat
                 t0 = time.perf_counter()
                 batched = client.infer_batch(cyclic)
                 batch_walls.append(time.perf_counter() - t0)
-            batch_bytes = _method_bytes(client.meter, "/InferBatch") / batch_rounds
-            session_key_bytes = _method_bytes(client.meter, "/OpenSession")
+            batch_bytes = method_bytes(client.meter.snapshot(), "/InferBatch") / batch_rounds
+            session_key_bytes = method_bytes(client.meter.snapshot(), "/OpenSession")
         peak_rss = server_peak_rss_mb(group)
 
     t = client.single

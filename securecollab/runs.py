@@ -85,14 +85,8 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
         port = start_aggregator(group, plan, certs, out_dir)
-        for i, cid in enumerate(clients):
-            group.start(cid, securecollab_cmd(
-                "client", "fedavg", "--target", f"localhost:{port}", "--id", cid, "--index", str(i),
-                "--certs", str(certs), "--out", str(out_dir)))
-        for cid in clients:
-            group.wait(cid, timeout=1800)
-            if progress:
-                progress(cid)
+        start_clients(group, "fedavg", clients, port, certs, out_dir)
+        wait_clients(group, clients, progress)
         group.wait("aggregator", timeout=120)
     wall = time.perf_counter() - t0
     client_costs = [json.loads((out_dir / f"result_{c}.json").read_text())["costs"] for c in clients]
@@ -105,6 +99,26 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     result = {"accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": costs}
     (out_dir / "result_fedavg.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def start_clients(group: ProcessGroup, kind: str, clients: list[str], port: int, certs: Path, out_dir: Path,
+                  extra: dict[str, list[str]] | None = None) -> None:
+    """One `securecollab client <kind>` process per client, client i holding shard i."""
+    for i, cid in enumerate(clients):
+        group.start(cid, securecollab_cmd("client", kind, "--target", f"localhost:{port}", "--id", cid,
+                                          "--index", str(i), "--certs", str(certs), "--out", str(out_dir),
+                                          *(extra or {}).get(cid, [])))
+
+
+def wait_clients(group: ProcessGroup, clients: list[str], progress=None, *, may_fail=()) -> None:
+    """Wait for every client; those in `may_fail` (fault injection) only have to end."""
+    for cid in clients:
+        if cid in may_fail:
+            group.procs[cid].wait(timeout=1800)
+            continue
+        group.wait(cid, timeout=1800)
+        if progress:
+            progress(cid)
 
 
 def _costs(overall: dict, parties: list[dict]) -> dict:
@@ -164,20 +178,11 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
         port = start_secagg_servers(group, spec, certs, out_dir)
-        for i, cid in enumerate(clients):
-            drop = (drops or {}).get(cid)
-            extra = ["--drop", drop[0], "--drop-round", str(drop[1])] if drop else []
-            if cid in (boosts or {}):
-                extra += ["--boost", str(boosts[cid])]
-            group.start(cid, securecollab_cmd("client", "secagg", "--target", f"localhost:{port}", "--id", cid,
-                                              "--index", str(i), "--certs", str(certs), "--out", str(out_dir), *extra))
-        for cid in clients:
-            if cid in (drops or {}):
-                group.procs[cid].wait(timeout=1800)
-                continue
-            group.wait(cid, timeout=1800)
-            if progress:
-                progress(cid)
+        extra = {cid: ["--drop", phase, "--drop-round", str(round_)] for cid, (phase, round_) in (drops or {}).items()}
+        for cid, factor in (boosts or {}).items():
+            extra.setdefault(cid, []).extend(["--boost", str(factor)])
+        start_clients(group, "secagg", clients, port, certs, out_dir, extra)
+        wait_clients(group, clients, progress, may_fail=drops or {})
         group.wait("coordinator", timeout=300)
         wall = time.perf_counter() - t0
     party_costs = [json.loads((out_dir / f"costs_{p}.json").read_text()) for p in parties]
@@ -228,13 +233,8 @@ def run_split(plan: FedAvgPlan, out_dir: Path, *, split=None, progress=None, **_
         port = group.start_service("split", securecollab_cmd(
             "serve", "split", "--plan-json", spec.to_json(), "--certs", str(certs), "--host", "127.0.0.1",
             "--out", str(out_dir)))
-        for i, cid in enumerate(clients):
-            group.start(cid, securecollab_cmd("client", "split", "--target", f"localhost:{port}", "--id", cid,
-                                              "--index", str(i), "--certs", str(certs), "--out", str(out_dir)))
-        for cid in clients:
-            group.wait(cid, timeout=1800)
-            if progress:
-                progress(cid)
+        start_clients(group, "split", clients, port, certs, out_dir)
+        wait_clients(group, clients, progress)
         group.wait("split", timeout=120)
     wall = time.perf_counter() - t0
     results = [json.loads((out_dir / f"result_{c}.json").read_text()) for c in clients]

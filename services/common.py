@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -9,24 +10,39 @@ from pathlib import Path
 import grpc
 
 from securecollab.protocols import ProtocolError
+from securecollab.transport import peer_identity
 from securecollab.wire import WireError, decode_named
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def refusals(context):
+    """Turn refusals inside the block into a status with a clear message; the service keeps serving."""
+    try:
+        yield
+    except ProtocolError as e:
+        context.abort(getattr(grpc.StatusCode, e.code), str(e))
+    except WireError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
 def rpc_errors(method):
-    """Turn refusals into a status with a clear message; the service keeps serving."""
+    """:func:`refusals` around a whole (unary-response) method."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
-        try:
+        with refusals(context):
             return method(self, request, context)
-        except ProtocolError as e:
-            context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        except WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     return wrapper
+
+
+def require_caller(context, client_id: str) -> None:
+    """The certificate's party id must be the client id the request claims."""
+    identity = peer_identity(context)
+    if identity.party_id != client_id:
+        raise ProtocolError("PERMISSION_DENIED", f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
 
 
 def write_port_file(path, port: int) -> None:

@@ -11,14 +11,13 @@ import numpy as np
 from securecollab.certs import TlsFiles
 from securecollab.costs import CostMeter
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols import ProtocolError
 from securecollab.protocols.fedavg import FedAvgPlan, FedAvgRounds
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, peer_identity
+from securecollab.transport import make_server
 from securecollab.v1 import fedavg_pb2 as pb
 from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
 from securecollab.wire import decode_named, encode_named
-from services.common import rpc_errors, write_port_file
+from services.common import require_caller, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["FedAvgAggregator"].full_name
@@ -32,10 +31,7 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
 
     def _caller(self, client_id: str, context) -> None:
         self.rounds.check_client(client_id)
-        identity = peer_identity(context)
-        if identity.party_id != client_id:
-            raise ProtocolError("PERMISSION_DENIED",
-                                f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
+        require_caller(context, client_id)
 
     @rpc_errors
     def Join(self, request, context):

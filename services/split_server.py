@@ -12,7 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from securecollab.certs import TlsFiles
@@ -21,11 +20,11 @@ from securecollab.models import parameters_to_arrays
 from securecollab.protocols import ProtocolError
 from securecollab.protocols.split import SplitPlan, SplitServerState
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, peer_identity
+from securecollab.transport import make_server
 from securecollab.v1 import split_pb2 as pb
 from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.wire import WireError, decode_named, decode_tensor, encode_named, encode_tensor
-from services.common import rpc_errors, write_port_file
+from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from services.common import refusals, require_caller, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["SplitServer"].full_name
@@ -40,9 +39,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
 
     def _caller(self, client_id: str, context) -> None:
         self.state.check_client(client_id)
-        identity = peer_identity(context)
-        if identity.party_id != client_id:
-            raise ProtocolError("PERMISSION_DENIED", f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
+        require_caller(context, client_id)
 
     @rpc_errors
     def Join(self, request, context):
@@ -97,12 +94,8 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     def Train(self, request_iterator, context):
         """Forward, batch after batch, on one stream; a refused batch ends the stream with its status."""
         for request in request_iterator:
-            try:
+            with refusals(context):
                 reply = self._vanilla_step(request, context, defer_step=True)
-            except ProtocolError as e:
-                context.abort(getattr(grpc.StatusCode, e.code), str(e))
-            except WireError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             yield reply
             # Resumed once the reply is on its way: the step overlaps the client's backward pass.
             self.state.flush()
