@@ -229,7 +229,14 @@ def serve(
                     out_dir=out, port_file=port_file)
     elif role is Role.dealer:
         from securecollab.mpc import run_dealer
-        run_dealer(plan.n_parties, mpc_addr, mpc_port)
+        from services.secagg_party import EXIT_REJOIN
+        try:
+            run_dealer(plan.n_parties, mpc_addr, mpc_port)
+            console.print("dealer: the parties closed this MPC world")
+        except Exception as e:  # a party dropped out
+            console.print(f"dealer: the MPC world broke: {e}")
+        # Each world needs its own dealer: exit so a supervisor starts one for the next world.
+        raise typer.Exit(EXIT_REJOIN)
 
 
 def _serve_he(tls, model, dataset, dataset_path, seed, plan_json, weights, max_sessions, max_batch,
@@ -254,7 +261,7 @@ def _serve_he(tls, model, dataset, dataset_path, seed, plan_json, weights, max_s
     serve_he(host_model, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
 
 
-def _run_infer(target, certs, party_id, server_name, transcript, x, batch, connect_timeout):
+def _run_infer(target, certs, party_id, server_name, transcript, x, batch, connect_timeout, compare_plain=False):
     import numpy as np
     from securecollab.certs import TlsFiles
     from services.he_client import HEClient
@@ -268,7 +275,9 @@ def _run_infer(target, certs, party_id, server_name, transcript, x, batch, conne
                       f"(made in {session['keygen_s']:.2f}s, server set-up {session['server_setup_s']:.2f}s)")
         with console.status(f"{len(x)} encrypted {'batched ' if batch else ''}quer{'y' if batch else 'ies'} ..."):
             logits = client.infer_batch(x) if batch else np.stack([client.infer(xi) for xi in x])
-        return client, logits, session, client.batched if batch else client.single, client.meter.snapshot()
+        costs = client.meter.snapshot()
+        plain = client.predict_plain(x) if compare_plain else None
+        return client, logits, session, client.batched if batch else client.single, costs, plain
 
 
 @app.command()
@@ -283,6 +292,7 @@ def infer(
     dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write results, costs and the client transcript here.")] = None,
     connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server to answer.")] = 15.0,
+    compare_plain: Annotated[bool, typer.Option(help="Also ask the server's plaintext API (the baseline, which sees the inputs) and compare logits.")] = False,
     verbose: Verbose = False,
 ):
     """Classify images on a running HE server: encrypted here, evaluated there, decrypted here."""
@@ -301,8 +311,8 @@ def infer(
     transcript = TranscriptRecorder(out / "transcripts" / f"{party_id}.jsonl" if out else None,
                                     party=party_id, role="client")
     try:
-        client, logits, session, timings, costs = _run_infer(target, certs, party_id, server_name, transcript, x,
-                                                             batch, connect_timeout)
+        client, logits, session, timings, costs, plain = _run_infer(
+            target, certs, party_id, server_name, transcript, x, batch, connect_timeout, compare_plain)
     except TimeoutError as e:
         console.print(f"[red]error[/red]: cannot reach the HE server at {target}: {e}")
         raise typer.Exit(1) from None
@@ -325,6 +335,11 @@ def infer(
     if labels is not None:
         result["accuracy"] = float((logits.argmax(1) == labels).mean())
         console.print(f"accuracy on these {len(x)} images: {result['accuracy']:.3f}")
+    if plain is not None:
+        result["plain_agreement"] = float((logits.argmax(1) == plain.argmax(1)).mean())
+        result["max_abs_error"] = float(np.abs(logits - plain).max())
+        console.print(f"vs the server's plaintext API: argmax agreement {result['plain_agreement']:.3f}, "
+                      f"max |logit error| {result['max_abs_error']:.2e}")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"infer_{party_id}.json").write_text(json.dumps(result, indent=2))
@@ -489,6 +504,32 @@ def bench_he_cmd(
     for name, acc in r["plaintext_accuracy_by_activation"].items():
         console.print(f"plaintext accuracy {name}: x^2 {acc['square']:.3f} vs ReLU {acc['relu']:.3f}")
     console.print(f"wrote {out}")
+
+
+@app.command()
+def health(
+    target: Annotated[str, typer.Option(help="Server address host:port.")] = "localhost:50051",
+    certs: CertsDir = Path("certs"),
+    party_id: Annotated[str, typer.Option("--id", help="Whose certificate to present (any issued by the project CA).")] = "coordinator",
+    server_name: Annotated[Optional[str], typer.Option(help="Name expected in the server certificate (default: the target host).")] = None,
+    service: Annotated[str, typer.Option(help="Service to ask about ('' = the whole server).")] = "",
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for an answer.")] = 5.0,
+):
+    """Ask a server's gRPC health service over mutual TLS; exit 0 only if it answers SERVING.
+
+    For container health checks and Kubernetes exec probes (their built-in gRPC probes cannot do mTLS)."""
+    import grpc
+
+    from securecollab.certs import TlsFiles
+    from securecollab.transport import check_health, make_channel
+    channel = make_channel(target, tls=TlsFiles.for_party(certs, party_id), server_name=server_name)
+    try:
+        status = check_health(channel, service, timeout=timeout)
+    except grpc.RpcError as e:
+        typer.echo(f"{target}: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{target}: {status}")
+    raise typer.Exit(0 if status == "SERVING" else 1)
 
 
 @app.command()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,15 +22,46 @@ class ProcessGroup:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[list[str], dict | None]] = {}
+        self.restart_on: dict[str, tuple[int, ...]] = {}
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
-    def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")
+    def start(self, name: str, cmd: list[str], env: dict | None = None, *, append_log: bool = False,
+              restart_on: tuple[int, ...] = ()) -> subprocess.Popen:
+        """Start `name`; if it later exits with a code in `restart_on`, it is started again (appending to its log)."""
+        log = open(self.log_dir / f"{name}.log", "ab" if append_log else "wb")
         # Many parties share few cores: one math thread each avoids oversubscription.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
         log.close()
         self.procs[name] = proc
+        self.commands[name] = (cmd, env)
+        if restart_on:
+            self.restart_on[name] = restart_on
+            self._supervise()
         return proc
+
+    def _supervise(self) -> None:
+        """Like a container restart policy: a watcher thread restarts processes that asked for it."""
+        if self._watcher is not None:
+            return
+
+        def watch():
+            while not self._stopping.wait(0.2):
+                for name, codes in list(self.restart_on.items()):
+                    if self.procs[name].poll() in codes:
+                        self.restart(name)
+
+        self._watcher = threading.Thread(target=watch, daemon=True)
+        self._watcher.start()
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start `name` again with the command it was started with (after it died or was killed)."""
+        if self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        cmd, env = self.commands[name]
+        return self.start(name, cmd, env, append_log=True, restart_on=self.restart_on.get(name, ()))
 
     def start_service(self, name: str, cmd: list[str], *, timeout: float = 120.0,
                       env: dict | None = None, wait: bool = True) -> int | None:
@@ -66,6 +98,9 @@ class ProcessGroup:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop_all(self, grace: float = 5.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -143,17 +143,24 @@ def free_port() -> int:
 
 
 def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path) -> int:
-    """Compute parties (+ dealer when needed) and the coordinator as processes on loopback; returns the coordinator's port."""
+    """Compute parties (+ dealer when needed) and the coordinator as processes on loopback; returns the coordinator's port.
+
+    Parties and dealer are restarted when they exit asking for it (a new MPC world after a party failed)."""
+    from services.secagg_party import EXIT_REJOIN
     parties = [f"party-{i}" for i in range(spec.n_parties)]
     common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
     mpc_port = free_port()
     # Parties serve only once their MPC world (and dealer) is up, so start them all before waiting.
     for i, name in enumerate(parties):
-        group.start_service(name, securecollab_cmd(
-            "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common),
-            wait=False)
+        # A fixed port: a party restarted after a failure must be where the coordinator looks.
+        port_file = group.log_dir / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        group.start(name, securecollab_cmd(
+            "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common,
+            "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     if spec.needs_dealer:
-        group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common))
+        group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common),
+                    restart_on=(EXIT_REJOIN,))
     ports = [group.wait_port(name, timeout=300) for name in parties]
     return group.start_service("coordinator", securecollab_cmd(
         "serve", "coordinator", "--host", "127.0.0.1", *common,

@@ -45,12 +45,20 @@ class Transcript:
 class TranscriptRecorder:
     """Appends records to `path`; with path None it records nothing (the party opted out)."""
 
-    def __init__(self, path: str | Path | None, *, party: str, role: str):
+    def __init__(self, path: str | Path | None, *, party: str, role: str, resume: bool = False):
+        """A new transcript at `path`; with `resume`, one this party already began there is continued
+        (a restarted service keeps what it recorded before)."""
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"format": FORMAT, "party": party, "role": role}) + "\n")
+        if not self.path:
+            return
+        header = json.dumps({"format": FORMAT, "party": party, "role": role})
+        if resume and self.path.exists():
+            with self.path.open() as f:
+                if f.readline().strip() == header:
+                    return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(header + "\n")
 
     @property
     def enabled(self) -> bool:

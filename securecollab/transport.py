@@ -33,6 +33,8 @@ _KEEPALIVE = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A restarted peer (a compute party, a container) is seen within seconds, not gRPC's default 2 minutes.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 _SERVER_KEEPALIVE = [
     # A second server on a busy port must fail, not silently share its traffic.
@@ -78,9 +80,14 @@ class Server:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
         self.grpc_server.start()
-        for name in ["", *self.service_names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
         return self
+
+    def set_serving(self, serving: bool) -> None:
+        """Report every service SERVING or NOT_SERVING (e.g. while a compute party re-forms its MPC world)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
 
     def stop(self, grace: float | None = 2.0) -> None:
         # Tell health checkers first so load balancers stop sending work.

@@ -8,6 +8,7 @@ import os
 import zlib
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from securecollab.certs import TlsFiles
@@ -28,6 +29,8 @@ from services.common import receive_global_model
 log = logging.getLogger(__name__)
 # Fault injection for dropout tests: where in which round this client vanishes.
 DROP_PHASES = ("before_upload", "mid_upload", "partial_upload", "after_upload")
+# What a failed compute party or an aborted round looks like to a client.
+ROUND_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: int | None = None):
@@ -55,7 +58,7 @@ def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, p
             os._exit(3)  # reached only party 0
         stub.SubmitShare(share_messages(client_id, round_, share,
                                         limit_chunks=0 if drop == "mid_upload" and share.dense is not None else None),
-                         timeout=DEFAULT_DEADLINE_S)
+                         timeout=DEFAULT_DEADLINE_S, wait_for_ready=True)  # a restarting party gets a minute
 
 
 def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
@@ -92,10 +95,20 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
             os._exit(3)
         vector = update_vector(new, params)
         vector[:-1] *= boost
-        upload(client_id, round_, vector, parties, plan, dropping)
-        if dropping == "after_upload":
-            os._exit(3)  # shares are with every party: this client still counts
-        coord.ReportUploaded(pb.UploadReport(client_id=client_id, round=round_), timeout=DEFAULT_DEADLINE_S)
+        try:
+            upload(client_id, round_, vector, parties, plan, dropping)
+            if dropping == "after_upload":
+                os._exit(3)  # shares are with every party: this client still counts
+            coord.ReportUploaded(pb.UploadReport(client_id=client_id, round=round_), timeout=DEFAULT_DEADLINE_S)
+        except grpc.RpcError as e:
+            # A compute party failed (the coordinator aborts the round) or the round was aborted
+            # already: this update is lost, and the client takes part in the next round.
+            if e.code() not in ROUND_LOST:
+                raise
+            log.warning("%s: round %d lost (%s: %s); waiting for the next round", client_id, round_,
+                        e.code().name, e.details())
+            transcript.record("round_lost", round=round_, sender=client_id,
+                              meta={"status": e.code().name, "details": e.details()})
         round_ += 1
     result = {"client_id": client_id, "num_examples": len(x), "test_accuracy": accuracy(model, ds.x_test, ds.y_test),
               "costs": meter.snapshot()}

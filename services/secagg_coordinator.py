@@ -6,8 +6,10 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from securecollab.certs import TlsFiles
@@ -17,7 +19,7 @@ from securecollab.protocols import ProtocolError
 from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, apply_aggregate
 from securecollab.sharing import decode_fixed, reconstruct
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_channel, make_server, wait_ready
+from securecollab.transport import check_health, make_channel, make_server, wait_ready
 from securecollab.v1 import secagg_pb2 as pb
 from securecollab.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.wire import assemble_chunks, encode_named
@@ -61,27 +63,58 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.UploadAck(reported=self.rounds.report(request.client_id, request.round))
 
 
-class RoundDriver:
-    """Closes each round: who every party holds, MPC over them, reveal the aggregate (here only)."""
+class PartyFailure(Exception):
+    """A compute party did not answer or failed its part: the round is aborted, training goes on."""
 
-    def __init__(self, rounds: SecAggRounds, stubs: list, transcript: TranscriptRecorder):
+
+class RoundDriver:
+    """Closes each round: who every party holds, MPC over them, reveal the aggregate (here only).
+
+    A compute party that stops answering aborts the round (clients' uploads for it are
+    refused with the reason); the driver asks the other parties to form their MPC world
+    again, waits until every party serves (a restarted one included), and opens the
+    next round from the same global model."""
+
+    def __init__(self, rounds: SecAggRounds, parties: list["PartyLink"], transcript: TranscriptRecorder):
         self.rounds = rounds
-        self.stubs = stubs
+        self.parties = parties
         self.transcript = transcript
-        self.pool = ThreadPoolExecutor(max_workers=len(stubs))
+        self.pool = ThreadPoolExecutor(max_workers=len(parties))
+
+    def check_parties(self) -> None:
+        for p in self.parties:
+            try:
+                status = check_health(p.channel, timeout=5.0)
+            except grpc.RpcError as e:
+                raise PartyFailure(f"{p.name} ({p.target}) is unreachable: {e.code().name}") from None
+            if status != "SERVING":
+                raise PartyFailure(f"{p.name} ({p.target}) is {status}")
+
+    def _call(self, party: "PartyLink", fn):
+        try:
+            return fn(party.stub)
+        except grpc.RpcError as e:
+            raise PartyFailure(f"{party.name} ({party.target}) failed: {e.code().name}: {e.details()}") from None
 
     def close_round(self) -> np.ndarray:
         plan, r = self.rounds.plan, self.rounds.round
-        self.rounds.wait_reports()
+        self.rounds.wait_reports(check=self.check_parties)
         phases = {"uploads_closed": time.time()}
-        held = [set(s.Held(pb.HeldRequest(round=r), timeout=30).client_ids) for s in self.stubs]
+        held = [set(self._call(p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30)).client_ids)
+                for p in self.parties]
         included = self.rounds.include(held)
         req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound,
                                   dp_sigma=plan.dp_sigma)
         phases["aggregate_requested"] = time.time()
-        futures = [self.pool.submit(lambda s: assemble_chunks(s.Aggregate(req, timeout=MPC_TIMEOUT_S))[1], s)
-                   for s in self.stubs]
-        shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
+        calls = [p.stub.Aggregate(req, timeout=MPC_TIMEOUT_S) for p in self.parties]
+        futures = [self.pool.submit(self._call, p, lambda _, c=c: assemble_chunks(c)[1])
+                   for p, c in zip(self.parties, calls)]
+        try:
+            shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
+        except PartyFailure:
+            for c in calls:  # the others would wait out their MPC timeout holding the pool's threads
+                c.cancel()
+            raise
         phases["shares_received"] = time.time()
         aggregate = decode_fixed(reconstruct(shares))
         phases["revealed"] = time.time()
@@ -91,19 +124,59 @@ class RoundDriver:
         log.info("round %d: aggregated %d clients (%s)", r, len(included), ", ".join(included))
         return aggregate, included
 
+    def recover(self, round_: int, reason: str) -> None:
+        """Have the parties still up re-form the MPC world; wait until all serve (or give up)."""
+        for p in self.parties:
+            try:
+                p.stub.Rejoin(pb.RejoinRequest(round=round_, reason=reason), timeout=10)
+            except grpc.RpcError:
+                pass  # the failed party: it joins the new world when it restarts
+        deadline = time.monotonic() + self.rounds.plan.party_recovery_s
+        while True:
+            try:
+                self.check_parties()
+                return
+            except PartyFailure as e:
+                if time.monotonic() > deadline:
+                    raise ProtocolError("UNAVAILABLE", f"parties did not recover within "
+                                        f"{self.rounds.plan.party_recovery_s:.0f}s: {e}") from None
+                time.sleep(1.0)
+
     def run(self) -> None:
         while not self.rounds.done:
-            aggregate, included = self.close_round()
+            r = self.rounds.round
+            try:
+                aggregate, included = self.close_round()
+            except PartyFailure as e:
+                reason = str(e)
+                try:  # name the party that is down, not only the survivor whose MPC step failed with it
+                    self.check_parties()
+                except PartyFailure as down:
+                    reason = reason if str(down) in reason else f"{down}; {reason}"
+                log.error("round %d aborted: %s; waiting for the compute parties to serve again", r, reason)
+                self.rounds.abort(reason)
+                self.recover(r, reason)
+                self.rounds.reopen()
+                log.info("compute parties serve again: round %d starts from round %d's model", r + 1, r)
+                continue
             self.rounds.advance(apply_aggregate(self.rounds.params, aggregate), included)
 
 
-def party_stubs(targets: list[str], names: list[str], tls: TlsFiles, meter: CostMeter) -> list:
-    stubs = []
+@dataclass
+class PartyLink:
+    name: str
+    target: str
+    channel: grpc.Channel
+    stub: pb_grpc.ComputePartyStub
+
+
+def party_links(targets: list[str], names: list[str], tls: TlsFiles, meter: CostMeter) -> list[PartyLink]:
+    links = []
     for target, name in zip(targets, names):
         channel = make_channel(target, tls=tls, meter=meter, server_name=name)
         wait_ready(channel, timeout=120)
-        stubs.append(pb_grpc.ComputePartyStub(channel))
-    return stubs
+        links.append(PartyLink(name, target, channel, pb_grpc.ComputePartyStub(channel)))
+    return links
 
 
 def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: int = 0, host: str = "[::]",
@@ -115,14 +188,14 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
     transcript = TranscriptRecorder(out_dir / "transcripts" / "coordinator.jsonl" if out_dir else None,
                                     party="coordinator", role="coordinator")
     servicer = CoordinatorServicer(rounds, party_targets, names)
-    stubs = party_stubs(party_targets, names, tls, meter)
+    parties = party_links(party_targets, names, tls, meter)
     server = make_server(tls=tls, port=port, host=host, meter=meter)
     server.add(pb_grpc.add_CoordinatorServicer_to_server, servicer, SERVICE)
     server.start()
     write_port_file(port_file, server.port)
     log.info("coordinator on port %d: %d clients, %d parties", server.port, plan.training.num_clients, plan.n_parties)
     try:
-        RoundDriver(rounds, stubs, transcript).run()
+        RoundDriver(rounds, parties, transcript).run()
     except Exception as e:  # a failed round ends training with a clear status for clients
         rounds.fail(f"round {rounds.round} failed: {e}")
         log.error(rounds.failure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -28,6 +29,7 @@ from services.common import rpc_errors, write_port_file
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ComputeParty"].full_name
 MAX_SHARE_LENGTH = 1 << 27  # 1 GiB of int64
+EXIT_REJOIN = 75  # EX_TEMPFAIL: "start me again"
 
 
 def require_role(context, role: str, party_id: str | None = None):
@@ -44,6 +46,8 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         self.store = store
         self.jobs = jobs
         self.transcript = transcript
+        self.rejoining = threading.Event()  # set by a Rejoin call: this party is about to exit
+        self.on_rejoin = lambda: None       # the server marks itself NOT_SERVING
 
     @rpc_errors
     def SubmitShare(self, request_iterator, context):
@@ -92,6 +96,17 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"MPC failed: {result}")
         yield from iter_chunks(np.ascontiguousarray(result, dtype="<i8").tobytes())
 
+    @rpc_errors
+    def Rejoin(self, request, context):
+        require_role(context, "coordinator")
+        if self.rejoining.is_set():
+            return pb.RejoinReply(rejoining=True)
+        log.warning("asked to rejoin a new MPC world (round %d aborted: %s)", request.round, request.reason)
+        self.rejoining.set()
+        self.on_rejoin()
+        self.jobs.put("rejoin")
+        return pb.RejoinReply(rejoining=True)
+
 
 def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_port: int,
           port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None) -> None:
@@ -100,11 +115,12 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
     meter = CostMeter(party_id)
     store = ShareStore(index, plan.training.client_ids())
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and plan.training.record_transcripts else None,
-                                    party=party_id, role="party")
+                                    party=party_id, role="party", resume=True)
     jobs: queue.Queue = queue.Queue()
     server = make_server(tls=tls, port=port, host=host, meter=meter)
-    server.add(pb_grpc.add_ComputePartyServicer_to_server,
-               ComputePartyServicer(index, store, jobs, transcript), SERVICE)
+    servicer = ComputePartyServicer(index, store, jobs, transcript)
+    servicer.on_rejoin = lambda: server.set_serving(False)
+    server.add(pb_grpc.add_ComputePartyServicer_to_server, servicer, SERVICE)
     stop = threading.Event()
 
     def on_signal(*_):
@@ -122,6 +138,15 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
         item = jobs.get()
         if item is None:
             break
+        if item == "rejoin":
+            # A peer failed, so this MPC world is broken. Parties are crash-only: leave, and let the
+            # supervisor (restart policy, StatefulSet) start this party again; it then forms a new
+            # world with the others, exactly as at first start. Only shares of the aborted round go.
+            log.warning("compute party %d: exiting to rejoin a new MPC world (exit %d)", index, EXIT_REJOIN)
+            server.stop(grace=1.0)
+            if out_dir:
+                meter.write(out_dir / f"costs_{party_id}.json")
+            os._exit(EXIT_REJOIN)  # the broken gloo world would hang a normal interpreter exit
         shares, spec, job = item
         try:
             job.set_result(aggregate_round(shares, spec))

@@ -5,6 +5,8 @@ local training from the global model recorded in its own transcript; the
 revealed aggregate in the coordinator's transcript must equal their sum.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,61 @@ def test_fedavg_with_secure_aggregation_matches_plain_fedavg_within_1pp(secure_v
     assert abs(secure["accuracy"] - plain["accuracy"]) <= 0.01, (secure["accuracy"], plain["accuracy"])
     # secure upload per client: one int64 share (seed compression) vs float32 weights
     assert 1.9 <= secure["costs"]["bytes_sent"] / plain["costs"]["bytes_sent"] <= 2.1
+
+
+def test_fault_compute_party_killed_mid_round_aborts_it_and_the_next_round_succeeds(tmp_path):
+    """Party 1 dies holding a share of round 1: that round is aborted with a clear reason, the
+    others form their MPC world again (dealer included: a norm bound is on) with the restarted
+    party, and the next rounds aggregate every client correctly."""
+    import time
+
+    from securecollab.launch import ProcessGroup
+    from securecollab.runs import ensure_certs, start_clients, start_secagg_servers, wait_clients
+
+    out = tmp_path / "secagg"
+    out.mkdir()
+    plan = FedAvgPlan(num_clients=3, rounds=3, local_epochs=1)
+    # client-2 vanishes before its round-1 upload, so round 1 stays open for the deadline: a window
+    # in which party 1 certainly holds a round-1 share and the round is not closed yet.
+    spec = SecAggPlan(training=plan, n_parties=3, norm_bound=5.0, min_clients=2, upload_deadline_s=6,
+                      party_recovery_s=180)
+    clients = plan.client_ids()
+    certs = ensure_certs(tmp_path / "certs", ["coordinator", "party-0", "party-1", "party-2", *clients])
+    party_1 = out / "transcripts" / "party-1.jsonl"
+    with ProcessGroup(out / "logs") as group:
+        port = start_secagg_servers(group, spec, certs, out)
+        start_clients(group, "secagg", clients, port, certs, out, {"client-2": ["--drop", "before_upload",
+                                                                                 "--drop-round", "1"]})
+        deadline = time.monotonic() + 300
+        while not any(r.round == 1 for r in load_transcript(party_1).of_kind("share")):
+            assert time.monotonic() < deadline, group.tail("coordinator")
+            time.sleep(0.05)
+        group.procs["party-1"].kill()
+        group.procs["party-1"].wait()
+        while "round 1 aborted" not in group.tail("coordinator", 200):
+            assert time.monotonic() < deadline, group.tail("coordinator")
+            time.sleep(0.2)
+        group.restart("party-1")
+        wait_clients(group, clients, may_fail={"client-2"})
+        group.wait("coordinator", timeout=120)
+    history = json.loads((out / "rounds_coordinator.json").read_text())["history"]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["included"] == clients
+    assert "party-1" in history[1]["aborted"] and "unreachable" in history[1]["aborted"]
+    assert history[2]["included"] == history[3]["included"] == ["client-0", "client-1"]
+    rounds = aggregates(out)
+    assert set(rounds) == {0, 2, 3}  # nothing revealed for the aborted round
+    for r in (2, 3):
+        included, aggregate = rounds[r]
+        updates = replayed_updates(plan, out, r)
+        np.testing.assert_allclose(aggregate, np.sum([updates[c] for c in included], axis=0),
+                                   rtol=0, atol=10 * FIXED_POINT_STEP)
+    # round 2 started from round 1's model: the aborted round changed nothing
+    models = {r.round: r.tensors for r in load_transcript(out / "transcripts" / "client-0.jsonl").of_kind("global_model")}
+    for name in models[1]:
+        np.testing.assert_array_equal(models[1][name], models[2][name])
+    # party 0 was restarted too (to form a new MPC world): its transcript kept the shares from before
+    held_by_0 = {r.round for r in load_transcript(out / "transcripts" / "party-0.jsonl").of_kind("share")}
+    assert {0, 2, 3} <= held_by_0
+    lost = load_transcript(out / "transcripts" / "client-0.jsonl").of_kind("round_lost")
+    assert [r.round for r in lost] in ([], [1])  # client-0 either reported before the abort or heard of it

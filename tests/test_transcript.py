@@ -208,3 +208,16 @@ def test_malformed_transcripts_raise_value_error(tmp_path, mutate):
     path.write_text("".join(line + "\n" for line in mutate(lines)))
     with pytest.raises(ValueError, match=re.escape(str(path))):
         load_transcript(path)
+
+
+def test_a_resumed_transcript_keeps_what_the_party_recorded_before(tmp_path):
+    path = tmp_path / "party-0.jsonl"
+    TranscriptRecorder(path, party="party-0", role="party").record("share", round=0, sender="client-0")
+    # a restarted party continues its own transcript ...
+    TranscriptRecorder(path, party="party-0", role="party", resume=True).record("share", round=2, sender="client-0")
+    assert [r.round for r in load_transcript(path).of_kind("share")] == [0, 2]
+    # ... but never another party's, and without resume a run starts afresh
+    TranscriptRecorder(path, party="party-1", role="party", resume=True).record("share", round=5, sender="client-0")
+    assert [r.round for r in load_transcript(path).of_kind("share")] == [5]
+    TranscriptRecorder(path, party="party-1", role="party")
+    assert load_transcript(path).of_kind("share") == []

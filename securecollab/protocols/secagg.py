@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,6 +31,8 @@ class SecAggPlan:
     upload_deadline_s: float = 120.0
     norm_bound: float = 0.0   # 0: no bound; otherwise reject updates with a larger L2 norm, inside MPC
     dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
+    max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
+    party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
 
     @property
     def needs_dealer(self) -> bool:
@@ -111,7 +114,9 @@ class ShareStore:
             if missing:
                 raise ProtocolError("FAILED_PRECONDITION", f"no share from {missing} for round {round_}")
             shares = [held[c] for c in client_ids]
-            self._shares.pop(round_, None)
+            # Earlier rounds still here were aborted; their shares will never be used.
+            for stale in [r for r in self._shares if r <= round_]:
+                del self._shares[stale]
             self.closed_through = max(self.closed_through, round_)
         return [s.expand() for s in shares]
 
@@ -123,28 +128,47 @@ class SecAggRounds(RoundState):
         super().__init__(plan.training.rounds, plan.training.client_ids(), initial)
         self.plan = plan
         self.reported: set[str] = set()
+        self.first_report_at: float | None = None
         self.history: list[dict] = []
+        self.aborted = 0                       # round ids used up by aborted rounds
+        self.abort_reason: str | None = None   # set while an aborted round waits for its parties
+
+    @property
+    def done(self) -> bool:
+        # Aborted rounds left the model unchanged: the plan's rounds count aggregations.
+        return self.round - self.aborted >= self.total_rounds
 
     def report(self, client_id: str, round_: int) -> int:
         self.check_client(client_id)
         with self._cond:
+            if self.abort_reason and round_ == self.round:
+                raise ProtocolError("FAILED_PRECONDITION", f"round {round_} was aborted: {self.abort_reason}")
             if round_ != self.round or self.done:
                 raise ProtocolError("FAILED_PRECONDITION", f"report for round {round_}, current is {self.round}")
             self.reported.add(client_id)
+            self.first_report_at = self.first_report_at or time.monotonic()
             self._cond.notify_all()
             return len(self.reported)
 
-    def wait_reports(self, open_timeout: float = 3600.0) -> set[str]:
+    def wait_reports(self, open_timeout: float = 3600.0, check=lambda: None, poll_s: float = 1.0) -> set[str]:
         """Until every client reported, or the upload deadline passed since the first report; returns who reported.
 
         The deadline runs from the first report, not from the round's start, so
-        slow local training or slow start-up does not count against uploads."""
+        slow local training or slow start-up does not count against uploads.
+        `check` runs every `poll_s` without the lock (the coordinator checks its
+        parties are alive there; it raises to abort the round)."""
         everyone = self.plan.training.num_clients
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.reported, timeout=open_timeout):
-                return set()
-            self._cond.wait_for(lambda: len(self.reported) == everyone, timeout=self.plan.upload_deadline_s)
-            return set(self.reported)
+        opened = time.monotonic()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self.reported) == everyone, timeout=poll_s)
+                first = self.first_report_at
+                if len(self.reported) == everyone or (
+                        first is not None and time.monotonic() - first >= self.plan.upload_deadline_s):
+                    return set(self.reported)
+                if first is None and time.monotonic() - opened >= open_timeout:
+                    return set()
+            check()
 
     def include(self, held_by_party: list[set[str]]) -> list[str]:
         """Clients whose shares every party holds; refuse the round below the minimum."""
@@ -158,9 +182,30 @@ class SecAggRounds(RoundState):
     def advance(self, new_params, included: list[str]) -> None:
         with self._cond:
             self.history.append({"round": self.round, "included": included})
-            self.reported = set()
+            self.reported, self.first_report_at = set(), None
             self._advance(new_params)
+
+    def abort(self, reason: str) -> None:
+        """The current round failed (a compute party did): uploads for it are refused from now on.
+
+        Training stops (ABORTED for every client) once more than the plan's
+        `max_aborted_rounds` rounds were aborted."""
+        with self._cond:
+            self.history.append({"round": self.round, "aborted": reason})
+            self.aborted += 1
+            self.abort_reason = reason
+            self._cond.notify_all()
+        if self.aborted > self.plan.max_aborted_rounds:
+            raise ProtocolError("ABORTED", f"{self.aborted} rounds aborted, the last: {reason}")
+
+    def reopen(self) -> None:
+        """After an aborted round: the next round id starts from the same global model."""
+        with self._cond:
+            self.reported, self.first_report_at, self.abort_reason = set(), None, None
+            self.round += 1
+            self._cond.notify_all()
 
     def last_included(self) -> list[str]:
         """The clients of the last round: those the coordinator waits for before stopping."""
-        return self.history[-1]["included"] if self.history else []
+        done = [h for h in self.history if "included" in h]
+        return done[-1]["included"] if done else []

@@ -110,3 +110,17 @@ class AggregateRequest(_message.Message):
     norm_bound: float
     dp_sigma: float
     def __init__(self, round: _Optional[int] = ..., client_ids: _Optional[_Iterable[str]] = ..., norm_bound: _Optional[float] = ..., dp_sigma: _Optional[float] = ...) -> None: ...
+
+class RejoinRequest(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RejoinReply(_message.Message):
+    __slots__ = ("rejoining",)
+    REJOINING_FIELD_NUMBER: _ClassVar[int]
+    rejoining: bool
+    def __init__(self, rejoining: _Optional[bool] = ...) -> None: ...

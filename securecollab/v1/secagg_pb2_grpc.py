@@ -214,6 +214,11 @@ class ComputePartyStub:
                 request_serializer=securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
                 response_deserializer=securecollab_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Rejoin = channel.unary_unary(
+                '/securecollab.v1.ComputeParty/Rejoin',
+                request_serializer=securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
+                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
+                _registered_method=True)
 
 
 class ComputePartyServicer:
@@ -241,6 +246,13 @@ class ComputePartyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rejoin(self, request, context):
+        """A party failed: leave the broken MPC world (exit; a supervisor restarts you into a new one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComputePartyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +270,11 @@ def add_ComputePartyServicer_to_server(servicer, server):
                     servicer.Aggregate,
                     request_deserializer=securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.FromString,
                     response_serializer=securecollab_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'Rejoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rejoin,
+                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.FromString,
+                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.RejoinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -342,6 +359,33 @@ class ComputeParty:
             '/securecollab.v1.ComputeParty/Aggregate',
             securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
             securecollab_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rejoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/securecollab.v1.ComputeParty/Rejoin',
+            securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
+            securecollab_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
             options,
             channel_credentials,
             insecure,
