@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,15 @@ class RoundDriver:
         futures = [self.pool.submit(self._call, p, lambda _, c=c: assemble_chunks(c)[1])
                    for p, c in zip(self.parties, calls)]
         try:
+            # A party that dies inside the MPC leaves the others blocked in gloo (no error comes
+            # back when its host vanishes): keep checking health while they compute.
+            pending = set(futures)
+            while pending:
+                done, pending = futures_wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                if any(f.exception() for f in done):
+                    break
+                if pending:
+                    self.check_parties()
             shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
         except PartyFailure:
             for c in calls:  # the others would wait out their MPC timeout holding the pool's threads

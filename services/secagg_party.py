@@ -47,7 +47,7 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         self.jobs = jobs
         self.transcript = transcript
         self.rejoining = threading.Event()  # set by a Rejoin call: this party is about to exit
-        self.on_rejoin = lambda: None       # the server marks itself NOT_SERVING
+        self.on_rejoin = lambda: None       # set by serve(): stop serving and exit
 
     @rpc_errors
     def SubmitShare(self, request_iterator, context):
@@ -104,7 +104,6 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         log.warning("asked to rejoin a new MPC world (round %d aborted: %s)", request.round, request.reason)
         self.rejoining.set()
         self.on_rejoin()
-        self.jobs.put("rejoin")
         return pb.RejoinReply(rejoining=True)
 
 
@@ -119,7 +118,20 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
     jobs: queue.Queue = queue.Queue()
     server = make_server(tls=tls, port=port, host=host, meter=meter)
     servicer = ComputePartyServicer(index, store, jobs, transcript)
-    servicer.on_rejoin = lambda: server.set_serving(False)
+
+    def rejoin():
+        # A peer failed, so this MPC world is broken (and this party's main thread may be stuck in
+        # it). Parties are crash-only: leave, and let the supervisor (restart policy, StatefulSet)
+        # start this party again; it then forms a new world with the others, as at first start.
+        # Only shares of the aborted round are lost.
+        server.set_serving(False)
+        log.warning("compute party %d: exiting to rejoin a new MPC world (exit %d)", index, EXIT_REJOIN)
+        server.stop(grace=1.0)  # the Rejoin reply goes out first
+        if out_dir:
+            meter.write(out_dir / f"costs_{party_id}.json")
+        os._exit(EXIT_REJOIN)  # a broken gloo world would hang a normal interpreter exit
+
+    servicer.on_rejoin = lambda: threading.Thread(target=rejoin, daemon=True).start()
     server.add(pb_grpc.add_ComputePartyServicer_to_server, servicer, SERVICE)
     stop = threading.Event()
 
@@ -138,15 +150,6 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
         item = jobs.get()
         if item is None:
             break
-        if item == "rejoin":
-            # A peer failed, so this MPC world is broken. Parties are crash-only: leave, and let the
-            # supervisor (restart policy, StatefulSet) start this party again; it then forms a new
-            # world with the others, exactly as at first start. Only shares of the aborted round go.
-            log.warning("compute party %d: exiting to rejoin a new MPC world (exit %d)", index, EXIT_REJOIN)
-            server.stop(grace=1.0)
-            if out_dir:
-                meter.write(out_dir / f"costs_{party_id}.json")
-            os._exit(EXIT_REJOIN)  # the broken gloo world would hang a normal interpreter exit
         shares, spec, job = item
         try:
             job.set_result(aggregate_round(shares, spec))

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The federation in containers, end to end, on a machine with no Docker engine running and no
+# image registry (like CI's). As root:
+#   1. install and start the engine from Debian's packages (if none is running);
+#   2. build a base image with debootstrap when no registry answers (deploy/build-image.sh);
+#   3. build the project image (deploy/Dockerfile; wheels from WHEELS_DIR served over HTTP);
+#   4. run deploy/docker-compose.yml: encrypted inference, a split-learning epoch, then FedAvg over
+#      secure aggregation during which compute party 1 is stopped mid-round and restarted;
+#      every step's result is checked;
+#   5. tear everything down: containers, volumes, network, images and the engine it started.
+# Environment: CLIENTS (3), ROUNDS (30), LOCAL_EPOCHS (2), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
+# OUT (results/containers: the results volume is copied there), KEEP_ENGINE=1 (leave the engine
+# and images for the next run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROJECT=securecollab-e2e
+export CLIENTS=${CLIENTS:-3} ROUNDS=${ROUNDS:-30} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2} NORM_BOUND=${NORM_BOUND:-50}
+export SECURECOLLAB_IMAGE=securecollab:latest
+OUT=${OUT:-$PWD/results/containers}
+STARTED_ENGINE=0
+
+say() { echo "[container-e2e $(date +%H:%M:%S)] $*"; }
+fail() { say "FAILED: $*"; exit 1; }
+compose() { docker-compose -p "$PROJECT" -f deploy/docker-compose.yml "$@"; }
+cid() { compose ps -q "$1" | head -1; }
+
+[ "$(id -u)" = 0 ] || fail "run as root (it installs and starts the Docker engine)"
+
+teardown() {
+    local rc=$?
+    set +e
+    if [ "$rc" != 0 ] && docker info >/dev/null 2>&1; then
+        say "logs of the last run:"
+        compose logs --no-color --tail 40 2>&1 | grep -v '^\s*$' | tail -150
+    fi
+    say "tearing down"
+    if docker info >/dev/null 2>&1; then
+        compose down -v --remove-orphans >/dev/null 2>&1
+        [ -n "$(docker ps -q)" ] && say "containers still running: $(docker ps --format '{{.Names}}')"
+    fi
+    if [ "$STARTED_ENGINE" = 1 ] && [ "${KEEP_ENGINE:-0}" != 1 ]; then
+        docker system prune -af --volumes >/dev/null 2>&1
+        kill "$(cat /var/run/docker.pid 2>/dev/null)" 2>/dev/null
+        for _ in $(seq 1 30); do pgrep -x dockerd >/dev/null || break; sleep 1; done
+        pkill -x containerd 2>/dev/null
+        # dockerd leaves its bridge and firewall rules behind (and FORWARD set to DROP)
+        ip link del docker0 2>/dev/null
+        iptables -t nat -F; iptables -t nat -X
+        iptables -F FORWARD; iptables -P FORWARD ACCEPT
+        chains="DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER"
+        for c in $chains; do iptables -F "$c" 2>/dev/null; done  # all flushed before any is deleted
+        for c in $chains; do iptables -X "$c" 2>/dev/null; done
+        pgrep -x dockerd >/dev/null && say "dockerd is still running"
+    fi
+    [ "$rc" = 0 ] && say "PASSED" || say "FAILED (exit $rc)"
+}
+trap teardown EXIT
+
+# 1. The engine.
+if ! docker info >/dev/null 2>&1; then
+    if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
+        say "installing docker.io, docker-compose, debootstrap from Debian's packages"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            docker.io docker-compose debootstrap iptables >/dev/null
+    fi
+    say "starting dockerd"
+    nohup dockerd >/tmp/securecollab-dockerd.log 2>&1 &
+    STARTED_ENGINE=1
+    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || fail "dockerd did not start: $(tail -5 /tmp/securecollab-dockerd.log)"
+fi
+command -v docker-compose >/dev/null || fail "docker-compose is missing"
+
+# 2-3. A base image (debootstrap when no registry answers) and the project image.
+IMAGE=$SECURECOLLAB_IMAGE deploy/build-image.sh
+
+# 4. The scenario.
+compose down -v --remove-orphans >/dev/null 2>&1 || true
+rm -rf "$OUT"
+
+wait_exit() {  # wait_exit CONTAINER TIMEOUT: its exit code must be 0
+    local code
+    code=$(timeout "$2" docker wait "$1") || fail "$(docker inspect -f '{{.Name}}' "$1") still running after $2 s"
+    [ "$code" = 0 ] || fail "$(docker inspect -f '{{.Name}}' "$1") exited with $code"
+}
+wait_log() {  # wait_log SERVICE PATTERN TIMEOUT
+    local deadline=$((SECONDS + $3))
+    until compose logs --no-color "$1" 2>/dev/null | grep -q "$2"; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "$1 did not log '$2' within $3 s"
+        [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")")" = true ] || fail "$1 exited before logging '$2'"
+        sleep 0.5
+    done
+}
+collect() { rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"; docker cp "$(cid certs):/results" "$OUT"; }
+check() { python3 - "$OUT" "$@"; }
+
+say "encrypted inference: HE server + client"
+compose up -d he he-client >/dev/null 2>&1
+wait_exit "$(cid he-client)" 900
+collect
+check <<'EOF'
+import json, sys
+r = json.load(open(f"{sys.argv[1]}/he/infer_client-0.json"))
+print(f"  HE: {len(r['predictions'])} encrypted queries, accuracy {r['accuracy']:.3f}, argmax agreement with "
+      f"the plaintext API {r['plain_agreement']:.3f}, max |logit error| {r['max_abs_error']:.1e}")
+assert r["plain_agreement"] == 1.0 and r["max_abs_error"] < 0.05 and r["accuracy"] >= 0.8, r
+EOF
+
+say "split learning: one epoch, $CLIENTS clients in turn"
+compose up -d --scale split-client="$CLIENTS" split split-client >/dev/null 2>&1
+wait_exit "$(cid split)" 900
+for c in $(compose ps -q split-client); do wait_exit "$c" 120; done
+collect
+check <<'EOF'
+import json, os, sys
+out, n = f"{sys.argv[1]}/split", int(os.environ["CLIENTS"])
+acc = {r["client_id"]: r["test_accuracy"] for r in
+       (json.load(open(f"{out}/{f}")) for f in os.listdir(out) if f.startswith("result_client-"))}
+print(f"  split: test accuracy after one epoch {max(acc.values()):.3f} (chance 0.1); clients {sorted(acc)}")
+assert sorted(acc) == [f"client-{i}" for i in range(n)] and max(acc.values()) >= 0.3, acc
+assert os.path.exists(f"{out}/split_server_part.npz")
+EOF
+
+say "secure aggregation: $ROUNDS rounds, $CLIENTS clients, 3 compute parties + dealer"
+compose up -d --scale client="$CLIENTS" party-0 party-1 party-2 dealer coordinator client >/dev/null 2>&1
+wait_log coordinator "round 1: aggregated" 900
+say "stopping compute party 1 mid-training"
+compose stop -t 0 party-1 >/dev/null 2>&1
+wait_log coordinator "aborted" 120
+compose logs --no-color coordinator | grep -o 'round [0-9]* aborted: .*' | cut -c1-160 | sed 's/^/  coordinator: /'
+say "restarting compute party 1"
+compose start party-1 >/dev/null 2>&1
+wait_exit "$(cid coordinator)" 900
+for c in $(compose ps -q client); do wait_exit "$c" 120; done
+collect
+check <<'EOF'
+import json, os, sys
+out, n, rounds = f"{sys.argv[1]}/secagg", int(os.environ["CLIENTS"]), int(os.environ["ROUNDS"])
+history = json.load(open(f"{out}/rounds_coordinator.json"))["history"]
+aborted = [h for h in history if "aborted" in h]
+done = [h for h in history if "included" in h]
+acc = [json.load(open(f"{out}/result_client-{i}.json"))["test_accuracy"] for i in range(n)]
+print(f"  secagg: {len(done)} rounds aggregated, {len(aborted)} aborted "
+      f"(round {', '.join(str(h['round']) for h in aborted)}); client test accuracy {min(acc):.3f}")
+assert aborted and all("party-1" in h["aborted"] for h in aborted), aborted
+assert len(done) == rounds and done[-1]["round"] > aborted[-1]["round"], history
+assert all(len(h["included"]) == n for h in done if h["round"] > aborted[-1]["round"]), history
+assert min(acc) >= 0.8 and os.path.exists(f"{out}/secagg_model.npz"), acc
+EOF
+say "results copied to $OUT"
