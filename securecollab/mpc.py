@@ -29,7 +29,9 @@ client that picks wrapping inputs needs range proofs, out of scope here.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -39,6 +41,8 @@ import torch
 
 from securecollab.crypten_compat import init_party, load_crypten
 from securecollab.sharing import FRAC_BITS, SCALE  # CrypTen's default encoding; shares arrive in it
+
+log = logging.getLogger(__name__)
 
 # Squared norms live at scale 2^32 in a signed 64-bit ring: bound^2 * 2^32 < 2^63.
 MAX_NORM_BOUND = 2.0 ** ((63 - 2 * FRAC_BITS) / 2) - 1.0
@@ -70,6 +74,44 @@ class AggregationSpec:
         return self.norm_bound is not None
 
 
+WORLD_FORMED_KEY = "securecollab/world_formed"
+
+
+def _store_client(addr: str, port: int, timeout_s: float):
+    import datetime
+
+    import torch.distributed as dist
+    return dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def wait_for_fresh_rendezvous(master_addr: str, master_port: int, poll_s: float = 1.0) -> None:
+    """Before joining: wait while the rendezvous still belongs to a world that already formed.
+
+    After a party fails and restarts, the old party 0 may still host the old
+    (broken) world's store until the coordinator tells it to leave; joining
+    that store would leave this process waiting in a world nobody forms again.
+    Party 0 marks its store once its world has formed (mark_world_formed), so
+    a marked store is stale for anyone starting now."""
+    waited = False
+    while True:
+        try:
+            if not _store_client(master_addr, master_port, 2.0).check([WORLD_FORMED_KEY]):
+                return
+        except Exception:  # nothing listening: no stale world (the new party 0 will host one)
+            return
+        if not waited:
+            log.info("the MPC rendezvous at %s:%d still serves a formed world; waiting for it to close",
+                     master_addr, master_port)
+            waited = True
+        time.sleep(poll_s)
+
+
+def mark_world_formed(master_addr: str, master_port: int) -> None:
+    """Party 0, once its world has formed: later joiners must wait for a new world."""
+    _store_client(master_addr, master_port, 10.0).set(WORLD_FORMED_KEY, "1")
+
+
 def setup_party(rank: int, n_parties: int, master_addr: str, master_port: int, *, dealer: bool) -> ModuleType:
     """Join the MPC world as compute party ``rank`` of ``n_parties``; returns crypten.
 
@@ -83,7 +125,12 @@ def setup_party(rank: int, n_parties: int, master_addr: str, master_port: int, *
     # The provider decides the world size at init (n, or n + 1 with a dealer),
     # so it must be set before joining.
     crypten.cfg.mpc.provider = "TTP" if dealer else "TFP"
-    return init_party(rank, n_parties, master_addr, master_port)
+    if rank != 0:
+        wait_for_fresh_rendezvous(master_addr, master_port)
+    crypten = init_party(rank, n_parties, master_addr, master_port)
+    if rank == 0:
+        mark_world_formed(master_addr, master_port)
+    return crypten
 
 
 def run_dealer(n_parties: int, master_addr: str, master_port: int) -> None:
@@ -94,6 +141,7 @@ def run_dealer(n_parties: int, master_addr: str, master_port: int) -> None:
     """
     crypten = load_crypten()
     crypten.cfg.mpc.provider = "TTP"
+    wait_for_fresh_rendezvous(master_addr, master_port)
     # The dealer is the extra rank n of a world that CrypTen still calls size n.
     init_party(n_parties, n_parties, master_addr, master_port)
     with warnings.catch_warnings():

@@ -169,16 +169,14 @@ def test_fault_compute_party_killed_mid_round_aborts_it_and_the_next_round_succe
             time.sleep(0.05)
         group.procs["party-1"].kill()
         group.procs["party-1"].wait()
-        while "round 1 aborted" not in group.tail("coordinator", 200):
-            assert time.monotonic() < deadline, group.tail("coordinator")
-            time.sleep(0.2)
+        # Back at once, before the others know: it must not join their old (broken) world.
         group.restart("party-1")
         wait_clients(group, clients, may_fail={"client-2"})
         group.wait("coordinator", timeout=120)
     history = json.loads((out / "rounds_coordinator.json").read_text())["history"]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
     assert history[0]["included"] == clients
-    assert "party-1" in history[1]["aborted"] and "unreachable" in history[1]["aborted"]
+    assert "party-1" in history[1]["aborted"], history[1]
     assert history[2]["included"] == history[3]["included"] == ["client-0", "client-1"]
     rounds = aggregates(out)
     assert set(rounds) == {0, 2, 3}  # nothing revealed for the aborted round
