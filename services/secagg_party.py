@@ -112,7 +112,7 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
     """Run compute party `index` until SIGTERM; the CrypTen world runs on this (main) thread."""
     party_id = f"party-{index}"
     meter = CostMeter(party_id)
-    store = ShareStore(index, plan.training.client_ids())
+    store = ShareStore(index, plan.training.client_ids(), min_clients=plan.min_clients)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and plan.training.record_transcripts else None,
                                     party=party_id, role="party", resume=True)
     jobs: queue.Queue = queue.Queue()

@@ -66,3 +66,19 @@ def test_plan_round_trips_through_json():
     plan = SecAggPlan(training=FedAvgPlan(num_clients=7, rounds=3), n_parties=2, norm_bound=1.5)
     assert SecAggPlan.from_json(plan.to_json()) == plan
     assert plan.needs_dealer and not SecAggPlan().needs_dealer
+
+
+def test_bad_input_party_refuses_to_aggregate_one_client_alone_a_repeated_client_or_a_round_twice():
+    """A curious coordinator cannot isolate one update: not alone, not by differencing two sums."""
+    store = ShareStore(0, ["client-0", "client-1", "client-2"], min_clients=2)
+    for c in ("client-0", "client-1", "client-2"):
+        store.put(c, 4, _share())
+    for ids, code in ((["client-1"], "FAILED_PRECONDITION"), (["client-1", "client-1"], "INVALID_ARGUMENT")):
+        with pytest.raises(ProtocolError) as e:
+            store.take(4, ids)
+        assert e.value.code == code
+    assert store.held(4) == ["client-0", "client-1", "client-2"]  # refusals lose nothing
+    assert len(store.take(4, ["client-0", "client-1", "client-2"])) == 3
+    with pytest.raises(ProtocolError) as e:  # the round is closed: no second, smaller sum
+        store.take(4, ["client-0", "client-1"])
+    assert e.value.code == "FAILED_PRECONDITION"

@@ -77,9 +77,10 @@ def apply_aggregate(global_params, aggregate: np.ndarray):
 class ShareStore:
     """A compute party's shares, by round and client; thread-safe, refuses duplicates and stale rounds."""
 
-    def __init__(self, party: int, client_ids: list[str]):
+    def __init__(self, party: int, client_ids: list[str], min_clients: int = 1):
         self.party = party
         self.client_ids = set(client_ids)
+        self.min_clients = min_clients  # a curious coordinator must not get one client's update alone
         self.closed_through = -1  # rounds <= this are aggregated and dropped
         self._shares: dict[int, dict[str, Share]] = {}
         self._lock = threading.Lock()
@@ -107,7 +108,15 @@ class ShareStore:
             return sorted(self._shares.get(round_, {}))
 
     def take(self, round_: int, client_ids: list[str]) -> list[np.ndarray]:
-        """The expanded shares of `client_ids`, in that order; closes the round."""
+        """The expanded shares of `client_ids`, in that order; closes the round.
+
+        At least `min_clients` distinct clients, and only once per round: otherwise a
+        coordinator could reveal a single update, or the difference of two overlapping sums."""
+        if len(set(client_ids)) != len(client_ids):
+            raise ProtocolError("INVALID_ARGUMENT", f"a client is listed twice in {client_ids}")
+        if len(client_ids) < self.min_clients:
+            raise ProtocolError("FAILED_PRECONDITION", f"aggregating {len(client_ids)} clients would reveal too "
+                                f"much: this party aggregates at least {self.min_clients}")
         with self._lock:
             held = self._shares.get(round_, {})
             missing = [c for c in client_ids if c not in held]
