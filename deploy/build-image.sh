@@ -13,7 +13,7 @@ WHEELS_DIR=${WHEELS_DIR:-/opt/wheels}
 say() { echo "[build-image $(date +%H:%M:%S)] $*"; }
 
 server=
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -f deploy/extra-ca/*.crt; }
+cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -f deploy/extra-ca/host-*.crt; }
 trap cleanup EXIT
 
 if [ -z "${BASE_IMAGE:-}" ]; then
@@ -42,7 +42,9 @@ if compgen -G "$WHEELS_DIR/*.whl" >/dev/null; then
     args+=(--build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/")
     compgen -G "$WHEELS_DIR/torch-*+cpu-*.whl" >/dev/null && args+=(--build-arg "PIP_EXTRA_INDEX_URL=")
 fi
-cp /usr/local/share/ca-certificates/*.crt deploy/extra-ca/ 2>/dev/null || true
+for crt in /usr/local/share/ca-certificates/*.crt; do
+    [ -f "$crt" ] && cp "$crt" "deploy/extra-ca/host-$(basename "$crt")"
+done
 say "building $IMAGE on $BASE_IMAGE"
 # --network host: the build reaches the local wheel server (and, through the host, the index)
 docker build -q --network host -f deploy/Dockerfile "${args[@]}" -t "$IMAGE" . >/dev/null

@@ -8,22 +8,24 @@
 #      secure aggregation during which compute party 1 is stopped mid-round and restarted;
 #      every step's result is checked;
 #   5. tear everything down: containers, volumes, network, images and the engine it started.
-# Environment: CLIENTS (3), ROUNDS (30), LOCAL_EPOCHS (2), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
+# Environment: CLIENTS (3), ROUNDS (200), LOCAL_EPOCHS (2), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
 # OUT (results/containers: the results volume is copied there), KEEP_ENGINE=1 (leave the engine
 # and images for the next run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROJECT=securecollab-e2e
-export CLIENTS=${CLIENTS:-3} ROUNDS=${ROUNDS:-30} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2} NORM_BOUND=${NORM_BOUND:-50}
+# Enough rounds (~0.25 s each here) that party 1 is surely stopped while training still runs.
+export CLIENTS=${CLIENTS:-3} ROUNDS=${ROUNDS:-200} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2} NORM_BOUND=${NORM_BOUND:-50}
 export SECURECOLLAB_IMAGE=securecollab:latest
 OUT=${OUT:-$PWD/results/containers}
 STARTED_ENGINE=0
+IPTABLES_BEFORE=
 
 say() { echo "[container-e2e $(date +%H:%M:%S)] $*"; }
 fail() { say "FAILED: $*"; exit 1; }
 compose() { docker-compose -p "$PROJECT" -f deploy/docker-compose.yml "$@"; }
-cid() { compose ps -q "$1" | head -1; }
+cid() { compose ps -a -q "$1" | head -1; }
 
 [ "$(id -u)" = 0 ] || fail "run as root (it installs and starts the Docker engine)"
 
@@ -40,17 +42,23 @@ teardown() {
         [ -n "$(docker ps -q)" ] && say "containers still running: $(docker ps --format '{{.Names}}')"
     fi
     if [ "$STARTED_ENGINE" = 1 ] && [ "${KEEP_ENGINE:-0}" != 1 ]; then
-        docker system prune -af --volumes >/dev/null 2>&1
+        docker rmi -f "$SECURECOLLAB_IMAGE" securecollab-base:bookworm >/dev/null 2>&1
+        docker image prune -f >/dev/null 2>&1  # the build's intermediate layers
         kill "$(cat /var/run/docker.pid 2>/dev/null)" 2>/dev/null
         for _ in $(seq 1 30); do pgrep -x dockerd >/dev/null || break; sleep 1; done
-        pkill -x containerd 2>/dev/null
-        # dockerd leaves its bridge and firewall rules behind (and FORWARD set to DROP)
+        pkill -f /var/run/docker/containerd/containerd.toml 2>/dev/null  # dockerd's own containerd
+        # dockerd leaves its bridge and firewall rules behind: back to the rules from before it started
         ip link del docker0 2>/dev/null
-        iptables -t nat -F; iptables -t nat -X
-        iptables -F FORWARD; iptables -P FORWARD ACCEPT
-        chains="DOCKER DOCKER-ISOLATION-STAGE-1 DOCKER-ISOLATION-STAGE-2 DOCKER-USER"
-        for c in $chains; do iptables -F "$c" 2>/dev/null; done  # all flushed before any is deleted
-        for c in $chains; do iptables -X "$c" 2>/dev/null; done
+        [ -s "$IPTABLES_BEFORE" ] && iptables-restore < "$IPTABLES_BEFORE"
+        for table in filter nat; do
+            if ! grep -q "^\*$table" "$IPTABLES_BEFORE"; then  # unused before: empty, default policies
+                iptables -t "$table" -F
+                [ "$table" = filter ] && iptables -P FORWARD ACCEPT
+            fi
+            chains=$(iptables -t "$table" -S | awk '/^-N DOCKER/ {print $2}')
+            for c in $chains; do iptables -t "$table" -F "$c"; done  # all flushed before any is deleted
+            for c in $chains; do iptables -t "$table" -X "$c"; done
+        done
         pgrep -x dockerd >/dev/null && say "dockerd is still running"
     fi
     [ "$rc" = 0 ] && say "PASSED" || say "FAILED (exit $rc)"
@@ -66,6 +74,8 @@ if ! docker info >/dev/null 2>&1; then
             docker.io docker-compose debootstrap iptables >/dev/null
     fi
     say "starting dockerd"
+    IPTABLES_BEFORE=$(mktemp)
+    iptables-save > "$IPTABLES_BEFORE"
     nohup dockerd >/tmp/securecollab-dockerd.log 2>&1 &
     STARTED_ENGINE=1
     for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done

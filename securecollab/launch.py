@@ -51,7 +51,10 @@ class ProcessGroup:
             while not self._stopping.wait(0.2):
                 for name, codes in list(self.restart_on.items()):
                     if self.procs[name].poll() in codes:
-                        self.restart(name)
+                        try:
+                            self.restart(name)
+                        except OSError:  # tried again on the next tick
+                            pass
 
         self._watcher = threading.Thread(target=watch, daemon=True)
         self._watcher.start()

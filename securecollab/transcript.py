@@ -54,8 +54,10 @@ class TranscriptRecorder:
             return
         header = json.dumps({"format": FORMAT, "party": party, "role": role})
         if resume and self.path.exists():
-            with self.path.open() as f:
-                if f.readline().strip() == header:
+            with self.path.open("rb+") as f:
+                if f.readline().decode(errors="replace").strip() == header:
+                    data = f.seek(0) or f.read()
+                    f.truncate(data.rfind(b"\n") + 1)  # drop a line torn by the crash before the restart
                     return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(header + "\n")

@@ -30,6 +30,9 @@ from services.secagg_party import require_role
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MPC_TIMEOUT_S = 600.0
+# A party answering with these is alive and refused: not a crash to recover from.
+REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -82,19 +85,31 @@ class RoundDriver:
         self.transcript = transcript
         self.pool = ThreadPoolExecutor(max_workers=len(parties))
 
-    def check_parties(self) -> None:
+    def _health(self, p: "PartyLink") -> str | None:
+        """None when the party serves, else what is wrong."""
+        try:
+            status = check_health(p.channel, timeout=5.0)
+        except grpc.RpcError as e:
+            return f"{p.name} ({p.target}) is unreachable: {e.code().name}"
+        return None if status == "SERVING" else f"{p.name} ({p.target}) is {status}"
+
+    def check_parties(self, confirm: bool = True) -> None:
+        """Raise PartyFailure for a party that does not serve; with `confirm`, only if a second
+        check a second later agrees (one slow answer on a busy host must not abort a round)."""
         for p in self.parties:
-            try:
-                status = check_health(p.channel, timeout=5.0)
-            except grpc.RpcError as e:
-                raise PartyFailure(f"{p.name} ({p.target}) is unreachable: {e.code().name}") from None
-            if status != "SERVING":
-                raise PartyFailure(f"{p.name} ({p.target}) is {status}")
+            problem = self._health(p)
+            if problem and confirm:
+                time.sleep(1.0)
+                problem = self._health(p)
+            if problem:
+                raise PartyFailure(problem)
 
     def _call(self, party: "PartyLink", fn):
         try:
             return fn(party.stub)
         except grpc.RpcError as e:
+            if e.code() in REFUSALS:  # the party is fine and said no: a bug or a misconfiguration, not a crash
+                raise ProtocolError(e.code().name, f"{party.name} refused: {e.details()}") from None
             raise PartyFailure(f"{party.name} ({party.target}) failed: {e.code().name}: {e.details()}") from None
 
     def close_round(self) -> np.ndarray:
@@ -116,12 +131,13 @@ class RoundDriver:
             pending = set(futures)
             while pending:
                 done, pending = futures_wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-                if any(f.exception() for f in done):
-                    break
+                failed = next((f for f in done if f.exception()), None)
+                if failed:
+                    failed.result()  # raises at once: the others may be stuck waiting for that party
                 if pending:
                     self.check_parties()
             shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
-        except PartyFailure:
+        except (PartyFailure, ProtocolError):
             for c in calls:  # the others would wait out their MPC timeout holding the pool's threads
                 c.cancel()
             raise
@@ -137,14 +153,18 @@ class RoundDriver:
     def recover(self, round_: int, reason: str) -> None:
         """Have the parties still up re-form the MPC world; wait until all serve (or give up)."""
         for p in self.parties:
-            try:
-                p.stub.Rejoin(pb.RejoinRequest(round=round_, reason=reason), timeout=10)
-            except grpc.RpcError:
-                pass  # the failed party: it joins the new world when it restarts
+            for _ in range(3):  # a survivor that misses this would keep the old world alive
+                try:
+                    p.stub.Rejoin(pb.RejoinRequest(round=round_, reason=reason), timeout=10)
+                    break
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        break  # the failed party: it joins the new world when it restarts
+                    time.sleep(1.0)
         deadline = time.monotonic() + self.rounds.plan.party_recovery_s
         while True:
             try:
-                self.check_parties()
+                self.check_parties(confirm=False)
                 return
             except PartyFailure as e:
                 if time.monotonic() > deadline:

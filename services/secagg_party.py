@@ -126,10 +126,12 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
         # Only shares of the aborted round are lost.
         server.set_serving(False)
         log.warning("compute party %d: exiting to rejoin a new MPC world (exit %d)", index, EXIT_REJOIN)
-        server.stop(grace=1.0)  # the Rejoin reply goes out first
-        if out_dir:
-            meter.write(out_dir / f"costs_{party_id}.json")
-        os._exit(EXIT_REJOIN)  # a broken gloo world would hang a normal interpreter exit
+        try:
+            server.stop(grace=1.0)  # the Rejoin reply goes out first
+            if out_dir:
+                meter.write(out_dir / f"costs_{party_id}.json")
+        finally:
+            os._exit(EXIT_REJOIN)  # a broken gloo world would hang a normal interpreter exit
 
     servicer.on_rejoin = lambda: threading.Thread(target=rejoin, daemon=True).start()
     server.add(pb_grpc.add_ComputePartyServicer_to_server, servicer, SERVICE)

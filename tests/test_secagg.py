@@ -164,7 +164,13 @@ def test_fault_compute_party_killed_mid_round_aborts_it_and_the_next_round_succe
         start_clients(group, "secagg", clients, port, certs, out, {"client-2": ["--drop", "before_upload",
                                                                                  "--drop-round", "1"]})
         deadline = time.monotonic() + 300
-        while not any(r.round == 1 for r in load_transcript(party_1).of_kind("share")):
+        def holds_round_1_share() -> bool:
+            try:
+                return any(r.round == 1 for r in load_transcript(party_1).of_kind("share"))
+            except (OSError, ValueError):  # not there yet, or a line being written
+                return False
+
+        while not holds_round_1_share():
             assert time.monotonic() < deadline, group.tail("coordinator")
             time.sleep(0.05)
         group.procs["party-1"].kill()

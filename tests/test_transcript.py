@@ -216,6 +216,10 @@ def test_a_resumed_transcript_keeps_what_the_party_recorded_before(tmp_path):
     # a restarted party continues its own transcript ...
     TranscriptRecorder(path, party="party-0", role="party", resume=True).record("share", round=2, sender="client-0")
     assert [r.round for r in load_transcript(path).of_kind("share")] == [0, 2]
+    with path.open("a") as f:  # killed mid-write: a torn last line ...
+        f.write('{"kind": "share", "round": 3, "ste')
+    TranscriptRecorder(path, party="party-0", role="party", resume=True).record("share", round=4, sender="client-0")
+    assert [r.round for r in load_transcript(path).of_kind("share")] == [0, 2, 4]  # ... dropped on resume
     # ... but never another party's, and without resume a run starts afresh
     TranscriptRecorder(path, party="party-1", role="party", resume=True).record("share", round=5, sender="client-0")
     assert [r.round for r in load_transcript(path).of_kind("share")] == [5]
