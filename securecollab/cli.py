@@ -435,6 +435,20 @@ def bench_secagg_cmd(
     console.print(f"max |revealed - plaintext aggregate| = {result['max_abs_error']:.2e}; wrote {out}")
 
 
+@bench_app.command("load")
+def bench_load_cmd(
+    clients: Annotated[int, typer.Option(min=2, help="Concurrent secure-aggregation clients (threads here, each with its own certificate).")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds.")] = 3,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_load.json"),
+):
+    """Many concurrent clients against the coordinator and 3 compute parties: round times, throughput, peak RSS, errors."""
+    from securecollab.bench_load import bench_secagg_load
+    result = bench_secagg_load(clients, rounds, out, log=console.print)
+    console.print(f"wrote {out}")
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("split")
 def bench_split_cmd(
     model: Annotated[str, typer.Option(help="Model: mlp, cnn or convnet.")] = "cnn",

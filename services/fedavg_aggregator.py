@@ -69,7 +69,9 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if record else None,
                                     party="aggregator", role="aggregator")
-    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    # Each client waiting for the next round holds a server thread: with fewer threads than clients,
+    # waiting clients starve the others' uploads and reports until the upload deadline.
+    server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)
     servicer = FedAvgAggregatorServicer(rounds, transcript)
     server.add(pb_grpc.add_FedAvgAggregatorServicer_to_server, servicer, SERVICE)
     server.start()

@@ -219,7 +219,9 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
                                     party="coordinator", role="coordinator")
     servicer = CoordinatorServicer(rounds, party_targets, names)
     parties = party_links(party_targets, names, tls, meter)
-    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    # Each client waiting for the next round holds a server thread: with fewer threads than clients,
+    # waiting clients starve the others' uploads and reports until the upload deadline.
+    server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.training.num_clients + 16)
     server.add(pb_grpc.add_CoordinatorServicer_to_server, servicer, SERVICE)
     server.start()
     write_port_file(port_file, server.port)

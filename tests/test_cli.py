@@ -111,3 +111,17 @@ def test_bench_he_writes_the_documented_json(tmp_path):
     assert he["argmax_agreement"] == 1.0 and he["max_abs_logit_error"] <= 0.05
     assert he["query_bytes"] <= 500_000
     assert set(he["single"]["stages_s"]) == {"keygen", "encrypt", "network_and_server", "server", "decrypt"}
+
+
+@pytest.mark.slow
+def test_bench_load_40_clients_rounds_close_without_waiting_for_the_deadline(tmp_path):
+    """More clients than the default 32 server threads: waiting clients must not starve the others'
+    reports (rounds then closed only at the 300 s upload deadline)."""
+    path = tmp_path / "load.json"
+    out = securecollab("bench", "load", "--clients", "40", "--rounds", "2", "--out", str(path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    assert r["errors"] == [] and r["clients_finished"] == 40
+    assert r["included_per_round"] == [40, 40]
+    assert max(r["round_wall_s"][1:]) < 60, r["round_wall_s"]
+    assert r["peak_rss_mb"]["coordinator"] > 0
