@@ -59,12 +59,14 @@ class ProcessGroup:
         self._watcher = threading.Thread(target=watch, daemon=True)
         self._watcher.start()
 
-    def restart(self, name: str) -> subprocess.Popen:
-        """Start `name` again with the command it was started with (after it died or was killed)."""
+    def restart(self, name: str, env: dict | None = None) -> subprocess.Popen:
+        """Start `name` again with the command it was started with (after it died or was killed);
+        `env`, if given, replaces the environment it was started with."""
         if self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is still running")
-        cmd, env = self.commands[name]
-        return self.start(name, cmd, env, append_log=True, restart_on=self.restart_on.get(name, ()))
+        cmd, old_env = self.commands[name]
+        return self.start(name, cmd, old_env if env is None else env, append_log=True,
+                          restart_on=self.restart_on.get(name, ()))
 
     def start_service(self, name: str, cmd: list[str], *, timeout: float = 120.0,
                       env: dict | None = None, wait: bool = True) -> int | None:

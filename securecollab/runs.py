@@ -142,10 +142,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path) -> int:
+def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
+                         coordinator_env: dict | None = None) -> int:
     """Compute parties (+ dealer when needed) and the coordinator as processes on loopback; returns the coordinator's port.
 
-    Parties and dealer are restarted when they exit asking for it (a new MPC world after a party failed)."""
+    Parties and dealer are restarted when they exit asking for it (a new MPC world after a party failed).
+    Every server has a fixed port, so that one restarted is where its peers look. The coordinator
+    starts a fresh round state (a restart of it by hand resumes)."""
     from services.secagg_party import EXIT_REJOIN
     parties = [f"party-{i}" for i in range(spec.n_parties)]
     common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
@@ -162,9 +165,15 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path) 
         group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common),
                     restart_on=(EXIT_REJOIN,))
     ports = [group.wait_port(name, timeout=300) for name in parties]
-    return group.start_service("coordinator", securecollab_cmd(
+    port_file = group.log_dir / "coordinator.port"
+    port_file.unlink(missing_ok=True)
+    for stale in out_dir.glob("coordinator_state.sqlite*"):  # a new run; the command itself resumes when restarted
+        stale.unlink()
+    group.start("coordinator", securecollab_cmd(
         "serve", "coordinator", "--host", "127.0.0.1", *common,
-        *[a for p in ports for a in ("--party-target", f"localhost:{p}")]), timeout=300)
+        *[a for p in ports for a in ("--party-target", f"localhost:{p}")],
+        "--port", str(free_port()), "--port-file", str(port_file)), env=coordinator_env)
+    return group.wait_port("coordinator", timeout=300)
 
 
 @register("secagg")

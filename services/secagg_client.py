@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 DROP_PHASES = ("before_upload", "mid_upload", "partial_upload", "after_upload")
 # What a failed compute party or an aborted round looks like to a client.
 ROUND_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION)
+COORDINATOR_RESTART_S = 600.0  # how long a client waits for a restarted coordinator
+
+
+def call_coordinator(method, request, *, timeout: float, client_id: str):
+    """A coordinator call that outlasts a coordinator restart: it resumes its saved rounds, so ask it again."""
+    deadline = time.monotonic() + COORDINATOR_RESTART_S
+    while True:
+        try:
+            return method(request, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            log.warning("%s: coordinator unavailable (%s); asking again when it is back", client_id, e.details())
+            time.sleep(1.0)
 
 
 def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: int | None = None):
@@ -71,7 +86,8 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
     channel = make_channel(target, tls=tls, meter=meter, server_name=server_name)
     wait_ready(channel, timeout=120)
     coord = pb_grpc.CoordinatorStub(channel)
-    join = coord.Join(pb.SecAggJoinRequest(client_id=client_id), timeout=DEFAULT_DEADLINE_S)
+    join = call_coordinator(coord.Join, pb.SecAggJoinRequest(client_id=client_id), timeout=DEFAULT_DEADLINE_S,
+                            client_id=client_id)
     plan = SecAggPlan.from_json(join.plan_json)
     parties = []
     for t, name in zip(join.party_targets, join.party_names):
@@ -83,7 +99,8 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     round_ = 0
     while True:
-        info = coord.GetRound(pb.RoundRequest(client_id=client_id, round=round_), timeout=3600)
+        info = call_coordinator(coord.GetRound, pb.RoundRequest(client_id=client_id, round=round_), timeout=3600,
+                                client_id=client_id)
         params = receive_global_model(info, shapes, transcript, "coordinator")
         if info.done:
             load_arrays(model, params)
@@ -99,7 +116,9 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
             upload(client_id, round_, vector, parties, plan, dropping)
             if dropping == "after_upload":
                 os._exit(3)  # shares are with every party: this client still counts
-            coord.ReportUploaded(pb.UploadReport(client_id=client_id, round=round_), timeout=DEFAULT_DEADLINE_S)
+            # The shares are with every party now: a restarted coordinator still wants this report.
+            call_coordinator(coord.ReportUploaded, pb.UploadReport(client_id=client_id, round=round_),
+                             timeout=DEFAULT_DEADLINE_S, client_id=client_id)
         except grpc.RpcError as e:
             # A compute party failed (the coordinator aborts the round) or the round was aborted
             # already: this update is lost, and the client takes part in the next round.

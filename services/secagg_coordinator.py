@@ -15,8 +15,10 @@ import numpy as np
 
 from securecollab.certs import TlsFiles
 from securecollab.costs import CostMeter
+from securecollab.failpoints import failpoint
 from securecollab.models import parameters_to_arrays
 from securecollab.protocols import ProtocolError
+from securecollab.protocols.round_store import RoundStore
 from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, apply_aggregate
 from securecollab.sharing import decode_fixed, reconstruct
 from securecollab.transcript import TranscriptRecorder
@@ -114,15 +116,25 @@ class RoundDriver:
 
     def close_round(self) -> np.ndarray:
         plan, r = self.rounds.plan, self.rounds.round
-        self.rounds.wait_reports(check=self.check_parties)
-        phases = {"uploads_closed": time.time()}
-        held = [set(self._call(p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30)).client_ids)
-                for p in self.parties]
-        included = self.rounds.include(held)
+        if self.rounds.closing is None:
+            self.rounds.wait_reports(check=self.check_parties)
+            failpoint("coordinator.reports_closed", r)
+            phases = {"uploads_closed": time.time()}
+            held = [set(self._call(p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30)).client_ids)
+                    for p in self.parties]
+            self.rounds.set_closing(self.rounds.include(held))
+        else:  # a restarted coordinator: ask again for what it asked before (the parties answer the same)
+            phases = {"resumed": time.time()}
+            log.info("round %d: asking the parties again for its aggregate over %d clients", r,
+                     len(self.rounds.closing["included"]))
+        included = self.rounds.closing["included"]
         req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound,
                                   dp_sigma=plan.dp_sigma)
         phases["aggregate_requested"] = time.time()
-        calls = [p.stub.Aggregate(req, timeout=MPC_TIMEOUT_S) for p in self.parties]
+        calls = []
+        for p in self.parties:
+            calls.append(p.stub.Aggregate(req, timeout=MPC_TIMEOUT_S))
+            failpoint("coordinator.aggregate_sent_to_one", r, linger_s=1.0)
         futures = [self.pool.submit(self._call, p, lambda _, c=c: assemble_chunks(c)[1])
                    for p, c in zip(self.parties, calls)]
         try:
@@ -147,6 +159,7 @@ class RoundDriver:
         self.transcript.record("aggregate", round=r, sender="parties",
                                meta={"included": included, "phases": phases},
                                tensors={"aggregate": aggregate})
+        failpoint("coordinator.revealed", r)
         log.info("round %d: aggregated %d clients (%s)", r, len(included), ", ".join(included))
         return aggregate, included
 
@@ -173,6 +186,8 @@ class RoundDriver:
                 time.sleep(1.0)
 
     def run(self) -> None:
+        if self.rounds.abort_reason:  # stopped while its parties recovered from an aborted round
+            self._recover_and_reopen(self.rounds.round, self.rounds.abort_reason)
         while not self.rounds.done:
             r = self.rounds.round
             try:
@@ -185,11 +200,14 @@ class RoundDriver:
                     reason = reason if str(down) in reason else f"{down}; {reason}"
                 log.error("round %d aborted: %s; waiting for the compute parties to serve again", r, reason)
                 self.rounds.abort(reason)
-                self.recover(r, reason)
-                self.rounds.reopen()
-                log.info("compute parties serve again: round %d starts from round %d's model", r + 1, r)
+                self._recover_and_reopen(r, reason)
                 continue
             self.rounds.advance(apply_aggregate(self.rounds.params, aggregate), included)
+
+    def _recover_and_reopen(self, r: int, reason: str) -> None:
+        self.recover(r, reason)
+        self.rounds.reopen()
+        log.info("compute parties serve again: round %d starts from round %d's model", r + 1, r)
 
 
 @dataclass
@@ -209,14 +227,33 @@ def party_links(targets: list[str], names: list[str], tls: TlsFiles, meter: Cost
     return links
 
 
+def open_rounds(plan: SecAggPlan, state: Path | None, fresh: bool = False) -> SecAggRounds:
+    """The round state: resumed from `state` when it holds this plan's training (refused if another plan's)."""
+    store = RoundStore(state, plan.to_json()) if state else None
+    if store and fresh:
+        store.clear()
+    rounds = SecAggRounds(plan, parameters_to_arrays(plan.training.build_model()), store)
+    if rounds.resumed:
+        log.info("resuming from %s: round %d (%d aggregated, %d aborted), %d upload reports in%s%s", state,
+                 rounds.round, rounds.round - rounds.aborted, rounds.aborted, len(rounds.reported),
+                 ", its aggregate already asked for" if rounds.closing else "",
+                 "; training is finished, serving the final model" if rounds.done else "")
+    return rounds
+
+
 def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: int = 0, host: str = "[::]",
-          out_dir: Path | None = None, port_file: Path | None = None) -> SecAggRounds:
-    """Run FedAvg rounds over secure aggregation until done; writes the final model and costs."""
+          out_dir: Path | None = None, port_file: Path | None = None, state: Path | None = None,
+          fresh: bool = False) -> SecAggRounds:
+    """Run FedAvg rounds over secure aggregation until done; writes the final model and costs.
+
+    The round state is saved in `state` (default: coordinator_state.sqlite in `out_dir`); a
+    coordinator started again on the same file resumes that training, unless `fresh`."""
     meter = CostMeter("coordinator")
     names = [f"party-{i}" for i in range(plan.n_parties)]
-    rounds = SecAggRounds(plan, parameters_to_arrays(plan.training.build_model()))
+    state = state or (out_dir / "coordinator_state.sqlite" if out_dir else None)
+    rounds = open_rounds(plan, state, fresh)
     transcript = TranscriptRecorder(out_dir / "transcripts" / "coordinator.jsonl" if out_dir else None,
-                                    party="coordinator", role="coordinator")
+                                    party="coordinator", role="coordinator", resume=rounds.resumed)
     servicer = CoordinatorServicer(rounds, party_targets, names)
     parties = party_links(party_targets, names, tls, meter)
     # Each client waiting for the next round holds a server thread: with fewer threads than clients,

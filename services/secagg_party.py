@@ -47,6 +47,10 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         self.jobs = jobs
         self.transcript = transcript
         self.rejoining = threading.Event()  # set by a Rejoin call: this party is about to exit
+        # round -> (request, its MPC job): a restarted coordinator asking again for the same
+        # aggregation gets the same result shares (no fresh noise, nothing new revealed).
+        self.answered: dict[int, tuple[tuple, Future]] = {}
+        self._answer_lock = threading.Lock()
         self.on_rejoin = lambda: None       # set by serve(): stop serving and exit
 
     @rpc_errors
@@ -85,16 +89,33 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
     def Aggregate(self, request, context):
         try:
             require_role(context, "coordinator")
-            shares = self.store.take(request.round, list(request.client_ids))
+            job = self._job_for(request)
         except ProtocolError as e:
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        spec = AggregationSpec(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
-        job: Future = Future()
-        self.jobs.put((shares, spec, job))
         result = job.result()  # the MPC runs on the main thread, in lock-step with the other parties
         if isinstance(result, BaseException):
             context.abort(grpc.StatusCode.INTERNAL, f"MPC failed: {result}")
         yield from iter_chunks(np.ascontiguousarray(result, dtype="<i8").tobytes())
+
+    def _job_for(self, request) -> Future:
+        """The MPC job of this aggregation: a new one, or the one already run for the same request."""
+        key = (tuple(request.client_ids), request.norm_bound, request.dp_sigma)
+        with self._answer_lock:
+            if request.round in self.answered:
+                asked, job = self.answered[request.round]
+                if asked != key:
+                    raise ProtocolError("FAILED_PRECONDITION", f"round {request.round} was aggregated over "
+                                        f"{list(asked[0])}; another aggregation could reveal the difference")
+                log.info("round %d: aggregate asked again (coordinator restarted?): same result", request.round)
+                return job
+            shares = self.store.take(request.round, list(request.client_ids))
+            spec = AggregationSpec(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
+            job = Future()
+            self.jobs.put((shares, spec, job))
+            self.answered[request.round] = (key, job)
+            for old in sorted(self.answered)[:-4]:  # a coordinator resumes only its open round
+                del self.answered[old]
+            return job
 
     @rpc_errors
     def Rejoin(self, request, context):

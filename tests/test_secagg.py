@@ -200,3 +200,57 @@ def test_fault_compute_party_killed_mid_round_aborts_it_and_the_next_round_succe
     assert {0, 2, 3} <= held_by_0
     lost = load_transcript(out / "transcripts" / "client-0.jsonl").of_kind("round_lost")
     assert [r.round for r in lost] in ([], [1])  # client-0 either reported before the abort or heard of it
+
+
+def test_fault_coordinator_crash_at_each_step_resumes_without_losing_or_double_counting_shares(tmp_path):
+    """The coordinator is crashed (failpoints) at three steps of three rounds and started again on its
+    saved state each time: after all uploads were reported (round 0), after asking only party 0 for
+    the aggregate (round 1), and after revealing the aggregate but before saving it (round 2).
+    Every round still aggregates every client exactly once, each from the model the one before made,
+    and no client uploads anything twice."""
+    from securecollab.failpoints import ENV, EXIT_FAILPOINT
+    from securecollab.launch import ProcessGroup
+    from securecollab.protocols.secagg import apply_aggregate
+    from securecollab.runs import ensure_certs, start_clients, start_secagg_servers, wait_clients
+
+    out = tmp_path / "secagg"
+    out.mkdir()
+    plan = FedAvgPlan(num_clients=3, rounds=4, local_epochs=1)
+    spec = SecAggPlan(training=plan, n_parties=3, min_clients=2, upload_deadline_s=120)
+    clients = plan.client_ids()
+    certs = ensure_certs(tmp_path / "certs", ["coordinator", "party-0", "party-1", "party-2", *clients])
+    crashes = ["coordinator.reports_closed@0", "coordinator.aggregate_sent_to_one@1", "coordinator.revealed@2"]
+    with ProcessGroup(out / "logs") as group:
+        port = start_secagg_servers(group, spec, certs, out, coordinator_env={ENV: crashes[0]})
+        start_clients(group, "secagg", clients, port, certs, out)
+        for armed_next in [*crashes[1:], ""]:
+            code = group.procs["coordinator"].wait(timeout=300)
+            assert code == EXIT_FAILPOINT, group.tail("coordinator")
+            group.restart("coordinator", env={ENV: armed_next})
+        wait_clients(group, clients)
+        group.wait("coordinator", timeout=120)
+        log = (out / "logs" / "coordinator.log").read_text()
+    assert log.count("resuming from") == 3, log
+    assert "round 1: asking the parties again" in log and "round 2: asking the parties again" in log
+    history = json.loads((out / "rounds_coordinator.json").read_text())["history"]
+    assert history == [{"round": r, "included": clients} for r in range(4)]
+    revealed = load_transcript(out / "transcripts" / "coordinator.jsonl").of_kind("aggregate")
+    # round 2 was revealed twice (before and after the crash): the parties gave the same shares again
+    assert sorted(r.round for r in revealed) == [0, 1, 2, 2, 3]
+    twice = [r.tensors["aggregate"] for r in revealed if r.round == 2]
+    np.testing.assert_array_equal(twice[0], twice[1])
+    models = {r.round: list(r.tensors.items())
+              for r in load_transcript(out / "transcripts" / "client-0.jsonl").of_kind("global_model")}
+    for r in range(4):
+        included, aggregate = aggregates(out)[r]
+        updates = replayed_updates(plan, out, r)
+        np.testing.assert_allclose(aggregate, np.sum([updates[c] for c in clients], axis=0),
+                                   rtol=0, atol=10 * FIXED_POINT_STEP)
+        # the next round's model is this one's plus this aggregate, applied once
+        for (name, got), (_, want) in zip(models[r + 1], apply_aggregate(models[r], aggregate)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"round {r + 1} {name}")
+    for party in ("party-0", "party-1", "party-2"):
+        shares = [(r.round, r.sender) for r in load_transcript(out / "transcripts" / f"{party}.jsonl").of_kind("share")]
+        assert sorted(shares) == sorted((r, c) for r in range(4) for c in clients), party
+    for c in clients:
+        assert not load_transcript(out / "transcripts" / f"{c}.jsonl").of_kind("round_lost")

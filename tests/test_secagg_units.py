@@ -82,3 +82,64 @@ def test_bad_input_party_refuses_to_aggregate_one_client_alone_a_repeated_client
     with pytest.raises(ProtocolError) as e:  # the round is closed: no second, smaller sum
         store.take(4, ["client-0", "client-1"])
     assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_fault_saved_rounds_survive_a_restart_and_refuse_another_plan(tmp_path):
+    from securecollab.protocols.round_store import RoundStore
+
+    plan = SecAggPlan(training=FedAvgPlan(num_clients=3, rounds=5))
+    initial = [("w", np.zeros((2, 2), np.float32)), ("b", np.zeros(2, np.float32))]
+    path = tmp_path / "state.sqlite"
+    first = SecAggRounds(plan, initial, RoundStore(path, plan.to_json()))
+    assert not first.resumed
+    step = [("w", np.full((2, 2), 0.5, np.float32)), ("b", np.array([1.0, -1.0], np.float32))]
+    first.advance(step, ["client-0", "client-1"])
+    first.report("client-2", 1)
+    first.report("client-2", 1)  # a repeated report is one report
+    first.report("client-0", 1)
+    first.set_closing(["client-0", "client-2"])
+    # a new process on the same file: round 1 open, its reports and its aggregation request kept
+    again = SecAggRounds(plan, initial, RoundStore(path, plan.to_json()))
+    assert again.resumed and again.round == 1 and again.reported == {"client-0", "client-2"}
+    assert again.closing == {"round": 1, "included": ["client-0", "client-2"]}
+    assert [n for n, _ in again.params] == ["w", "b"]
+    for (_, got), (_, want) in zip(again.params, step):
+        np.testing.assert_array_equal(got, want)
+    assert again.history == [{"round": 0, "included": ["client-0", "client-1"]}]
+    assert again.first_report_at is not None  # the upload deadline runs on from before the restart
+    again.abort("party-1 is unreachable")
+    third = SecAggRounds(plan, initial, RoundStore(path, plan.to_json()))
+    assert third.abort_reason == "party-1 is unreachable" and third.closing is None and third.aborted == 1
+    third.reopen()
+    assert SecAggRounds(plan, initial, RoundStore(path, plan.to_json())).round == 2
+    other = SecAggPlan(training=FedAvgPlan(num_clients=3, rounds=6))
+    with pytest.raises(ProtocolError, match="another training") as e:
+        SecAggRounds(other, initial, RoundStore(path, other.to_json()))
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_bad_input_party_answers_a_repeated_aggregation_alike_and_refuses_a_different_one():
+    """A restarted coordinator may ask again for a round's aggregate: the same request gets the same
+    MPC job (same result shares, no fresh noise); a different client list for that round is refused."""
+    import queue
+
+    from securecollab.transcript import TranscriptRecorder
+    from securecollab.v1 import secagg_pb2 as pb
+    from services.secagg_party import ComputePartyServicer
+
+    store = ShareStore(0, ["client-0", "client-1", "client-2"], min_clients=2)
+    for c in ("client-0", "client-1", "client-2"):
+        store.put(c, 4, _share())
+    jobs: queue.Queue = queue.Queue()
+    party = ComputePartyServicer(0, store, jobs, TranscriptRecorder(None, party="party-0", role="party"))
+    ask = pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.5)
+    job = party._job_for(ask)
+    assert party._job_for(pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.5)) is job
+    assert jobs.qsize() == 1  # one MPC run for both
+    for other in (["client-0", "client-2"], ["client-0", "client-1", "client-2"]):
+        with pytest.raises(ProtocolError, match="another aggregation") as e:
+            party._job_for(pb.AggregateRequest(round=4, client_ids=other, dp_sigma=0.5))
+        assert e.value.code == "FAILED_PRECONDITION"
+    with pytest.raises(ProtocolError):  # same clients, other noise: also a second aggregation
+        party._job_for(pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.0))
+    assert jobs.qsize() == 1

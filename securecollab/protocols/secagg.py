@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from securecollab.protocols import ProtocolError
-from securecollab.protocols.rounds import RoundState
 from securecollab.protocols.fedavg import FedAvgPlan
+from securecollab.protocols.round_store import RoundStore, SavedRounds
+from securecollab.protocols.rounds import RoundState
 from securecollab.sharing import Share
 
 
@@ -131,16 +132,37 @@ class ShareStore:
 
 
 class SecAggRounds(RoundState):
-    """Coordinator side: opens rounds, collects upload reports, closes a round at all-reported or deadline."""
+    """Coordinator side: opens rounds, collects upload reports, closes a round at all-reported or deadline.
 
-    def __init__(self, plan: SecAggPlan, initial):
+    With a `store`, every change is saved before it takes effect, and a saved
+    training is resumed (`resumed` is then True)."""
+
+    def __init__(self, plan: SecAggPlan, initial, store: RoundStore | None = None):
         super().__init__(plan.training.rounds, plan.training.client_ids(), initial)
         self.plan = plan
+        self.store = store
         self.reported: set[str] = set()
         self.first_report_at: float | None = None
         self.history: list[dict] = []
         self.aborted = 0                       # round ids used up by aborted rounds
         self.abort_reason: str | None = None   # set while an aborted round waits for its parties
+        self.closing: dict | None = None       # the aggregation asked of the parties for the open round
+        saved = store.load() if store else None
+        self.resumed = saved is not None
+        if saved:
+            self.round, self.aborted, self.abort_reason = saved.round, saved.aborted, saved.abort_reason
+            self.closing, self.history, self.aggregated_at = saved.closing, saved.history, saved.aggregated_at
+            self.params = saved.params
+            self.reported = set(saved.reports)
+            if saved.reports:  # the upload deadline keeps running from the first report before the restart
+                self.first_report_at = time.monotonic() - (time.time() - min(saved.reports.values()))
+        elif store:
+            self._save()
+
+    def _save(self) -> None:
+        if self.store:
+            self.store.save(SavedRounds(self.round, self.aborted, self.abort_reason, self.closing, self.history,
+                                        self.aggregated_at, self.params))
 
     @property
     def done(self) -> bool:
@@ -154,6 +176,8 @@ class SecAggRounds(RoundState):
                 raise ProtocolError("FAILED_PRECONDITION", f"round {round_} was aborted: {self.abort_reason}")
             if round_ != self.round or self.done:
                 raise ProtocolError("FAILED_PRECONDITION", f"report for round {round_}, current is {self.round}")
+            if client_id not in self.reported and self.store:
+                self.store.add_report(round_, client_id, time.time())
             self.reported.add(client_id)
             self.first_report_at = self.first_report_at or time.monotonic()
             self._cond.notify_all()
@@ -188,11 +212,19 @@ class SecAggRounds(RoundState):
                                 f"{self.plan.min_clients} required")
         return included
 
+    def set_closing(self, included: list[str]) -> None:
+        """Saved before any party is asked: a restarted coordinator asks again for exactly this."""
+        with self._cond:
+            self.closing = {"round": self.round, "included": list(included)}
+            if self.store:
+                self.store.set_closing(self.closing)
+
     def advance(self, new_params, included: list[str]) -> None:
         with self._cond:
             self.history.append({"round": self.round, "included": included})
-            self.reported, self.first_report_at = set(), None
+            self.reported, self.first_report_at, self.closing = set(), None, None
             self._advance(new_params)
+            self._save()  # one transaction: the aggregate applied and the next round open
 
     def abort(self, reason: str) -> None:
         """The current round failed (a compute party did): uploads for it are refused from now on.
@@ -202,7 +234,8 @@ class SecAggRounds(RoundState):
         with self._cond:
             self.history.append({"round": self.round, "aborted": reason})
             self.aborted += 1
-            self.abort_reason = reason
+            self.abort_reason, self.closing = reason, None
+            self._save()
             self._cond.notify_all()
         if self.aborted > self.plan.max_aborted_rounds:
             raise ProtocolError("ABORTED", f"{self.aborted} rounds aborted, the last: {reason}")
@@ -212,6 +245,7 @@ class SecAggRounds(RoundState):
         with self._cond:
             self.reported, self.first_report_at, self.abort_reason = set(), None, None
             self.round += 1
+            self._save()
             self._cond.notify_all()
 
     def last_included(self) -> list[str]:
