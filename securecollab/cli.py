@@ -177,6 +177,8 @@ def serve(
     norm_bound: Annotated[float, typer.Option(min=0.0, help="Reject updates with a larger L2 norm, inside MPC (0: off).")] = 0.0,
     dp_sigma: Annotated[float, typer.Option(min=0.0, help="Std of distributed Gaussian noise on the aggregate (0: off).")] = 0.0,
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
+    state: Annotated[Optional[Path], typer.Option(help="coordinator: SQLite file of the round state (default: OUT/coordinator_state.sqlite); a coordinator started again on it resumes that training.")] = None,
+    fresh: Annotated[bool, typer.Option(help="coordinator: discard a saved round state and start training anew.")] = False,
     verbose: Verbose = True,
 ):
     """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done.
@@ -222,7 +224,15 @@ def serve(
         from services.secagg_coordinator import serve as serve_coordinator
         if not party_target or len(party_target) != plan.n_parties:
             raise typer.BadParameter(f"give --party-target once per compute party ({plan.n_parties})")
-        serve_coordinator(plan, party_target, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
+        from securecollab.protocols import ProtocolError
+        try:
+            serve_coordinator(plan, party_target, tls=tls, port=port, host=host, out_dir=out, port_file=port_file,
+                              state=state, fresh=fresh)
+        except ProtocolError as e:
+            if e.code != "FAILED_PRECONDITION":
+                raise
+            console.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2) from None
     elif role is Role.party:
         from services.secagg_party import serve as serve_party
         serve_party(plan, index, tls=tls, mpc_addr=mpc_addr, mpc_port=mpc_port, port=port, host=host,
@@ -437,15 +447,62 @@ def bench_secagg_cmd(
 
 @bench_app.command("load")
 def bench_load_cmd(
-    clients: Annotated[int, typer.Option(min=2, help="Concurrent secure-aggregation clients (threads here, each with its own certificate).")] = 100,
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds.")] = 3,
-    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_load.json"),
+    protocol: Annotated[str, typer.Option(help="What to load: secagg (coordinator + 3 compute parties), he (one HE inference server) or both.")] = "secagg",
+    clients: Annotated[int, typer.Option(min=2, help="secagg: concurrent clients (threads here, each with its own certificate).")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="secagg: rounds.")] = 3,
+    out: Annotated[Path, typer.Option(help="secagg: JSON result file.")] = Path("results/bench_load.json"),
+    he_clients: Annotated[int, typer.Option(min=1, help="he: concurrent clients (threads here, each with its own certificate, keys and session). Memory grows with it: at 50, ~7 GB in the server and ~7 GB here.")] = 50,
+    he_queries: Annotated[int, typer.Option(min=1, help="he: encrypted single-image queries per client, sent once every session is open.")] = 4,
+    he_out: Annotated[Path, typer.Option(help="he: JSON result file.")] = Path("results/bench_load_he.json"),
 ):
-    """Many concurrent clients against the coordinator and 3 compute parties: round times, throughput, peak RSS, errors."""
-    from securecollab.bench_load import bench_secagg_load
-    result = bench_secagg_load(clients, rounds, out, log=console.print)
-    console.print(f"wrote {out}")
-    if result["errors"]:
+    """Many concurrent clients: against the coordinator and 3 compute parties (round times, throughput, peak RSS,
+    errors), and/or against one HE server (queries/s, latency, session set-up, every answer checked, peak RSS)."""
+    if protocol not in ("secagg", "he", "both"):
+        raise typer.BadParameter(f"--protocol must be secagg, he or both, not {protocol!r}")
+    from securecollab.bench_load import bench_he_load, bench_secagg_load
+    failed = False
+    if protocol in ("secagg", "both"):
+        result = bench_secagg_load(clients, rounds, out, log=console.print)
+        console.print(f"wrote {out}")
+        failed = bool(result["errors"])
+    if protocol in ("he", "both"):
+        r = bench_he_load(he_clients, he_queries, he_out, log=console.print)
+        ss, lat = r["session_setup_s"], r["latency_s"]
+
+        def p(d: dict, unit: str = " s") -> str:
+            return "-" if d["p50"] is None else f"{d['p50']:.2f}{unit} / {d['p95']:.2f}{unit}"
+
+        table = Table(title=f"HE inference under load: {r['clients']} concurrent clients x "
+                            f"{r['queries_per_client']} encrypted queries ({r['model']} on {r['dataset']}, mutual TLS)")
+        table.add_column("")
+        table.add_column("value")
+        table.add_row("answers correct / sent", f"{r['answers_correct']} / {r['queries']}")
+        table.add_row("errors", str(len(r["errors"])))
+        table.add_row("throughput (concurrent phase)", f"{r['queries_per_s']:.2f} queries/s over "
+                                                       f"{r['concurrent_wall_s']:.1f} s")
+        table.add_row("latency per query p50 / p95", p(lat))
+        table.add_row("session set-up (keygen + upload) p50 / p95", p(ss["keygen_plus_upload"]))
+        table.add_row("  of which keygen p50 / p95", p(ss["keygen"]))
+        table.add_row("  server set-up p50 / p95", p(ss["server_setup"]))
+        if r["bytes_per_query"]:
+            table.add_row("bytes per query (up + down)", f"{r['bytes_per_query']:,.0f}")
+        if r["session_key_bytes"]:
+            table.add_row("session keys per client", f"{r['session_key_bytes'] / 1e6:.1f} MB")
+        rss = r["rss_mb"]
+        table.add_row("peak RSS server", "-" if r["peak_rss_mb"]["server"] is None else
+                      f"{r['peak_rss_mb']['server']:,.0f} MB (idle {rss['server_idle']:,.0f} MB)")
+        table.add_row("peak RSS clients (this process)", f"{r['peak_rss_mb']['clients (this process)']:,.0f} MB "
+                                                         f"(before the clients {rss['clients_before_start']:,.0f} MB)")
+        cores = r["cpu_cores_used_concurrent"]
+        if cores["server"] is not None:
+            table.add_row("CPU cores used, concurrent phase", f"server {cores['server']:.2f}, "
+                                                              f"clients {cores['clients']:.2f}")
+        Console().print(table)
+        for e in r["errors"][:10]:
+            console.print(f"error: {e}")
+        console.print(f"wrote {he_out}")
+        failed = failed or bool(r["errors"]) or r["answers_correct"] != r["queries"]
+    if failed:
         raise typer.Exit(1)
 
 

@@ -36,11 +36,12 @@ def prepare(plan: HEModelPlan, work: Path):
 
 
 def start_server(group: ProcessGroup, plan: HEModelPlan, weights: Path, certs: Path,
-                 out_dir: Path | None, max_batch: int) -> int:
+                 out_dir: Path | None, max_batch: int, max_sessions: int = 2) -> int:
     extra = ["--out", str(out_dir)] if out_dir else []
     return group.start_service("he-server", securecollab_cmd(
         "serve", "he", "--plan-json", plan.to_json(), "--weights", str(weights), "--certs", str(certs),
-        "--host", "127.0.0.1", "--max-batch", str(max_batch), "--max-sessions", "2", *extra), timeout=300)
+        "--host", "127.0.0.1", "--max-batch", str(max_batch), "--max-sessions", str(max_sessions), *extra),
+        timeout=300)
 
 
 def server_peak_rss_mb(group: ProcessGroup) -> float:

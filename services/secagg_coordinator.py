@@ -19,7 +19,7 @@ from securecollab.failpoints import failpoint
 from securecollab.models import parameters_to_arrays
 from securecollab.protocols import ProtocolError
 from securecollab.protocols.round_store import RoundStore
-from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, apply_aggregate
+from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, TooFewClients, apply_aggregate
 from securecollab.sharing import decode_fixed, reconstruct
 from securecollab.transcript import TranscriptRecorder
 from securecollab.transport import check_health, make_channel, make_server, wait_ready
@@ -192,6 +192,7 @@ class RoundDriver:
             r = self.rounds.round
             try:
                 aggregate, included = self.close_round()
+                new_params = apply_aggregate(self.rounds.params, aggregate)  # none accepted: TooFewClients
             except PartyFailure as e:
                 reason = str(e)
                 try:  # name the party that is down, not only the survivor whose MPC step failed with it
@@ -202,7 +203,12 @@ class RoundDriver:
                 self.rounds.abort(reason)
                 self._recover_and_reopen(r, reason)
                 continue
-            self.rounds.advance(apply_aggregate(self.rounds.params, aggregate), included)
+            except TooFewClients as e:  # the parties are fine; the next round may have enough clients
+                log.warning("round %d aborted: %s", r, e)
+                self.rounds.abort(str(e))
+                self.rounds.reopen()
+                continue
+            self.rounds.advance(new_params, included)
 
     def _recover_and_reopen(self, r: int, reason: str) -> None:
         self.recover(r, reason)

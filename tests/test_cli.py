@@ -125,3 +125,31 @@ def test_bench_load_40_clients_rounds_close_without_waiting_for_the_deadline(tmp
     assert r["included_per_round"] == [40, 40]
     assert max(r["round_wall_s"][1:]) < 60, r["round_wall_s"]
     assert r["peak_rss_mb"]["coordinator"] > 0
+
+
+@pytest.mark.slow
+def test_bench_load_he_answers_every_concurrent_query_correctly(tmp_path):
+    """Six clients with their own keys and sessions query one HE server at the same time: every decrypted
+    answer must match the plaintext model, and throughput, latency and both sides' memory are reported."""
+    path, secagg_path = tmp_path / "load_he.json", tmp_path / "load.json"
+    out = securecollab("bench", "load", "--protocol", "he", "--he-clients", "6", "--he-queries", "2",
+                       "--he-out", str(path), "--out", str(secagg_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not secagg_path.exists()  # --protocol he runs the HE half only
+    r = json.loads(path.read_text())
+    assert r["errors"] == [] and r["clients_finished"] == 6
+    assert r["queries"] == r["queries_answered"] == r["answers_correct"] == 12
+    assert r["queries_per_s"] > 0 and r["concurrent_wall_s"] > 0
+    assert 0 < r["latency_s"]["p50"] <= r["latency_s"]["p95"]
+    setup = r["session_setup_s"]["keygen_plus_upload"]
+    assert 0 < setup["p50"] <= setup["p95"]
+    assert 0 < r["bytes_per_query"] <= 500_000 and r["session_key_bytes"] > 1e6
+    # six sessions' keys and encoded weights are resident in the server at its peak
+    assert r["peak_rss_mb"]["server"] > r["rss_mb"]["server_idle"] + 6 * 24 > 0
+    assert r["peak_rss_mb"]["clients (this process)"] > 0
+    assert "queries/s" in out.stdout  # the summary table
+
+
+def test_bench_load_refuses_an_unknown_protocol():
+    out = securecollab("bench", "load", "--protocol", "fedsgd")
+    assert out.returncode == 2 and "secagg, he or both" in out.stderr

@@ -91,7 +91,7 @@ class RoundStore:
             plan, round_, aborted, reason, closing, history, at, params = row
             if plan != self.plan_json:
                 raise ProtocolError("FAILED_PRECONDITION", f"{self.path} holds the state of another training "
-                                    "(a different plan); remove it, or start with a fresh state, to run this one")
+                                    "(a different plan); remove it, or start the coordinator with --fresh, to run this one")
             reports = dict(self._db.execute("SELECT client_id, at FROM reports WHERE round = ?", (round_,)))
         return SavedRounds(round_, aborted, reason, json.loads(closing) if closing else None, json.loads(history),
                            json.loads(at), params_from_bytes(params), reports)

@@ -50,6 +50,13 @@ class SecAggPlan:
         return cls(**{**d, "training": FedAvgPlan(**d["training"])})
 
 
+class TooFewClients(ProtocolError):
+    """A round with fewer complete (or accepted) clients than the minimum: aborted, training goes on."""
+
+    def __init__(self, message: str):
+        super().__init__("FAILED_PRECONDITION", message)
+
+
 def update_vector(params, global_params) -> np.ndarray:
     """What a client secret-shares: its model delta, then a 1 that counts it.
 
@@ -65,8 +72,8 @@ def update_vector(params, global_params) -> np.ndarray:
 def apply_aggregate(global_params, aggregate: np.ndarray):
     """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count."""
     count = round(float(aggregate[-1]))
-    if count < 1:
-        raise ProtocolError("INTERNAL", f"aggregate counts {aggregate[-1]:.3f} clients")
+    if count < 1:  # every update failed the norm bound
+        raise TooFewClients(f"the aggregate counts {aggregate[-1]:.3f} clients: no update was accepted")
     out, offset = [], 0
     for name, g in global_params:
         step = aggregate[offset:offset + g.size].reshape(g.shape) / count
@@ -207,9 +214,7 @@ class SecAggRounds(RoundState):
         """Clients whose shares every party holds; refuse the round below the minimum."""
         included = sorted(set.intersection(*held_by_party)) if held_by_party else []
         if len(included) < self.plan.min_clients:
-            raise ProtocolError("FAILED_PRECONDITION",
-                                f"round {self.round}: only {len(included)} clients complete, "
-                                f"{self.plan.min_clients} required")
+            raise TooFewClients(f"only {len(included)} clients complete, {self.plan.min_clients} required")
         return included
 
     def set_closing(self, included: list[str]) -> None:
