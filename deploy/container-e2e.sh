@@ -5,8 +5,8 @@
 #   2. build a base image with debootstrap when no registry answers (deploy/build-image.sh);
 #   3. build the project image (deploy/Dockerfile; wheels from WHEELS_DIR served over HTTP);
 #   4. run deploy/docker-compose.yml: encrypted inference, a split-learning epoch, then FedAvg over
-#      secure aggregation during which compute party 1 is stopped mid-round and restarted;
-#      every step's result is checked;
+#      secure aggregation during which compute party 1 is stopped mid-round and restarted, then the
+#      coordinator is killed and started again (it resumes its saved rounds); every step is checked;
 #   5. tear everything down: containers, volumes, network, images and the engine it started.
 # Environment: CLIENTS (3), ROUNDS (200), LOCAL_EPOCHS (2), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
 # OUT (results/containers: the results volume is copied there), KEEP_ENGINE=1 (leave the engine
@@ -142,6 +142,12 @@ wait_log coordinator "aborted" 120
 compose logs --no-color coordinator | grep -o 'round [0-9]* aborted: .*' | cut -c1-160 | sed 's/^/  coordinator: /'
 say "restarting compute party 1"
 compose start party-1 >/dev/null 2>&1
+wait_log coordinator "compute parties serve again:" 300
+say "killing the coordinator (SIGKILL) and starting it again: it must resume its saved rounds"
+compose kill coordinator >/dev/null 2>&1
+compose start coordinator >/dev/null 2>&1
+wait_log coordinator "resuming from" 120
+compose logs --no-color coordinator | grep -o 'resuming from .*' | cut -c1-160 | sed 's/^/  coordinator: /'
 wait_exit "$(cid coordinator)" 900
 for c in $(compose ps -q client); do wait_exit "$c" 120; done
 collect
@@ -156,6 +162,8 @@ print(f"  secagg: {len(done)} rounds aggregated, {len(aborted)} aborted "
       f"(round {', '.join(str(h['round']) for h in aborted)}); client test accuracy {min(acc):.3f}")
 assert aborted and all("party-1" in h["aborted"] for h in aborted), aborted
 assert len(done) == rounds and done[-1]["round"] > aborted[-1]["round"], history
+# the coordinator was killed and resumed: still one entry per round id, none repeated or skipped
+assert [h["round"] for h in history] == list(range(len(history))), history
 assert all(len(h["included"]) == n for h in done if h["round"] > aborted[-1]["round"]), history
 assert min(acc) >= 0.8 and os.path.exists(f"{out}/secagg_model.npz"), acc
 EOF
