@@ -111,6 +111,55 @@ class Server:
         self.stop(grace)
 
 
+class _Unparsable:
+    """Stands for a request whose bytes do not parse, so the refusal is ours rather than gRPC's."""
+
+    def __init__(self, type_name: str):
+        self.details = f"the request is not a valid {type_name} message"
+
+
+class _UnparsableRequests(grpc.ServerInterceptor):
+    """Refuse a request that does not parse with INVALID_ARGUMENT, from the handler's side.
+
+    Left to gRPC (1.85), a bidirectional stream whose only message does not parse is
+    answered INTERNAL but never completes on the server, and ``Server.stop`` then waits
+    for it forever: any authenticated client could keep a server from shutting down.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        message_type = getattr(parse, "__self__", None)
+        type_name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
+
+        def safe_parse(data):
+            try:
+                return parse(data)
+            except Exception:  # DecodeError, or whatever a custom deserializer raises
+                return _Unparsable(type_name)
+
+        def checked(request, context):
+            if isinstance(request, _Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            return request
+
+        def checked_stream(requests, context):
+            for request in requests:
+                yield checked(request, context)
+
+        if handler.request_streaming:
+            kind, behavior = ("stream_stream", handler.stream_stream) if handler.response_streaming else \
+                ("stream_unary", handler.stream_unary)
+            wrapped = lambda requests, context: behavior(checked_stream(requests, context), context)  # noqa: E731
+        else:
+            kind, behavior = ("unary_stream", handler.unary_stream) if handler.response_streaming else \
+                ("unary_unary", handler.unary_unary)
+            wrapped = lambda request, context: behavior(checked(request, context), context)  # noqa: E731
+        return handler._replace(request_deserializer=safe_parse, **{kind: wrapped})
+
+
 def make_server(*, tls: TlsFiles, port: int = 0, host: str = "[::]",
                 meter: CostMeter | None = None, require_client_auth: bool = True,
                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_workers: int = 32) -> Server:
@@ -120,7 +169,8 @@ def make_server(*, tls: TlsFiles, port: int = 0, host: str = "[::]",
                                         require_client_auth=require_client_auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[meter.server_interceptor()] if meter else [],
+        # The meter first: it counts the bytes of every request, parsable or not.
+        interceptors=[*([meter.server_interceptor()] if meter else []), _UnparsableRequests()],
         options=[*_size_options(max_message_bytes), *_SERVER_KEEPALIVE],
     )
     try:
@@ -161,6 +211,16 @@ def check_health(channel: grpc.Channel, service: str = "", timeout: float = 5.0)
     reply = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_budget(context: grpc.ServicerContext, limit: float) -> float:
+    """How long a handler may block for its caller: ``limit``, or less if the call's deadline comes first.
+
+    A deadline already past gives 0 (do not wait), not ``limit``: a caller that
+    gave up must not leave a server thread (and its place in line) behind.
+    """
+    remaining = context.time_remaining()
+    return limit if remaining is None else max(0.0, min(limit, remaining))
 
 
 def peer_identity(context: grpc.ServicerContext) -> PartyIdentity:

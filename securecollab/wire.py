@@ -89,8 +89,11 @@ def encode_named(named: Iterable[tuple[str, object]]) -> list[pb.NamedTensor]:
 
 
 def decode_named(msgs: Sequence[pb.NamedTensor], *, expect: dict[str, tuple] | None = None,
-                 finite: bool = False) -> list[tuple[str, np.ndarray]]:
-    """Decode named tensors; with `expect` ({name: shape}), names and shapes must match exactly."""
+                 finite: bool = False, expect_dtype=None) -> list[tuple[str, np.ndarray]]:
+    """Decode named tensors; with `expect` ({name: shape}), names and shapes must match exactly.
+
+    With `expect_dtype`, every tensor must have that dtype (e.g. float32 model weights).
+    """
     out = []
     seen = set()
     for m in msgs:
@@ -102,7 +105,11 @@ def decode_named(msgs: Sequence[pb.NamedTensor], *, expect: dict[str, tuple] | N
             if m.name not in expect:
                 raise WireError(f"unexpected tensor {m.name!r}")
             shape = expect[m.name]
-        out.append((m.name, decode_tensor(m.tensor, expect_shape=shape, finite=finite)))
+        try:
+            out.append((m.name, decode_tensor(m.tensor, expect_shape=shape, finite=finite,
+                                              expect_dtype=expect_dtype)))
+        except WireError as e:
+            raise WireError(f"tensor {m.name!r}: {e}") from None
     if expect is not None and seen != set(expect):
         raise WireError(f"missing tensors: {sorted(set(expect) - seen)}")
     return out

@@ -11,9 +11,10 @@ import numpy as np
 from securecollab.certs import TlsFiles
 from securecollab.costs import CostMeter
 from securecollab.models import parameters_to_arrays
+from securecollab.protocols import ProtocolError
 from securecollab.protocols.fedavg import FedAvgPlan, FedAvgRounds
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server
+from securecollab.transport import make_server, peer_identity, wait_budget
 from securecollab.v1 import fedavg_pb2 as pb
 from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
 from securecollab.wire import decode_named, encode_named
@@ -32,6 +33,9 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
     def _caller(self, client_id: str, context) -> None:
         self.rounds.check_client(client_id)
         require_caller(context, client_id)
+        role = peer_identity(context).role  # the id is the client's: the certificate must be a client's too
+        if role != "client":
+            raise ProtocolError("PERMISSION_DENIED", f"a certificate of role {role!r} cannot act as client {client_id!r}")
 
     @rpc_errors
     def Join(self, request, context):
@@ -42,7 +46,7 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
     @rpc_errors
     def GetModel(self, request, context):
         self._caller(request.client_id, context)
-        wait = min(self.wait_s, context.time_remaining() or self.wait_s)
+        wait = wait_budget(context, self.wait_s)
         round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait,
                                                           client_id=request.client_id)
         return pb.ModelReply(round=round_, done=done, params=encode_named(params))
@@ -50,7 +54,7 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
     @rpc_errors
     def SubmitUpdate(self, request, context):
         self._caller(request.client_id, context)
-        params = decode_named(request.params, expect=self.rounds.shapes, finite=True)
+        params = decode_named(request.params, expect=self.rounds.shapes, finite=True, expect_dtype=np.float32)
         received = self.rounds.submit(request.client_id, request.round, request.num_examples, params)
         # Recorded only once accepted: this is what the aggregator learned.
         self.transcript.record("update", round=request.round, sender=request.client_id,

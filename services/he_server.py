@@ -32,6 +32,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name["HEInference"].full_name
 MAX_CIPHERTEXT_BYTES = 8 << 20
 
 
+def _client(context) -> str:
+    """The caller's party id; only clients (certificate role "client") may use the model."""
+    identity = peer_identity(context)
+    if identity.role != "client":
+        raise ProtocolError("PERMISSION_DENIED", f"a certificate of role {identity.role!r} cannot use the model "
+                                                 "(only clients can)")
+    return identity.party_id
+
+
 class HEInferenceServicer(pb_grpc.HEInferenceServicer):
     def __init__(self, host: HEModelHost, transcript: TranscriptRecorder):
         self.host = host
@@ -39,6 +48,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
 
     @rpc_errors
     def Describe(self, request, context):
+        _client(context)
         d = self.host.describe()
         return pb.ModelDescription(
             model=d["model"], input_shape=d["input_shape"], num_classes=d["num_classes"], depth=d["depth"],
@@ -48,7 +58,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
 
     @rpc_errors
     def OpenSession(self, request_iterator, context):
-        owner = peer_identity(context).party_id
+        owner = _client(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "options":
             raise ProtocolError("INVALID_ARGUMENT", "a session stream starts with its options")
@@ -75,7 +85,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
 
     @rpc_errors
     def Infer(self, request, context):
-        owner = peer_identity(context).party_id
+        owner = _client(context)
         session = self.host.session(request.session_id, owner)
         if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
             raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
@@ -88,7 +98,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
 
     @rpc_errors
     def InferBatch(self, request_iterator, context):
-        owner = peer_identity(context).party_id
+        owner = _client(context)
         head = next(request_iterator, None)
         if head is None:
             raise ProtocolError("INVALID_ARGUMENT", "empty batch")
@@ -122,12 +132,12 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
 
     @rpc_errors
     def CloseSession(self, request, context):
-        self.host.close_session(request.session_id, peer_identity(context).party_id)
+        self.host.close_session(request.session_id, _client(context))
         return pb.CloseReply()
 
     @rpc_errors
     def PredictPlain(self, request, context):
-        owner = peer_identity(context).party_id
+        owner = _client(context)
         x = decode_tensor(request.inputs, expect_dtype=np.float32, finite=True)
         t0 = time.perf_counter()
         logits = self.host.predict_plain(x)

@@ -22,7 +22,7 @@ from securecollab.protocols.round_store import RoundStore
 from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, TooFewClients, apply_aggregate
 from securecollab.sharing import decode_fixed, reconstruct
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import check_health, make_channel, make_server, wait_ready
+from securecollab.transport import check_health, make_channel, make_server, wait_budget, wait_ready
 from securecollab.v1 import secagg_pb2 as pb
 from securecollab.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.wire import assemble_chunks, encode_named
@@ -59,8 +59,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @rpc_errors
     def GetRound(self, request, context):
         self._client(request.client_id, context)
-        wait = context.time_remaining() or 600.0
-        round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait, client_id=request.client_id)
+        round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait_budget(context, 3600.0),
+                                                          client_id=request.client_id)
         return pb.RoundInfo(round=round_, done=done, params=encode_named(params))
 
     @rpc_errors

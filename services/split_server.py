@@ -20,7 +20,7 @@ from securecollab.models import parameters_to_arrays
 from securecollab.protocols import ProtocolError
 from securecollab.protocols.split import SplitPlan, SplitServerState
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server
+from securecollab.transport import make_server, peer_identity, wait_budget
 from securecollab.v1 import split_pb2 as pb
 from securecollab.v1 import split_pb2_grpc as pb_grpc
 from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
@@ -40,6 +40,9 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     def _caller(self, client_id: str, context) -> None:
         self.state.check_client(client_id)
         require_caller(context, client_id)
+        role = peer_identity(context).role  # the id is the client's: the certificate must be a client's too
+        if role != "client":
+            raise ProtocolError("PERMISSION_DENIED", f"a certificate of role {role!r} cannot act as client {client_id!r}")
 
     @rpc_errors
     def Join(self, request, context):
@@ -49,7 +52,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     @rpc_errors
     def AwaitTurn(self, request, context):
         self._caller(request.client_id, context)
-        wait = min(TURN_WAIT_S, context.time_remaining() or TURN_WAIT_S)
+        wait = wait_budget(context, TURN_WAIT_S)
         previous, weights, momentum = self.state.await_turn(request.client_id, request.epoch, wait)
         return pb.TurnReply(epoch=request.epoch, previous_client=previous, client_weights=encode_named(weights),
                             client_optimizer=encode_named(momentum))
@@ -57,8 +60,9 @@ class SplitServicer(pb_grpc.SplitServerServicer):
     @rpc_errors
     def EndTurn(self, request, context):
         self._caller(request.client_id, context)
-        weights = decode_named(request.client_weights, expect=self.state.client_shapes, finite=True)
-        momentum = decode_named(request.client_optimizer, finite=True)
+        weights = decode_named(request.client_weights, expect=self.state.client_shapes, finite=True,
+                               expect_dtype=np.float32)
+        momentum = decode_named(request.client_optimizer, finite=True, expect_dtype=np.float32)
         for name, array in momentum:
             if self.state.client_param_shapes.get(name) != array.shape:
                 raise ProtocolError("INVALID_ARGUMENT", f"momentum buffer {name!r} does not fit the client-side model")
@@ -135,7 +139,8 @@ def serve(plan: SplitPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "split-server.jsonl" if record else None,
                                     party="split-server", role="split")
-    server = make_server(tls=tls, port=port, host=host, meter=meter)
+    # Each client waiting in AwaitTurn holds a server thread: leave threads for the client whose turn it is.
+    server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)
     server.add(pb_grpc.add_SplitServerServicer_to_server, SplitServicer(state, transcript), SERVICE)
     server.start()
     write_port_file(port_file, server.port)

@@ -64,7 +64,9 @@ class Federation:
 def federation(tmp_path_factory):
     work = tmp_path_factory.mktemp("secagg_bad")
     plan = FedAvgPlan(num_clients=3, rounds=2, local_epochs=1)
-    spec = SecAggPlan(training=plan, n_parties=3, seed_compression=False, min_clients=2, upload_deadline_s=3)
+    # Fuzzed reports can close rounds below the minimum: each is aborted, so allow many.
+    spec = SecAggPlan(training=plan, n_parties=3, seed_compression=False, min_clients=2, upload_deadline_s=3,
+                      max_aborted_rounds=1000)
     # client-9 holds a valid certificate of the project CA but is not in the plan
     certs = ensure_certs(work / "certs", ["coordinator", *PARTIES, *plan.client_ids(), "client-9"])
     with ProcessGroup(work / "logs") as group:
@@ -206,4 +208,69 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     code, details = code_of(lambda: coord0.ReportUploaded(pb.UploadReport(client_id="client-0", round=0), timeout=30))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "current is 1" in details
     assert fed.all_serving()
+    assert all(fed.group.procs[p].poll() is None for p in [*PARTIES, "coordinator"])
+
+
+def current_round(fed) -> tuple[int, list]:
+    info = fed.coordinator("client-0").GetRound(pb.RoundRequest(client_id="client-0", round=0), timeout=60)
+    return info.round, decode_named(info.params)
+
+
+def test_dropout_below_the_minimum_aborts_that_round_and_training_goes_on(federation):
+    """Only client-2 uploads and reports: the round cannot reach 2 clients, so it is aborted (its
+    share is never aggregated alone) and the next round starts from the same model."""
+    fed = federation
+    r, params = current_round(fed)
+    size = sum(a.size for _, a in params)
+    for i, share in enumerate(shares_of(np.concatenate([np.full(size, 0.01), [1.0]]))):
+        fed.party("client-2", i).SubmitShare(share_messages("client-2", r, share), timeout=60)
+    coord2 = fed.coordinator("client-2")
+    coord2.ReportUploaded(pb.UploadReport(client_id="client-2", round=r), timeout=30)
+    nxt = coord2.GetRound(pb.RoundRequest(client_id="client-2", round=r + 1), timeout=120)
+    assert nxt.round == r + 1 and not nxt.done
+    for (name, before), (_, after) in zip(params, decode_named(nxt.params)):
+        np.testing.assert_array_equal(before, after, err_msg=name)
+    code, details = code_of(coord2.ReportUploaded, pb.UploadReport(client_id="client-2", round=r), timeout=30)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and f"current is {r + 1}" in details
+    assert fed.all_serving()
+
+
+def test_fuzz_parties_and_coordinator_with_random_messages(federation):
+    """Random well-formed and raw messages to every method of both services, as a client (and as the
+    coordinator for a party's Held): never UNKNOWN, always a message, and still serving correctly."""
+    from securecollab.v1 import secagg_pb2
+    from tests.service_fuzz import fuzz_raw, fuzz_service
+
+    fed = federation
+    ids = ["client-0", "client-1", "client-2", "client-9", "party-0", "coordinator"]
+    party_service = secagg_pb2.DESCRIPTOR.services_by_name["ComputeParty"]
+    coordinator_service = secagg_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+
+    def parties_still_answer(_channel) -> None:
+        for i in range(3):
+            held = fed.party("coordinator", i).Held(pb.HeldRequest(round=0), timeout=30)
+            assert set(held.client_ids) <= {"client-0", "client-1", "client-2"}
+
+    def coordinator_still_answers(_channel) -> None:
+        r, params = current_round(fed)
+        assert r >= 0 and [n for n, _ in params]
+
+    as_client = fed.channel("client-2", "party-0", fed.party_ports[0])
+    report = fuzz_service(as_client, party_service, max_examples=40, strings=ids, valid_after=parties_still_answer)
+    assert "PERMISSION_DENIED" in report.codes("Aggregate") and "PERMISSION_DENIED" in report.codes("Rejoin")
+    # some random shares got past identity to the framing checks
+    assert report.codes("SubmitShare") - {"PERMISSION_DENIED", "NOT_FOUND"}, report.counts
+    fuzz_raw(as_client, party_service, max_examples=20, valid_after=parties_still_answer)
+    # as the coordinator: Held only (a random Aggregate that matched held shares would start an MPC
+    # on one party, and Rejoin restarts the party: both are the coordinator's to call)
+    as_coordinator = fed.channel("coordinator", "party-1", fed.party_ports[1])
+    fuzz_service(as_coordinator, party_service, max_examples=30, strings=ids,
+                 skip_methods={"SubmitShare", "Aggregate", "Rejoin"}, valid_after=parties_still_answer)
+    coord = fed.channel("client-2", "coordinator", fed.coordinator_port)
+    blocking = {"GetRound": {grpc.StatusCode.DEADLINE_EXCEEDED}}
+    report = fuzz_service(coord, coordinator_service, max_examples=40, strings=ids, timeouts={"GetRound": 0.5},
+                          extra_allowed=blocking, valid_after=coordinator_still_answers)
+    assert "OK" in report.codes("Join")
+    fuzz_raw(coord, coordinator_service, max_examples=20, timeouts={"GetRound": 0.5},
+             valid_after=coordinator_still_answers)
     assert all(fed.group.procs[p].poll() is None for p in [*PARTIES, "coordinator"])

@@ -228,6 +228,9 @@ class HEModelHost:
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ProtocolError("INVALID_ARGUMENT", f"inputs must be shaped (n, {', '.join(map(str, self.input_shape))}), "
                                                     f"got {x.shape}")
-        if len(x) > self.max_batch_size:
-            raise ProtocolError("INVALID_ARGUMENT", f"at most {self.max_batch_size} inputs per request")
-        return predict_logits(self.model, x).astype(np.float32)
+        if not 1 <= len(x) <= self.max_batch_size:
+            raise ProtocolError("INVALID_ARGUMENT", f"1..{self.max_batch_size} inputs per request, got {len(x)}")
+        logits = predict_logits(self.model, x).astype(np.float32)
+        if not np.isfinite(logits).all():
+            raise ProtocolError("INVALID_ARGUMENT", "these inputs overflow the model (non-finite logits)")
+        return logits

@@ -312,7 +312,10 @@ class SplitServerState:
                 act = act.detach().requires_grad_(True)
                 out = self.part(act)
             self.opt.zero_grad()
-            out.backward(torch.from_numpy(gradient))
+            act.grad = None
+            # The graph is kept until the step is done: a refused gradient leaves the forward pass
+            # waiting for a good one (freed with the pending entry).
+            out.backward(torch.from_numpy(gradient), retain_graph=True)
             if not self._gradients_finite(act.grad):
                 self.opt.zero_grad()
                 raise ProtocolError("INVALID_ARGUMENT", "this gradient gives non-finite updates")
