@@ -100,6 +100,12 @@ def _assert_same_weights(state: SplitServerState, ref: SplitServerState):
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def _overflowing(state: SplitServerState, rows: int) -> np.ndarray:
+    """Finite activations whose first server-side unit overflows float32 (3e38 aligned with its weights)."""
+    first = next(m for m in state.part if isinstance(m, torch.nn.Linear))
+    return np.tile(3e38 * np.sign(first.weight.detach().numpy()[0]), (rows, 1)).astype(np.float32)
+
+
 def test_bad_input_split_refused_batches_leave_training_identical_to_a_clean_run(split, tls_for):
     s = split(mode="vanilla")
     ref = SplitServerState(s.plan)
@@ -167,7 +173,8 @@ def test_bad_input_split_refused_batches_leave_training_identical_to_a_clean_run
     for x, fragment in [(np.zeros((2, *cut), np.float64), "expected dtype float32"),
                         (np.full((2, *cut), np.nan, np.float32), "NaN or Inf"),
                         (np.zeros((MAX_PREDICT_ROWS + 1, *cut), np.float32), f"at most {MAX_PREDICT_ROWS} rows"),
-                        (np.zeros((2, 3), np.float32), "activations must be shaped")]:
+                        (np.zeros((2, 3), np.float32), "activations must be shaped"),
+                        (_overflowing(s.state, 2), "overflow the server's layers")]:
         code, details = refusal(c0.Predict, pb.PredictRequest(client_id="client-0", activations=encode_tensor(x)))
         assert code == SC.INVALID_ARGUMENT and fragment in details, (fragment, details)
 

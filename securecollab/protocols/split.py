@@ -329,7 +329,10 @@ class SplitServerState:
         with self._lock, torch.no_grad():
             self._flush()
             self.part.eval()
-            return self.part(torch.from_numpy(activations)).numpy()
+            out = self.part(torch.from_numpy(activations))
+        if not torch.isfinite(out).all():
+            raise ProtocolError("INVALID_ARGUMENT", "these activations overflow the server's layers")
+        return out.numpy()
 
     def finish(self, client_id: str) -> None:
         self.check_client(client_id)
