@@ -39,10 +39,22 @@ def rpc_errors(method):
 
 
 def require_caller(context, client_id: str) -> None:
-    """The certificate's party id must be the client id the request claims."""
+    """The certificate must be a client's, with the party id the request claims."""
     identity = peer_identity(context)
     if identity.party_id != client_id:
         raise ProtocolError("PERMISSION_DENIED", f"certificate of {identity.party_id!r} cannot act as {client_id!r}")
+    if identity.role != "client":
+        raise ProtocolError("PERMISSION_DENIED",
+                            f"a certificate of role {identity.role!r} cannot act as client {client_id!r}")
+
+
+def require_role(context, role: str, party_id: str | None = None):
+    """The certificate's role (and, if given, party id) must be these."""
+    identity = peer_identity(context)
+    if identity.role != role or (party_id is not None and identity.party_id != party_id):
+        raise ProtocolError("PERMISSION_DENIED",
+                            f"{identity.role} {identity.party_id!r} may not call this as {party_id or role}")
+    return identity
 
 
 def write_port_file(path, port: int) -> None:

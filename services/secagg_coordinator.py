@@ -26,8 +26,7 @@ from securecollab.transport import check_health, make_channel, make_server, wait
 from securecollab.v1 import secagg_pb2 as pb
 from securecollab.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.wire import assemble_chunks, encode_named
-from services.common import rpc_errors, write_port_file
-from services.secagg_party import require_role
+from services.common import require_role, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

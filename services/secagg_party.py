@@ -20,24 +20,16 @@ from securecollab.protocols import ProtocolError
 from securecollab.protocols.secagg import SecAggPlan, ShareStore
 from securecollab.sharing import SEED_BYTES, Share
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, peer_identity
+from securecollab.transport import make_server
 from securecollab.v1 import secagg_pb2 as pb
 from securecollab.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.wire import WireError, assemble_chunks, iter_chunks
-from services.common import rpc_errors, write_port_file
+from services.common import require_role, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ComputeParty"].full_name
 MAX_SHARE_LENGTH = 1 << 27  # 1 GiB of int64
 EXIT_REJOIN = 75  # EX_TEMPFAIL: "start me again"
-
-
-def require_role(context, role: str, party_id: str | None = None):
-    identity = peer_identity(context)
-    if identity.role != role or (party_id is not None and identity.party_id != party_id):
-        raise ProtocolError("PERMISSION_DENIED",
-                            f"{identity.role} {identity.party_id!r} may not call this as {party_id or role}")
-    return identity
 
 
 class ComputePartyServicer(pb_grpc.ComputePartyServicer):
