@@ -106,6 +106,11 @@ def test_fault_saved_rounds_survive_a_restart_and_refuse_another_plan(tmp_path):
     for (_, got), (_, want) in zip(again.params, step):
         np.testing.assert_array_equal(got, want)
     assert again.history == [{"round": 0, "included": ["client-0", "client-1"]}]
+    # a report repeated after the restart for a round that counted the client is answered, not lost
+    assert again.report("client-1", 0) == 2
+    with pytest.raises(ProtocolError, match="report for round 0, current is 1"):
+        again.report("client-2", 0)  # client-2 was not counted in round 0
+    assert again.reported == {"client-0", "client-2"}
     assert again.first_report_at is not None  # the upload deadline runs on from before the restart
     again.abort("party-1 is unreachable")
     third = SecAggRounds(plan, initial, RoundStore(path, plan.to_json()))

@@ -181,6 +181,10 @@ class SecAggRounds(RoundState):
         with self._cond:
             if self.abort_reason and round_ == self.round:
                 raise ProtocolError("FAILED_PRECONDITION", f"round {round_} was aborted: {self.abort_reason}")
+            counted = next((h["included"] for h in self.history if h["round"] == round_ and "included" in h), [])
+            if client_id in counted:
+                # A report repeated after a coordinator restart: that round already counted this client.
+                return len(counted)
             if round_ != self.round or self.done:
                 raise ProtocolError("FAILED_PRECONDITION", f"report for round {round_}, current is {self.round}")
             if client_id not in self.reported and self.store:
