@@ -8,7 +8,10 @@ Two kinds of entry, both registered by the module that implements them
   ``run_dir/transcripts/`` plus the public plan) and returns scorecard rows;
 * an **experiment** produces the runs it needs (real services over gRPC) and
   attacks them, possibly over a sweep: ``run(out_dir, *, quick, seed,
-  progress)`` returns scorecard rows and writes its figures under ``out_dir``.
+  progress, runs=None)`` returns scorecard rows and writes its figures under
+  ``out_dir``. ``runs`` maps a protocol name to the directory of a run that
+  already exists (the demo passes its own runs); an experiment uses them
+  where they fit and otherwise starts the runs it needs.
 
 A scorecard row uses DESIGN.md's vocabulary::
 
@@ -58,7 +61,7 @@ def attack(name: str, *, adversary: str, protocols: tuple[str, ...], summary: st
 
 def experiment(name: str, *, summary: str, minutes: tuple[float, float] = (1.0, 5.0),
                attacks: tuple[str, ...] = ()):
-    """Register ``fn(out_dir: Path, *, quick: bool, seed: int, progress) -> list[dict]`` as experiment ``name``."""
+    """Register ``fn(out_dir: Path, *, quick: bool, seed: int, progress, runs) -> list[dict]`` as experiment ``name``."""
     def deco(fn):
         EXPERIMENTS[name] = Experiment(name, summary, fn, minutes, tuple(attacks))
         return fn
@@ -87,10 +90,11 @@ def run_attack(name: str, run_dir: Path, **options) -> list[dict]:
 
 
 def run_experiment(name: str, out_dir: Path, *, quick: bool = True, seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> list[dict]:
+                   progress: Callable[[str], None] | None = None, runs: dict[str, Path] | None = None) -> list[dict]:
     discover()
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return EXPERIMENTS[name].run(out_dir, quick=quick, seed=seed, progress=progress or (lambda _msg: None))
+    return EXPERIMENTS[name].run(out_dir, quick=quick, seed=seed, progress=progress or (lambda _msg: None),
+                                 runs=runs or {})

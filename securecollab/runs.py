@@ -61,6 +61,8 @@ def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
                       momentum=plan.momentum, seed=plan.seed)
     train_local(model, ds.x_train, ds.y_train, cfg)
     costs = meter.snapshot()
+    from securecollab.models import parameters_to_arrays
+    np.savez(out_dir / "centralized_model.npz", **dict(parameters_to_arrays(model)))  # the released model
     result = {"accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": _costs(costs, [costs])}
     (out_dir / "result_centralized.json").write_text(json.dumps(result, indent=2))
     return result
