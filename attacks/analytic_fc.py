@@ -39,6 +39,31 @@ def recover_fc_input(weight_delta: np.ndarray, bias_delta: np.ndarray, *, top_ro
     return (db[rows] @ dw[rows]) / (db[rows] @ db[rows])
 
 
+def fc_input_candidates(weight_delta: np.ndarray, bias_delta: np.ndarray, count: int, *,
+                        pixel_range: tuple[float, float] = (0.0, 1.0), tolerance: float = 0.05) -> np.ndarray:
+    """Up to ``count`` distinct row ratios ``dW[i] / db[i]`` that lie in the pixel range, largest |db| first.
+
+    With N examples, a row whose unit was active for exactly one of them (ReLU)
+    is that example exactly; the others are mixtures (convex when the examples'
+    bias gradients share a sign). Used to start the optimization-based attack
+    on an aggregate from images that already explain part of the update.
+    """
+    dw = np.asarray(weight_delta, dtype=np.float64)
+    db = np.asarray(bias_delta, dtype=np.float64)
+    lo, hi = pixel_range
+    picked: list[np.ndarray] = []
+    for i in np.argsort(-np.abs(db)):
+        if abs(db[i]) <= 1e-9 * np.abs(db).max() or len(picked) == count:
+            break
+        x = dw[i] / db[i]
+        if x.min() < lo - tolerance or x.max() > hi + tolerance:
+            continue
+        if any(np.abs(x - p).max() < tolerance for p in picked):
+            continue  # the same example again
+        picked.append(np.clip(x, lo, hi))
+    return np.array(picked, dtype=np.float32).reshape(len(picked), dw.shape[1])
+
+
 def first_linear_layer(model: nn.Module) -> tuple[str, bool]:
     """Name of the first ``nn.Linear`` and whether it sees the raw input (no parametric layer before it)."""
     seen_parametric = False

@@ -192,11 +192,12 @@ def _one_trial(objective: Objective, images: torch.Tensor, label_logits: torch.T
 
 
 def optimize_dummies(objective: Objective, num_images: int, input_shape: tuple[int, ...], num_classes: int,
-                     labels: np.ndarray | None, config: InversionConfig) -> Inversion:
+                     labels: np.ndarray | None, config: InversionConfig, init: np.ndarray | None = None) -> Inversion:
     """Search N dummy images (and soft labels when ``labels`` is None) minimising ``objective`` + TV.
 
     Of several restarts the one with the smallest final distance wins: the
-    adversary can compute that distance, it needs no ground truth.
+    adversary can compute that distance, it needs no ground truth. ``init``
+    (up to N images) starts one extra trial; the rest of its dummies are random.
     """
     start = time.perf_counter()
     lo, hi = config.pixel_range
@@ -205,6 +206,11 @@ def optimize_dummies(objective: Objective, num_images: int, input_shape: tuple[i
     trials = []
     for _ in range(max(1, config.restarts)):
         images = lo + (hi - lo) * torch.rand((num_images, *input_shape), generator=generator)
+        label_logits = torch.randn((num_images, num_classes), generator=generator)
+        trials.append(_one_trial(objective, images, label_logits, fixed, config))
+    if init is not None and len(init):
+        images = lo + (hi - lo) * torch.rand((num_images, *input_shape), generator=generator)
+        images[:len(init)] = torch.as_tensor(np.asarray(init, np.float32)).reshape(len(init), *input_shape)
         label_logits = torch.randn((num_images, num_classes), generator=generator)
         trials.append(_one_trial(objective, images, label_logits, fixed, config))
     distance, images, guessed = min(trials, key=lambda trial: trial[0])
@@ -232,6 +238,22 @@ def _labels_for(model: nn.Module, global_params: NamedArrays, gradient: dict[str
     return infer_labels(gradient, model, num_images, probs)
 
 
+def _labels_in_init_order(model: nn.Module, global_params: NamedArrays, init: np.ndarray,
+                          labels: np.ndarray) -> np.ndarray:
+    """Reorder a label multiset so the first len(init) labels are the ones the global model finds likeliest
+    for the starting images (Hungarian assignment); the rest follow in any order."""
+    from scipy.optimize import linear_sum_assignment
+    reference = copy.deepcopy(model)
+    load_arrays(reference, list(as_dict(global_params).items()))
+    reference.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.as_tensor(np.asarray(init, np.float32))), dim=1).numpy()
+    rows, cols = linear_sum_assignment(-logp[:, labels])  # rows: init images, cols: positions in labels
+    first = [labels[c] for _, c in sorted(zip(rows, cols))]
+    rest = np.delete(labels, cols)
+    return np.concatenate([np.array(first, dtype=np.int64), rest]).astype(np.int64)
+
+
 def invert_gradient(model: nn.Module, global_params: NamedArrays, gradient: NamedArrays, num_images: int,
                     input_shape: tuple[int, ...], num_classes: int, *, labels=None, auxiliary_images=None,
                     config: InversionConfig = InversionConfig()) -> Inversion:
@@ -249,7 +271,8 @@ def invert_gradient(model: nn.Module, global_params: NamedArrays, gradient: Name
 
 def invert_update(model: nn.Module, global_params: NamedArrays, new_params: NamedArrays, num_images: int,
                   input_shape: tuple[int, ...], num_classes: int, training: LocalTraining, *, labels=None,
-                  auxiliary_images=None, config: InversionConfig = InversionConfig()) -> Inversion:
+                  auxiliary_images=None, config: InversionConfig = InversionConfig(),
+                  init: np.ndarray | None = None) -> Inversion:
     """Reconstruct a client's ``num_images`` examples from its new weights (or an aggregate of such).
 
     A secure-aggregation aggregate of N single-example, one-step updates is
@@ -269,4 +292,6 @@ def invert_update(model: nn.Module, global_params: NamedArrays, new_params: Name
                                      layerwise=config.layerwise)
     else:
         raise ValueError(f"unknown regime {config.regime!r}")
-    return optimize_dummies(objective, num_images, input_shape, num_classes, chosen, config)
+    if init is not None and len(init) and chosen is not None:
+        chosen = _labels_in_init_order(model, global_params, np.asarray(init)[:num_images], chosen)
+    return optimize_dummies(objective, num_images, input_shape, num_classes, chosen, config, init=init)

@@ -21,6 +21,9 @@ app.add_typer(client_app, name="client")
 bench_app = typer.Typer(help="Measure a protocol's overhead against its plain counterpart (writes JSON).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+from securecollab.attack_cli import attack_app  # noqa: E402  (its own module: the attack commands)
+
+app.add_typer(attack_app, name="attack")
 console = Console(stderr=True)
 
 
@@ -70,11 +73,14 @@ def _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Fewer rounds (5 instead of 10): finishes sooner.")] = False,
+    quick: Annotated[bool, typer.Option(help="Fewer rounds (5 instead of 10) and the attack experiments' quick "
+                                             "settings (fewer runs, images, shadow models): minutes, not an hour.")] = False,
     out: Annotated[Path, typer.Option(help="Where scorecard.json/.md and figures are written.")] = Path("results"),
     model: Model = "mlp", clients: Clients = 4, seed: Seed = 0,
+    attacks: Annotated[bool, typer.Option("--attacks/--no-attacks",
+                                          help="Run the attack experiments (see `securecollab attack list`).")] = True,
 ):
-    """Run every protocol on the embedded digits data and print the scorecard."""
+    """Run every protocol on the embedded digits data, attack what each party received, print the scorecard."""
     from securecollab.protocols.fedavg import FedAvgPlan
     from securecollab.runs import run_protocol
     from securecollab.scorecard import HEADERS, build_scorecard, rows, write_scorecard
@@ -92,7 +98,11 @@ def demo(
         console.print(f"[green]done[/green] {label}: accuracy {results[name]['accuracy']:.3f}, "
                       f"{results[name]['costs']['wall_s']:.1f}s")
     _print_he_examples(results["he_inference"])
-    card = build_scorecard(results, plan=json.loads(plan.to_json()))
+    attack_rows, failed = _demo_attacks(out, quick, seed, {name: out / "runs" / name for name in results}) \
+        if attacks else ([], [])
+    card = build_scorecard(results, plan=json.loads(plan.to_json()), attacks=attack_rows)
+    if failed:
+        card["attack_errors"] = failed
     paths = write_scorecard(card, out)
     table = Table(title=f"securecollab scorecard: {plan.dataset} / {plan.model} (baseline in brackets)")
     for h in HEADERS:
@@ -103,7 +113,48 @@ def demo(
     if not out_console.is_terminal:
         out_console = Console(width=130)  # piped or logged: don't squeeze the table to 80 columns
     out_console.print(table)
+    if attack_rows:
+        from securecollab.attack_cli import attack_table
+        out_console.print(attack_table(attack_rows, "what each adversary learned (baseline: no transcript)"))
     console.print("wrote " + ", ".join(str(p) for p in paths))
+    if failed:
+        console.print(f"[red]attack experiments failed:[/red] {', '.join(f['experiment'] for f in failed)} "
+                      "(see scorecard.json attack_errors)")
+        raise typer.Exit(1)
+
+
+# The scorecard reads from training-time leakage to inference-time leakage.
+DEMO_ORDER = ("gradient_inversion", "split_attacks", "membership", "extraction", "dp")
+
+
+def _demo_attacks(out: Path, quick: bool, seed: int, runs: dict[str, Path]) -> tuple[list[dict], list[dict]]:
+    """Every registered experiment, in the scorecard's order; figures' paths made relative to `out`."""
+    import traceback
+
+    from attacks.registry import EXPERIMENTS, discover, run_experiment
+    discover()
+    rows, failed = [], []
+    order = [n for n in DEMO_ORDER if n in EXPERIMENTS] + sorted(set(EXPERIMENTS) - set(DEMO_ORDER))
+    for name in order:
+        exp = EXPERIMENTS[name]
+        target = out / "attacks" / name
+        minutes = exp.minutes[0 if quick else 1]
+        with console.status(f"[bold]attack experiment {name}[/bold] (~{minutes:g} min) ...") as status:
+            def progress(msg: str, name=name, status=status) -> None:
+                status.update(f"[bold]attack experiment {name}[/bold]: {msg}")
+            try:
+                got = run_experiment(name, target, quick=quick, seed=seed, progress=progress, runs=runs)
+            except Exception as e:  # one failed experiment must not lose the others' results
+                console.print(f"[red]failed[/red] {name}: {e}")
+                failed.append({"experiment": name, "error": f"{type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc(limit=5)})
+                continue
+        for r in got:
+            if r.get("figure"):
+                r["figure"] = str((target / r["figure"]).relative_to(out))
+        rows += got
+        console.print(f"[green]done[/green] attack experiment {name}: {len(got)} rows")
+    return rows, failed
 
 
 def _print_he_examples(result: dict) -> None:

@@ -62,6 +62,39 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
+ATTACK_HEADERS = ["attack", "protocol", "adversary", "setting", "result", "baseline"]
+# Shown in the table (all metrics are in scorecard.json), in this order when present.
+MAIN_METRICS = ("psnr_db", "ssim", "reid_rate", "label_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr",
+                "fidelity", "max_abs_error")
+SETTINGS = (("n_clients", "N={}"), ("regime", "{}"), ("cut", "cut {}"), ("head_cut", "head {}"),
+            ("defence", "defence {}"), ("epsilon", "ε={:.3g}"), ("method", "{}"), ("target", "{}"),
+            ("model", "{}"), ("output", "{} output"), ("queries", "{} queries"), ("images", "{} images"))
+SHORT = {"psnr_db": "PSNR", "ssim": "SSIM", "reid_rate": "re-id", "label_accuracy": "label acc",
+         "auc": "AUC", "tpr_at_1pct_fpr": "TPR@1%", "tpr_at_0p1pct_fpr": "TPR@0.1%", "fidelity": "fidelity",
+         "max_abs_error": "max err"}
+
+
+def _metric(name: str, values: dict) -> str | None:
+    v = values.get(name)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    text = f"{v:.1f} dB" if name == "psnr_db" else (f"{v:.1e}" if name == "max_abs_error" else f"{v:.3f}")
+    ci = values.get(f"{name}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"{SHORT[name]} {text}"
+
+
+def attack_cells(a: dict) -> list[str]:
+    """One attack row as table cells: its setting, its main metrics, and the same metrics of its baseline."""
+    m, b = a.get("metrics", {}), a.get("baseline", {})
+    setting = ", ".join(fmt.format(m[k]) for k, fmt in SETTINGS if m.get(k) is not None)
+    shown = [k for k in MAIN_METRICS if _metric(k, m)]
+    result = "; ".join(_metric(k, m) for k in shown)
+    base = "; ".join(t for t in (_metric(k, b) for k in shown) if t) or "-"
+    return [a["attack"], a["protocol"], a["adversary"], setting or "-", result or "-", base]
+
+
 def to_markdown(card: dict) -> str:
     lines = [f"# securecollab scorecard — {card['dataset']}, {card['model']}", "",
              f"Created {card['created']}. Values in brackets are the plain baseline's "
@@ -70,10 +103,15 @@ def to_markdown(card: dict) -> str:
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(card)]
     if card["attacks"]:
-        lines += ["", "## Attacks", "", "| attack | protocol | adversary | metrics | baseline |", "|---|---|---|---|---|"]
-        for a in card["attacks"]:
-            lines.append(f"| {a['attack']} | {a['protocol']} | {a['adversary']} | "
-                         f"{json.dumps(a['metrics'])} | {json.dumps(a['baseline'])} |")
+        lines += ["", "## Attacks", "",
+                  "What each adversary recovered from exactly what it received (its transcript), beside a "
+                  "baseline that uses no transcript (mean image of the adversary's own data, random guess, prior). "
+                  "Rates with 95% intervals in brackets; every metric is in scorecard.json.", "",
+                  "| " + " | ".join(ATTACK_HEADERS) + " |", "|" + "---|" * len(ATTACK_HEADERS)]
+        lines += ["| " + " | ".join(attack_cells(a)) + " |" for a in card["attacks"]]
+        figures = sorted({a["figure"] for a in card["attacks"] if a.get("figure")})
+        if figures:
+            lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
 

@@ -29,17 +29,27 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def step_batches(n: int, batch_size: int, seed: int, first: int, count: int) -> list[np.ndarray]:
+    """Mini-batches number first .. first+count-1 of the endless run of epochs (`batch_order` after each other)."""
+    per_epoch = -(-n // batch_size)
+    return [batch_order(n, batch_size, seed, s // per_epoch)[s % per_epoch] for s in range(first, first + count)]
+
+
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-                *, epoch_offset: int = 0, progress=None) -> float:
-    """SGD with momentum over (x, y) for cfg.epochs epochs; returns the mean loss of the last epoch."""
+                *, epoch_offset: int = 0, steps: tuple[int, int] | None = None, progress=None) -> float:
+    """SGD with momentum over (x, y) for cfg.epochs epochs; returns the mean loss of the last epoch.
+
+    With `steps=(first, count)` it takes exactly those mini-batch steps instead (FedSGD-style rounds)."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     last = float("nan")
-    for e in range(cfg.epochs):
+    for e in range(1 if steps else cfg.epochs):
         total, count = 0.0, 0
-        for idx in batch_order(len(x), cfg.batch_size, cfg.seed, epoch_offset + e):
+        batches = (step_batches(len(x), cfg.batch_size, cfg.seed, *steps) if steps
+                   else batch_order(len(x), cfg.batch_size, cfg.seed, epoch_offset + e))
+        for idx in batches:
             idx = torch.from_numpy(idx)
             opt.zero_grad()
             loss = loss_fn(model(xt[idx]), yt[idx])

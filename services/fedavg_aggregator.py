@@ -69,6 +69,7 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if record else None,
                                     party="aggregator", role="aggregator")
+    transcript.record("plan", round=0, sender="aggregator", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
     # Each client waiting for the next round holds a server thread: with fewer threads than clients,
     # waiting clients starve the others' uploads and reports until the upload deadline.
     server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)

@@ -50,7 +50,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
                                               params=encode_named(update)), timeout=DEFAULT_DEADLINE_S)
             log.info("%s: round %d submitted", client_id, round_)
             round_ += 1
-    result = {"client_id": client_id, "num_examples": len(x), "rounds": plan.rounds,
+    result = {"client_id": client_id, "num_examples": len(x), "epsilon": plan.dp_epsilon(len(x)), "rounds": plan.rounds,
               "test_accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": meter.snapshot()}
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

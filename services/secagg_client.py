@@ -129,7 +129,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
             transcript.record("round_lost", round=round_, sender=client_id,
                               meta={"status": e.code().name, "details": e.details()})
         round_ += 1
-    result = {"client_id": client_id, "num_examples": len(x), "test_accuracy": accuracy(model, ds.x_test, ds.y_test),
+    result = {"client_id": client_id, "num_examples": len(x), "epsilon": plan.training.dp_epsilon(len(x)), "test_accuracy": accuracy(model, ds.x_test, ds.y_test),
               "costs": meter.snapshot()}
     if out_dir:
         (out_dir / f"result_{client_id}.json").write_text(json.dumps(result, indent=2))

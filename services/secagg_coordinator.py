@@ -259,6 +259,8 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
     rounds = open_rounds(plan, state, fresh)
     transcript = TranscriptRecorder(out_dir / "transcripts" / "coordinator.jsonl" if out_dir else None,
                                     party="coordinator", role="coordinator", resume=rounds.resumed)
+    if not rounds.resumed:  # its own knowledge, which attacks on its transcript may use
+        transcript.record("plan", round=0, sender="coordinator", meta={"plan": json.loads(plan.to_json())})
     servicer = CoordinatorServicer(rounds, party_targets, names)
     parties = party_links(party_targets, names, tls, meter)
     # Each client waiting for the next round holds a server thread: with fewer threads than clients,

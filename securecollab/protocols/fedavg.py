@@ -38,6 +38,24 @@ class FedAvgPlan:
     # clients submit ready-made updates instead of training.
     vector_length: int = 0
     record_transcripts: bool = True
+    # Attack experiments: each client keeps only this many examples of its shard (0: all of it) and,
+    # with local_steps > 0, takes exactly that many mini-batch steps a round (FedSGD: batch 1, 1 step),
+    # going on through its batch order from round to round.
+    samples_per_client: int = 0
+    local_steps: int = 0
+    # DP-SGD local training (opacus) when dp_noise_multiplier > 0: per-example clipping to
+    # dp_max_grad_norm, Gaussian noise, Poisson-sampled batches; epsilon at dp_delta per client.
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+
+    def __post_init__(self):
+        if self.samples_per_client < 0 or self.local_steps < 0:
+            raise ValueError("samples_per_client and local_steps must be >= 0")
+        if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("DP-SGD needs dp_noise_multiplier >= 0, dp_max_grad_norm > 0 and 0 < dp_delta < 1")
+        if self.dp_noise_multiplier and self.local_steps:
+            raise ValueError("DP-SGD samples its batches (Poisson): it trains whole local epochs, not local_steps")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -45,6 +63,19 @@ class FedAvgPlan:
     @classmethod
     def from_json(cls, text: str) -> "FedAvgPlan":
         return cls(**json.loads(text))
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier > 0
+
+    def dp_epsilon(self, num_examples: int, rounds: int | None = None) -> float | None:
+        """A client's privacy loss after `rounds` rounds (default: all) of DP-SGD on `num_examples` examples."""
+        if not self.dp:
+            return None
+        from securecollab.dp import epsilon, sample_rate, steps_per_epoch
+        steps = (self.rounds if rounds is None else rounds) * self.local_epochs * steps_per_epoch(
+            num_examples, self.batch_size)
+        return epsilon(self.dp_noise_multiplier, sample_rate(num_examples, self.batch_size), steps, self.dp_delta)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size,
@@ -113,7 +144,17 @@ def client_data(plan: FedAvgPlan, index: int):
     ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
     parts = partition(ds.y_train, plan.num_clients, plan.partition, seed=plan.seed, alpha=plan.alpha)
     idx = np.sort(parts[index])
+    if plan.samples_per_client:
+        idx = idx[:plan.samples_per_client]
     return ds, ds.x_train[idx], ds.y_train[idx]
+
+
+def client_shard(plan: FedAvgPlan, index: int) -> np.ndarray:
+    """Indices into the training split of the examples client `index` holds (for scoring attacks only)."""
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    parts = partition(ds.y_train, plan.num_clients, plan.partition, seed=plan.seed, alpha=plan.alpha)
+    idx = np.sort(parts[index])
+    return idx[:plan.samples_per_client] if plan.samples_per_client else idx
 
 
 def local_update(model, plan: FedAvgPlan, round_: int, global_params, x, y, client_index: int):
@@ -122,5 +163,13 @@ def local_update(model, plan: FedAvgPlan, round_: int, global_params, x, y, clie
     cfg = plan.train_config()
     # Each client shuffles with its own stream; rounds continue the epoch count.
     cfg = TrainConfig(**{**cfg.to_dict(), "seed": plan.seed * 1000 + client_index})
-    train_local(model, x, y, cfg, epoch_offset=round_ * plan.local_epochs)
+    if plan.dp:
+        from securecollab.dp import train_local_dp
+        # The noise must not be derivable from the plan (the aggregator wrote it): fresh OS entropy.
+        train_local_dp(model, x, y, cfg, noise_multiplier=plan.dp_noise_multiplier,
+                       max_grad_norm=plan.dp_max_grad_norm, epoch_offset=round_ * plan.local_epochs)
+    elif plan.local_steps:
+        train_local(model, x, y, cfg, steps=(round_ * plan.local_steps, plan.local_steps))
+    else:
+        train_local(model, x, y, cfg, epoch_offset=round_ * plan.local_epochs)
     return parameters_to_arrays(model)

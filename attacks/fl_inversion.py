@@ -1,0 +1,296 @@
+"""Gradient inversion on real federated-learning transcripts: plain FedAvg's updates and secure aggregation's aggregates.
+
+Adversaries and what they hold (nothing else is read):
+
+* plain FedAvg, the **aggregator**: its transcript (``transcripts/aggregator.jsonl``),
+  i.e. the plan it wrote and every client's new weights; the global weights it
+  sent are replayed from those.
+* secure aggregation, the **coordinator**: its transcript
+  (``transcripts/coordinator.jsonl``), i.e. the plan, and per round the revealed
+  sum of the included clients' updates and who was included; the global model
+  is replayed from the initial one (seeded by the plan) and the aggregates.
+
+Both know the architecture and how clients train (the plan they sent), not the
+data. Ground-truth images are looked up only to score the reconstructions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attacks.analytic_fc import analytic_fc_attack, fc_input_candidates, first_linear_layer
+from attacks.gradient_inversion import (InversionConfig, _labels_for, _leaf_params, cosine_distance,
+                                        gradient_objective, invert_update, optimize_dummies, simulate_update)
+from attacks.knowledge import LocalTraining
+from attacks.metrics import (match_reconstructions, mean_image_baseline, per_image_scores, random_image_baseline,
+                             random_label_baseline, rate_ci, reidentified, score_with_baselines)
+from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
+from attacks.registry import attack, row
+from securecollab.data import load_dataset
+from securecollab.models import parameters_to_arrays
+from securecollab.protocols.fedavg import FedAvgPlan, client_shard
+from securecollab.protocols.secagg import SecAggPlan, apply_aggregate
+from securecollab.training import step_batches
+from securecollab.transcript import load_transcript
+
+
+def client_index(client_id: str) -> int:
+    return int(client_id.rsplit("-", 1)[1])
+
+
+def local_training(plan: FedAvgPlan, index: int, round_: int) -> LocalTraining:
+    """How client ``index`` trained in ``round_``, as the plan's author knows it (seeds included)."""
+    seed = plan.seed * 1000 + index
+    if plan.local_steps:
+        # the round's steps are given below as explicit batches; here: one pass over them in order
+        return LocalTraining(lr=plan.lr, momentum=plan.momentum, epochs=1, batch_size=plan.batch_size)
+    return LocalTraining(lr=plan.lr, momentum=plan.momentum, epochs=plan.local_epochs,
+                         batch_size=plan.batch_size, shuffle_seed=seed, epoch_offset=round_ * plan.local_epochs)
+
+
+def images_used(plan: FedAvgPlan, index: int, round_: int) -> np.ndarray:
+    """Training-split indices of the examples client ``index`` trained on in ``round_`` (scoring only)."""
+    shard = client_shard(plan, index)
+    if plan.local_steps:
+        steps = step_batches(len(shard), plan.batch_size, plan.seed * 1000 + index,
+                             round_ * plan.local_steps, plan.local_steps)
+        return shard[np.unique(np.concatenate(steps))]
+    return shard
+
+
+def dummies_per_client(plan: FedAvgPlan) -> int:
+    """How many images the adversary reconstructs per client and round (the examples it trained on)."""
+    if plan.local_steps:
+        return min(plan.local_steps * plan.batch_size, plan.samples_per_client or plan.local_steps * plan.batch_size)
+    if not plan.samples_per_client:
+        raise ValueError("clients train on their whole shard: give the plan samples_per_client to bound the attack")
+    return plan.samples_per_client
+
+
+def _plan_from(transcript, cls):
+    records = transcript.of_kind("plan")
+    if not records:
+        raise ValueError("the transcript holds no plan record (recorded by services since this version)")
+    return cls.from_json(__import__("json").dumps(records[0].meta["plan"]))
+
+
+def _config(quick: bool, iterations: int | None) -> InversionConfig:
+    return InversionConfig(iterations=iterations or (150 if quick else 300), restarts=1)
+
+
+def _score(recon, labels, truth_idx, ds, plan: FedAvgPlan, seed: int = 0) -> dict:
+    """Per-image scores of the attack and of the two blind guesses, kept per image so observations pool.
+
+    Reconstructions are paired with the originals (Hungarian) first; the guesses
+    need no pairing. Labels go with their images.
+    """
+    originals, true_labels = ds.x_train[truth_idx], ds.y_train[truth_idx]
+    guesses = {
+        "metrics": (np.asarray(recon), np.asarray(labels) if labels is not None else None, True),
+        "baseline": (mean_image_baseline(ds.x_test, len(originals)),  # the adversary's own data's mean
+                     random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
+        "random": (random_image_baseline(originals.shape, seed=seed),
+                   random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
+    }
+    out = {}
+    for key, (images, guessed, match) in guesses.items():
+        order = match_reconstructions(images, originals) if match else np.arange(len(images))
+        images = images[order]
+        entry = {"per_image": per_image_scores(images, originals),
+                 "reid": reidentified(images, truth_idx, ds.x_train)}
+        if guessed is not None:
+            entry["label_hits"] = guessed[order] == true_labels
+        out[key] = entry
+    return out
+
+
+def _merge(scores: list[dict], key: str) -> dict:
+    """Pool the images of every observation: median image scores, rates with 95% Wilson intervals."""
+    out = {}
+    for name in ("psnr_db", "ssim", "mse"):
+        out[name] = float(np.median(np.concatenate([s[key]["per_image"][name] for s in scores])))
+    reid = np.concatenate([s[key]["reid"] for s in scores])
+    out["reid_rate"], out["reid_rate_ci"] = float(reid.mean()), list(rate_ci(int(reid.sum()), len(reid)))
+    if all("label_hits" in s[key] for s in scores):
+        hits = np.concatenate([s[key]["label_hits"] for s in scores])
+        out["label_accuracy"] = float(hits.mean())
+        out["label_accuracy_ci"] = list(rate_ci(int(hits.sum()), len(hits)))
+    out["images"] = int(len(reid))
+    return out
+
+
+# -- plain FedAvg: the aggregator's view -------------------------------------------------------------
+
+@attack("gradient_inversion", adversary="aggregator | coordinator", protocols=("fedavg", "secagg"),
+        summary="optimization-based inversion (cosine + TV, iDLG labels) of client updates or the revealed aggregate")
+def gradient_inversion(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
+                       max_observations: int | None = None, **_) -> list[dict]:
+    run_dir = Path(run_dir)
+    if (run_dir / "transcripts" / "coordinator.jsonl").exists():
+        return invert_secagg_run(run_dir, quick=quick, iterations=iterations, max_observations=max_observations)
+    return invert_fedavg_run(run_dir, quick=quick, iterations=iterations, max_observations=max_observations)
+
+
+def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
+                      max_observations: int | None = None, regime: str = "") -> list[dict]:
+    """Invert each client's update alone (N = 1): what plain FedAvg shows its aggregator."""
+    transcript = load_transcript(run_dir / "transcripts" / "aggregator.jsonl")
+    plan = _plan_from(transcript, FedAvgPlan)
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    initial = parameters_to_arrays(plan.build_model(ds))
+    config = _config(quick, iterations)
+    scores, observations = [], 0
+    rounds = sorted({r.round for r in transcript.of_kind("update")})
+    for round_ in rounds:
+        global_params = global_params_at(initial, transcript, round_)
+        for sender, (_, new) in sorted(client_updates(transcript, round_).items()):
+            if max_observations is not None and observations >= max_observations:
+                break
+            index = client_index(sender)
+            truth = images_used(plan, index, round_)
+            training = local_training(plan, index, round_)
+            if plan.local_steps:
+                training = dataclasses.replace(training, batch_size=plan.batch_size)
+            inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth),
+                                ds.input_shape, ds.num_classes, training, auxiliary_images=ds.x_test, config=config)
+            scores.append(_score(inv.images, inv.labels, truth, ds, plan))
+            observations += 1
+    return [_row("fedavg", "aggregator", scores, plan, n_clients=1, regime=regime or _regime(plan),
+                 observations=observations, iterations=config.iterations)]
+
+
+def _regime(plan: FedAvgPlan) -> str:
+    return "fedsgd" if plan.local_steps == 1 and plan.batch_size == 1 else "fedavg"
+
+
+def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **params) -> dict:
+    metrics = {**_merge(scores, "metrics"), **params}
+    baseline = _merge(scores, "baseline")
+    return row("gradient_inversion", protocol, adversary, metrics, baseline,
+               random=_merge(scores, "random"))
+
+
+@attack("analytic_fc", adversary="aggregator", protocols=("fedavg",),
+        summary="closed-form input of a first fully-connected layer from one client's one-image update")
+def analytic_fc(run_dir: Path, **_) -> list[dict]:
+    transcript = load_transcript(Path(run_dir) / "transcripts" / "aggregator.jsonl")
+    plan = _plan_from(transcript, FedAvgPlan)
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    initial = parameters_to_arrays(plan.build_model(ds))
+    recon, truth = [], []
+    for round_ in sorted({r.round for r in transcript.of_kind("update")}):
+        global_params = global_params_at(initial, transcript, round_)
+        for sender, (_, new) in sorted(client_updates(transcript, round_).items()):
+            used = images_used(plan, client_index(sender), round_)
+            if len(used) != 1:
+                continue  # the closed form needs one image per update
+            recon.append(analytic_fc_attack(model, list(global_params.items()), list(new.items()), ds.input_shape))
+            truth.append(used[0])
+    if not recon:
+        raise ValueError("no one-image update in this transcript: the analytic attack needs batch-1 updates")
+    truth = np.array(truth)
+    s = score_with_baselines(np.stack(recon), ds.x_train[truth], ds.x_test, pool=ds.x_train,
+                             source_indices=truth, match=False)
+    err = float(np.max(np.abs(np.stack(recon) - ds.x_train[truth])))
+    return [row("analytic_fc", "fedavg", "aggregator", {**_metrics_of(s["metrics"]), "max_abs_error": err,
+                                                      "images": len(truth), "n_clients": 1},
+                _metrics_of(s["baseline"]))]
+
+
+def _metrics_of(score: dict) -> dict:
+    return {k: v for k, v in score.items() if isinstance(v, (int, float))}
+
+
+# -- secure aggregation: the coordinator's view --------------------------------------------------------
+
+def aggregate_objective(model, params: dict, observed: dict[str, np.ndarray], trainings: list[LocalTraining],
+                        per_client: int, layerwise: float = 1.0):
+    """Cosine distance between the sum of every included client's simulated update and the revealed sum."""
+    names = list(params)
+    target = [torch.as_tensor(observed[n], dtype=torch.float32) for n in names]
+
+    def objective(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = None
+        for k, training in enumerate(trainings):
+            part = slice(k * per_client, (k + 1) * per_client)
+            delta = simulate_update(model, params, images[part], targets[part], training)
+            total = delta if total is None else {n: total[n] + delta[n] for n in names}
+        return cosine_distance([total[n] for n in names], target, layerwise=layerwise)
+
+    return objective
+
+
+def first_layer_candidates(model, global_params: dict, new_params: dict, count: int, input_shape) -> np.ndarray | None:
+    """Starting images read off the first layer's rows (see fc_input_candidates); None for a conv-first model."""
+    try:
+        layer, sees_input = first_linear_layer(model)
+    except ValueError:
+        return None
+    if not sees_input:
+        return None
+    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
+    found = fc_input_candidates(delta[f"{layer}.weight"], delta[f"{layer}.bias"], count)
+    return found.reshape(len(found), *input_shape)
+
+
+def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included: list[str], plan: FedAvgPlan,
+                     round_: int, ds, config: InversionConfig):
+    """Reconstruct all N x k images behind one revealed aggregate."""
+    per_client = dummies_per_client(plan)
+    count = len(included)
+    step = dict(apply_aggregate(list(global_params.items()), aggregate))  # global + mean update
+    trainings = [local_training(plan, client_index(c), round_) for c in included]
+    if plan.local_steps == 1 and plan.batch_size == 1:
+        # FedSGD: the sum of N one-image gradient steps is one step on the N images: one gradient
+        training = LocalTraining(lr=plan.lr, epochs=1)
+        return invert_update(model, list(global_params.items()), list(step.items()), count, ds.input_shape,
+                             ds.num_classes, training, auxiliary_images=ds.x_test, config=config,
+                             init=first_layer_candidates(model, global_params, step, count, ds.input_shape))
+    params = _leaf_params(model, list(global_params.items()))
+    observed = {n: d * count for n, d in parameter_delta(list(global_params.items()), list(step.items())).items()}
+    implied = gradient_from_update(list(global_params.items()), list(step.items()), trainings[0], per_client * count)
+    labels = _labels_for(model, list(global_params.items()), implied, per_client * count, None, ds.x_test, config)
+    if labels is not None:
+        labels = np.random.default_rng(round_).permutation(labels)  # spread the multiset over the clients
+    objective = aggregate_objective(model, params, observed, trainings, per_client, config.layerwise)
+    if config.regime == "gradient":
+        objective = gradient_objective(model, params, implied, layerwise=config.layerwise)
+    return optimize_dummies(objective, per_client * count, ds.input_shape, ds.num_classes, labels, config)
+
+
+def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
+                      max_observations: int | None = None, regime: str = "") -> list[dict]:
+    """One row per number of included clients N: the revealed aggregates of N clients, inverted."""
+    transcript = load_transcript(run_dir / "transcripts" / "coordinator.jsonl")
+    spec = _plan_from(transcript, SecAggPlan)
+    plan = spec.training
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    model = plan.build_model(ds)
+    params = parameters_to_arrays(plan.build_model(ds))
+    config = _config(quick, iterations)
+    by_n: dict[int, list[dict]] = {}
+    seen: set[int] = set()
+    observations = 0
+    for rec in transcript.of_kind("aggregate"):
+        if rec.round in seen:
+            continue  # revealed again after a coordinator restart: same aggregate
+        seen.add(rec.round)
+        included = list(rec.meta["included"])
+        aggregate = rec.tensors["aggregate"]
+        if max_observations is None or observations < max_observations:
+            truth = np.concatenate([images_used(plan, client_index(c), rec.round) for c in included])
+            inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config)
+            by_n.setdefault(len(included), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            observations += 1
+        params = apply_aggregate(params, aggregate)
+    return [_row("secagg", "coordinator", scores, plan, n_clients=n, regime=regime or _regime(plan),
+                 observations=len(scores), iterations=config.iterations)
+            for n, scores in sorted(by_n.items())]
+
+
