@@ -6,7 +6,8 @@ Real runs over gRPC, attacked from the adversary's transcript only:
   FedSGD run (batch 1, one step per round) also feeds the analytic attack;
 * secure aggregation: one run per regime with 16 clients, where clients drop
   out on a schedule (16 -> 8 -> 4 -> 2 clients included), so the coordinator
-  sees aggregates of N = 16, 8, 4 and 2 clients in one training run. N = 1
+  sees aggregates of N = 16, 8, 4 and 2 clients in one training run (quick:
+  8 -> 4 -> 2). N = 1
   has no secure-aggregation point: the compute parties refuse to aggregate
   one client alone; plain FedAvg's update is what an aggregate of one would
   reveal.
@@ -45,20 +46,26 @@ def fedavg_plan(clients: int, rounds: int, seed: int) -> FedAvgPlan:
                       batch_size=8, lr=0.1, momentum=0.9, seed=seed)
 
 
-def dropout_schedule(rounds_per_level: int) -> dict[str, tuple[str, int]]:
-    """Client -> (phase, round) so that rounds include 16, then 8, 4 and 2 clients."""
+def dropout_schedule(rounds_per_level: int, levels=LEVELS) -> dict[str, tuple[str, int]]:
+    """Client -> (phase, round) so that rounds include levels[0] clients, then levels[1], ... ."""
     drops = {}
-    for level, (keep, start) in enumerate(zip(LEVELS[1:], range(rounds_per_level, 99, rounds_per_level))):
-        for c in range(keep, LEVELS[level]):
+    for level, (keep, start) in enumerate(zip(levels[1:], range(rounds_per_level, 999, rounds_per_level))):
+        for c in range(keep, levels[level]):
             drops[f"client-{c}"] = ("before_upload", start)
     return drops
 
 
-def run_secagg_sweep(plan: FedAvgPlan, out_dir: Path, rounds_per_level: int, progress) -> Path:
+def run_secagg_sweep(plan: FedAvgPlan, out_dir: Path, rounds_per_level: int, progress, *,
+                     levels=LEVELS, deadline_s: float = 30.0) -> Path:
+    """One secure-aggregation run whose rounds include levels[0], levels[1], ... clients.
+
+    Rounds after a drop wait out the upload deadline (the coordinator cannot tell a
+    crashed client from a slow one); a client slower than the deadline in the first
+    round is left out of it, so rows are grouped by the N the coordinator really saw."""
     from securecollab.runs import run_protocol
-    spec = SecAggPlan(training=plan, min_clients=2, upload_deadline_s=6.0)
-    progress(f"secure aggregation, {plan.num_clients} clients dropping to {'/'.join(map(str, LEVELS))}")
-    run_protocol("secagg", plan, out_dir, secagg=spec, drops=dropout_schedule(rounds_per_level))
+    spec = SecAggPlan(training=plan, min_clients=2, upload_deadline_s=deadline_s)
+    progress(f"secure aggregation, {plan.num_clients} clients dropping to {'/'.join(map(str, levels[1:]))}")
+    run_protocol("secagg", plan, out_dir, secagg=spec, drops=dropout_schedule(rounds_per_level, levels))
     return out_dir
 
 
@@ -133,6 +140,7 @@ def sweep(out_dir: Path, *, quick: bool, seed: int, progress, runs=None) -> list
 
     per_level = 1 if quick else 3
     iterations = 150 if quick else 300
+    levels = (8, 4, 2) if quick else LEVELS  # quick: fewer processes, less start-up skew on 2 cores
     rows = []
     # N = 1 from plain FedAvg: >= 50 single images in the full run (4 clients x 13 rounds)
     plain_rounds = 4 if quick else 13
@@ -148,7 +156,8 @@ def sweep(out_dir: Path, *, quick: bool, seed: int, progress, runs=None) -> list
     rows += invert_fedavg_run(fedavg, iterations=iterations)
     for regime, make in (("fedsgd", fedsgd_plan), ("fedavg", fedavg_plan)):
         run_dir = out_dir / f"secagg_{regime}"
-        run_secagg_sweep(make(LEVELS[0], per_level * len(LEVELS), seed), run_dir, per_level, progress)
+        run_secagg_sweep(make(levels[0], per_level * len(levels), seed), run_dir, per_level, progress,
+                         levels=levels, deadline_s=10.0 if quick else 30.0)
         progress(f"inverting the revealed aggregates ({regime}; the FedAvg regime unrolls N x 32 images)")
         rows += invert_secagg_run(run_dir, iterations=iterations if regime == "fedsgd" else iterations // 2)
         if regime == "fedsgd":
