@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 MODELS = ("mlp", "cnn", "convnet")
+# Models without hidden layers (no activation, one cut only): kept out of MODELS, whose every
+# entry has activations to swap and hidden layers to cut after. "linear" is the target of
+# equation-solving model extraction (attacks.extraction): its logits are affine in the input.
+SHALLOW_MODELS = ("linear",)
 ACTIVATIONS = ("relu", "square", "poly")
 
 MLP_HIDDEN = 64
@@ -141,6 +145,19 @@ class ConvNet(CutSequential):
         self.default_cut = "after_conv"
 
 
+class Linear(CutSequential):
+    """Flatten -> one fully connected layer to the classes (multinomial logistic regression).
+
+    ``activation`` is accepted for a uniform interface and ignored: there is
+    nothing to activate. The only cut sends the flattened input itself.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, activation: str = "relu"):
+        super().__init__(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+        self.cut_points = {"after_flatten": 1}
+        self.default_cut = "after_flatten"
+
+
 def build_model(
     name: str,
     input_shape: tuple[int, ...],
@@ -155,8 +172,8 @@ def build_model(
     random state is left untouched.
     """
     input_shape = tuple(int(d) for d in input_shape)
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name not in MODELS + SHALLOW_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS + SHALLOW_MODELS)}")
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
@@ -168,7 +185,7 @@ def build_model(
             f"{name} needs image input shaped (C, H, W), got input shape {input_shape}; "
             "use 'mlp' for tabular data"
         )
-    model_class = {"mlp": MLP, "cnn": SmallCNN, "convnet": ConvNet}[name]
+    model_class = {"mlp": MLP, "cnn": SmallCNN, "convnet": ConvNet, "linear": Linear}[name]
     if seed is None:
         return model_class(input_shape, num_classes, activation)
     with torch.random.fork_rng(devices=[]):
