@@ -27,7 +27,11 @@ def register(name: str):
 def run_protocol(name: str, plan: FedAvgPlan, out_dir: Path, **kwargs) -> dict:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name](plan, Path(out_dir), **kwargs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The training recipe is public (every client received it): attacks on the released model use it.
+    (out_dir / "plan.json").write_text(plan.to_json())
+    return PROTOCOLS[name](plan, out_dir, **kwargs)
 
 
 def ensure_certs(cert_dir: Path, parties: list[str]) -> Path:

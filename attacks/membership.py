@@ -1,0 +1,512 @@
+"""Membership inference from a model's outputs: the loss-threshold attack and LiRA.
+
+Threat model (the standard one of LiRA, Carlini et al. 2022, "Membership
+Inference Attacks From First Principles"): the adversary can query the target
+model on candidate examples and read its logits -- a *model-user* handed the
+released weights, or an *he-client* reading the logits it decrypted from the
+HE service. It knows the candidates' labels, the architecture and training
+recipe (epochs, learning rate, batch size), and it holds a population of
+examples from the same distribution as the target's training data, the
+candidates included. It does not know which candidates were trained on.
+
+* ``membership_loss`` (Yeom et al. 2018): a candidate whose cross-entropy
+  loss is low is called a member; one global threshold for every example.
+* ``membership_lira``: the adversary trains shadow models with the target's
+  recipe on random halves of its population, so every candidate is IN about
+  half of them and OUT of the rest. Per candidate it fits Gaussians to the
+  logit-scaled confidence of the true class, ``log(p_y / (1 - p_y))``, over
+  the IN and the OUT shadows, and scores the target's value by the
+  likelihood ratio (*online*) or by how far above the OUT Gaussian it lies
+  (*offline*, one-sided, OUT shadows only). With few shadows a variance
+  pooled over all candidates is steadier than per-candidate ones (the
+  paper's "fixed variance"), so that is the default.
+
+Scores are "higher means member". Every function here takes logits, labels
+and the shadows' logits, so the same code scores plaintext logits and logits
+decrypted from the HE service.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy.special import logsumexp
+from scipy.stats import norm, rankdata
+
+from attacks.metrics import rate_ci
+from attacks.registry import attack, row
+
+# FPRs at which the scorecard reports TPR (DESIGN.md metric names).
+LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}
+# Floors the spread of a Gaussian fit: a candidate every shadow classifies identically has none.
+MIN_STD = 1e-3
+TRAINING_PROTOCOLS = ("centralized", "fedavg", "secagg", "split")
+
+
+# --- what the adversary computes from one model's logits -----------------------------------------
+
+def _logits_and_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim < 2 or z.shape[-2] != len(y):
+        raise ValueError(f"logits of shape {z.shape} do not fit {len(y)} labels")
+    return z, y
+
+
+def true_class_confidence(logits, labels) -> np.ndarray:
+    """``log(p_y / (1 - p_y))`` of the true class, stably: ``z_y - logsumexp(other logits)``.
+
+    Works on (N, C) logits or a stack (S, N, C) of shadow models' logits.
+    """
+    z, y = _logits_and_labels(logits, labels)
+    true = np.take_along_axis(z, np.broadcast_to(y[:, None], (*z.shape[:-1], 1)), axis=-1)[..., 0]
+    others = np.where(np.arange(z.shape[-1]) == y[..., None], -np.inf, z)
+    return true - logsumexp(others, axis=-1)
+
+
+def loss_scores(logits, labels) -> np.ndarray:
+    """Membership scores of the loss attack: minus the cross-entropy loss of each candidate."""
+    z, y = _logits_and_labels(logits, labels)
+    log_p = z - logsumexp(z, axis=-1, keepdims=True)
+    return np.take_along_axis(log_p, y[:, None], axis=-1)[:, 0]
+
+
+@dataclass(frozen=True)
+class Shadows:
+    """The adversary's shadow models, seen only through their logits on the candidates.
+
+    ``logits``: (S, N, C); ``inside``: (S, N) bool, whether candidate n was in
+    shadow s's training set.
+    """
+
+    logits: np.ndarray
+    inside: np.ndarray
+
+    def __post_init__(self):
+        if self.logits.ndim != 3 or self.inside.shape != self.logits.shape[:2]:
+            raise ValueError(f"shadow logits {self.logits.shape} and membership {self.inside.shape} do not fit")
+
+    @property
+    def count(self) -> int:
+        return int(self.logits.shape[0])
+
+    def take(self, idx) -> "Shadows":
+        """The shadows restricted to candidates ``idx`` (e.g. the balanced candidate set)."""
+        return Shadows(self.logits[:, idx], self.inside[:, idx])
+
+
+def _gaussian_fit(phi: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate mean and std of ``phi`` (S, N) over the shadows where ``mask`` holds.
+
+    A candidate no shadow covers gets the mean over all candidates (only with
+    very few shadows); the std is pooled over every candidate when fixed.
+    """
+    count = mask.sum(0)
+    total = np.where(mask, phi, 0.0).sum(0)
+    fallback = total.sum() / max(count.sum(), 1)
+    mean = np.where(count > 0, total / np.maximum(count, 1), fallback)
+    resid2 = np.where(mask, (phi - mean) ** 2, 0.0)
+    if fixed_variance:  # one mean per covered candidate was fitted: that many degrees of freedom are spent
+        std = np.full(phi.shape[1], np.sqrt(resid2.sum() / max(count.sum() - (count > 0).sum(), 1)))
+    else:
+        std = np.sqrt(resid2.sum(0) / np.maximum(count - 1, 1))
+    return mean, np.maximum(std, MIN_STD)
+
+
+def lira_scores(target_logits, labels, shadows: Shadows, *, online: bool = True,
+                fixed_variance: bool = True) -> np.ndarray:
+    """LiRA membership scores of the target's logits on the candidates (Carlini et al. 2022).
+
+    Online: ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)``; offline:
+    ``log P(Phi_out < phi)``, which needs no shadow trained on the candidate.
+    """
+    phi = true_class_confidence(target_logits, labels)
+    shadow_phi = true_class_confidence(shadows.logits, labels)
+    mu_out, sd_out = _gaussian_fit(shadow_phi, ~shadows.inside, fixed_variance)
+    if not online:
+        return norm.logcdf(phi, mu_out, sd_out)
+    mu_in, sd_in = _gaussian_fit(shadow_phi, shadows.inside, fixed_variance)
+    return norm.logpdf(phi, mu_in, sd_in) - norm.logpdf(phi, mu_out, sd_out)
+
+
+def shadow_assignment(n_population: int, n_shadows: int, seed: int) -> np.ndarray:
+    """(S, N) bool: which population examples each shadow trains on; each example in half of the shadows."""
+    if n_shadows < 2:
+        raise ValueError("LiRA needs at least two shadow models")
+    order = np.random.default_rng(seed).random((n_shadows, n_population)).argsort(axis=0)
+    return order < n_shadows // 2
+
+
+def train_shadows(x: np.ndarray, y: np.ndarray, fit: Callable[[np.ndarray, np.ndarray, int], Callable],
+                  *, n_shadows: int, seed: int, progress=None) -> Shadows:
+    """Shadow models on halves of the population (x, y); their logits on every population example.
+
+    ``fit(x_sub, y_sub, shadow_index)`` trains one model with the target's
+    recipe and returns its ``predict(x) -> logits``.
+    """
+    inside = shadow_assignment(len(x), n_shadows, seed)
+    logits = []
+    kept = []
+    with one_torch_thread():
+        for s in range(n_shadows):
+            predict = fit(x[inside[s]], y[inside[s]], s)
+            out = np.asarray(predict(x), dtype=np.float64)
+            # x^2 networks occasionally diverge from an unlucky start; the attacker would discard such a model
+            if np.isfinite(out).all():
+                logits.append(out)
+                kept.append(s)
+            if progress:
+                progress(f"shadow model {s + 1}/{n_shadows}" + ("" if kept[-1:] == [s] else " diverged: dropped"))
+    if len(kept) < 2:
+        raise ValueError(f"only {len(kept)} of {n_shadows} shadow models trained to finite outputs")
+    return Shadows(np.stack(logits), inside[kept])
+
+
+@contextmanager
+def one_torch_thread():
+    """Train tiny models on one thread: on 2 shared cores, two contending threads ran 5-7x slower here."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def _split(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.asarray(is_member, dtype=bool)
+    if s.shape != m.shape:
+        raise ValueError(f"scores {s.shape} and membership {m.shape} differ in shape")
+    if not np.isfinite(s).all():
+        raise ValueError("membership scores must be finite")
+    if m.all() or not m.any():
+        raise ValueError("need both members and non-members")
+    return s[m], s[~m]
+
+
+def auc(scores, is_member) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half)."""
+    members, others = _split(scores, is_member)
+    ranks = rankdata(np.concatenate([members, others]))
+    n1, n0 = len(members), len(others)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def tpr_at_fpr(scores, is_member, fpr: float) -> tuple[int, int, int]:
+    """(true positives, members, false positives) at the threshold admitting at most ``fpr`` of the non-members.
+
+    The threshold is the (k+1)-th highest non-member score with k = floor(fpr * non-members);
+    only scores strictly above it count, so ties never add false positives.
+    """
+    members, others = _split(scores, is_member)
+    k = int(np.floor(fpr * len(others) + 1e-9))
+    threshold = np.sort(others)[::-1][k] if k < len(others) else -np.inf
+    return int((members > threshold).sum()), len(members), int((others > threshold).sum())
+
+
+def roc_points(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) over every threshold, for plotting."""
+    members, others = _split(scores, is_member)
+    thresholds = np.unique(np.concatenate([members, others]))[::-1]
+    tpr = (members[None, :] >= thresholds[:, None]).mean(1)
+    fpr = (others[None, :] >= thresholds[:, None]).mean(1)
+    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+
+
+def bootstrap_auc(members: np.ndarray, others: np.ndarray, n_bootstrap: int, rng) -> np.ndarray:
+    """AUCs of ``n_bootstrap`` resamples (members and non-members resampled separately).
+
+    A resample's AUC is ``w_m' C w_o / (n1 n0)`` with C the pairwise win matrix
+    and w the resampling counts: one matrix product instead of a sort per resample.
+    """
+    n1, n0 = len(members), len(others)
+    if n1 * n0 > 4_000_000:  # C would not fit comfortably: sort per resample instead
+        flags = np.r_[np.ones(n1, bool), np.zeros(n0, bool)]
+        return np.array([auc(np.concatenate([rng.choice(members, n1), rng.choice(others, n0)]), flags)
+                         for _ in range(n_bootstrap)])
+    wins = (members[:, None] > others[None, :]) + 0.5 * (members[:, None] == others[None, :])
+    w_members = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_bootstrap).astype(np.float64)
+    w_others = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_bootstrap).astype(np.float64)
+    return ((w_members @ wins) * w_others).sum(1) / (n1 * n0)
+
+
+def membership_metrics(scores, is_member, *, n_bootstrap: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> dict:
+    """auc (bootstrap CI over members and non-members), TPR at 1% and 0.1% FPR (Clopper-Pearson CI
+    over the members at that threshold; the threshold's own noise is not in it), counts.
+
+    The smallest FPR measurable is 1 / non_members: below it "TPR at 0.1% FPR" means "at zero false positives".
+    """
+    members, others = _split(scores, is_member)
+    out: dict = {"auc": auc(scores, is_member)}
+    boot = bootstrap_auc(members, others, n_bootstrap, np.random.default_rng(seed))
+    tail = (1.0 - confidence) / 2
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail]) if len(boot) else (0.0, 1.0)
+    # A percentile interval can miss a point estimate on a skewed bootstrap; widen rather than mislead.
+    out["auc_ci"] = [float(min(lo, out["auc"])), float(max(hi, out["auc"]))]
+    for name, fpr in LOW_FPRS.items():
+        hits, n, false_pos = tpr_at_fpr(scores, is_member, fpr)
+        out[name] = hits / n
+        out[f"{name}_ci"] = list(rate_ci(hits, n, confidence=confidence, method="clopper_pearson"))
+    out["members"], out["non_members"] = len(members), len(others)
+    out["min_fpr"] = 1.0 / len(others)
+    return out
+
+
+def random_guess_baseline() -> dict:
+    """What a coin flip gets: AUC 0.5 and TPR equal to FPR at every threshold."""
+    return {"auc": 0.5, **{name: fpr for name, fpr in LOW_FPRS.items()}, "guess": "random"}
+
+
+def balanced_candidates(n_members: int, n_non_members: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of as many members as non-members (the larger side subsampled), each side sorted."""
+    rng = np.random.default_rng(seed)
+    n = min(n_members, n_non_members)
+    return np.sort(rng.choice(n_members, n, replace=False)), np.sort(rng.choice(n_non_members, n, replace=False))
+
+
+# --- the released model of a training run, and the attacks on it ----------------------------------
+
+def released_arrays(run_dir: Path, protocol: str) -> list[dict[str, np.ndarray]]:
+    """The weights a training protocol released: one state dict, or split learning's parts.
+
+    Split learning in hand-off mode releases the server's layers past the cut
+    (``split_server_part.npz``) and, with the last client in turn order, the
+    bottom (and the head, U-shaped) in ``split_client-<i>_part.npz``: returned
+    as [bottom, server part, head], each numbered from its own first layer.
+    """
+    run_dir = Path(run_dir)
+    if protocol in ("centralized", "fedavg", "secagg"):
+        return [_npz(run_dir / f"{protocol}_model.npz")]
+    if protocol != "split":
+        raise ValueError(f"no released model for protocol {protocol!r}")
+    clients = sorted(run_dir.glob("split_client-*_part.npz"),
+                     key=lambda p: int(p.name.removeprefix("split_client-").removesuffix("_part.npz")))
+    if not clients:
+        raise FileNotFoundError(f"{run_dir}: no split_client-<i>_part.npz")
+    client = _npz(clients[-1])
+    return [{k.removeprefix("bottom."): v for k, v in client.items() if k.startswith("bottom.")},
+            _npz(run_dir / "split_server_part.npz"),
+            {k.removeprefix("head."): v for k, v in client.items() if k.startswith("head.")}]
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def load_released(run_dir: Path, protocol: str, plan):
+    """(model, plan): the released model of ``protocol``'s run in ``run_dir``, built from ``plan`` (a FedAvgPlan).
+
+    The architecture comes from the plan; if the weights do not fit it, the
+    other registered architectures are tried (the adversary sees the shapes).
+    """
+    from dataclasses import replace
+
+    from securecollab.models import MODELS, load_arrays
+    parts = released_arrays(run_dir, protocol)
+    ds = _dataset(plan)
+    errors = []
+    for name in (plan.model, *[m for m in MODELS if m != plan.model]):
+        try:
+            model = replace(plan, model=name).build_model(ds)
+            load_arrays(model, stack_parts(model, parts))
+            return model.eval(), replace(plan, model=name)
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+    raise ValueError(f"{run_dir}: the released weights fit no known model ({'; '.join(errors)})")
+
+
+def stack_parts(model, parts: list[dict[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Consecutive parts' weights renumbered into ``model``'s layer numbering, at the cuts where they fit.
+
+    The cut is not stored with the weights: it is the one at which every
+    part's names and shapes match the model (one part: no renumbering).
+    """
+    parts = [p for p in parts if p]
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    cuts = sorted(set(model.cut_points.values()))
+
+    def placed(part: dict[str, np.ndarray], start: int) -> list[tuple[str, np.ndarray]]:
+        out = []
+        for k, v in part.items():
+            layer, rest = k.split(".", 1)
+            out.append((f"{int(layer) + start}.{rest}", v))
+        return out
+
+    def search(i: int, start: int) -> list[tuple[str, np.ndarray]] | None:
+        if i == len(parts):
+            return []
+        here = placed(parts[i], start)
+        if not all(state.get(k) == v.shape for k, v in here):
+            return None
+        for nxt in ([c for c in cuts if c > start] if i + 1 < len(parts) else [None]):
+            rest = search(i + 1, nxt) if nxt is not None else []
+            if rest is not None:
+                return here + rest
+        return None
+
+    found = search(0, 0)
+    if found is None or len(found) != len(state):
+        raise ValueError(f"the released parts fit no cut of {type(model).__name__}")
+    return found
+
+
+def _dataset(plan):
+    from securecollab.data import load_dataset
+    return load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the target was trained, as the adversary believes: what its shadow models repeat."""
+
+    model: str
+    activation: str
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+
+    @classmethod
+    def of_fedavg(cls, plan) -> "Recipe":
+        """FedAvg/secagg/split over IID shards approximated by central training of the same total epochs."""
+        return cls(plan.model, plan.activation, plan.rounds * plan.local_epochs, plan.lr, plan.momentum,
+                   plan.batch_size)
+
+    @classmethod
+    def of_he(cls, plan) -> "Recipe":
+        return cls(plan.model, plan.activation, plan.epochs, plan.lr, plan.momentum, plan.batch_size)
+
+    def fit(self, ds, seed: int) -> Callable[[np.ndarray, np.ndarray, int], Callable]:
+        """A ``fit`` for :func:`train_shadows`: shadow s starts from its own seed (init and batch order)."""
+        from securecollab.models import build_model
+        from securecollab.training import TrainConfig, predict_logits, train_local
+
+        def fit(x, y, s):
+            shadow_seed = seed * 1000 + s + 1
+            model = build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation,
+                                seed=shadow_seed)
+            train_local(model, x, y, TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                                                 batch_size=self.batch_size, seed=shadow_seed))
+            return lambda q: predict_logits(model, q)
+        return fit
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The balanced candidate set inside the adversary's population (train and test data, concatenated)."""
+
+    x: np.ndarray          # population inputs
+    y: np.ndarray          # population labels
+    idx: np.ndarray        # candidates' positions in the population
+    is_member: np.ndarray  # ground truth, for scoring only
+
+    @classmethod
+    def of_dataset(cls, ds, seed: int, per_side: int | None = None) -> "Candidates":
+        """Members: the target's training set (subsampled); non-members: the held-out test set.
+
+        ``per_side`` caps both sides (fewer queries); the population stays whole.
+        """
+        mem, non = balanced_candidates(len(ds.x_train), len(ds.x_test), seed)
+        if per_side is not None:
+            mem, non = mem[:per_side], non[:per_side]
+        x = np.concatenate([ds.x_train, ds.x_test])
+        y = np.concatenate([ds.y_train, ds.y_test])
+        idx = np.concatenate([mem, len(ds.x_train) + non])
+        return cls(x, y, idx, np.r_[np.ones(len(mem), bool), np.zeros(len(non), bool)])
+
+    @property
+    def queries(self) -> np.ndarray:
+        return self.x[self.idx]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y[self.idx]
+
+
+def attack_scores(target_logits, cand: Candidates, shadows: Shadows | None,
+                  variants=("loss", "online")) -> dict[str, np.ndarray]:
+    """Membership scores of the candidates per variant: ``loss``, LiRA ``online`` / ``offline``."""
+    out = {}
+    for variant in variants:
+        if variant == "loss":
+            out[variant] = loss_scores(target_logits, cand.labels)
+        elif variant in ("online", "offline"):
+            if shadows is None:
+                raise ValueError("LiRA needs shadow models")
+            out[variant] = lira_scores(target_logits, cand.labels, shadows.take(cand.idx),
+                                       online=variant == "online")
+        else:
+            raise ValueError(f"unknown variant {variant!r}")
+    return out
+
+
+def attack_rows(scores: dict[str, np.ndarray], is_member, *, protocol: str, adversary: str,
+                shadow_models: int = 0, extra_metrics: dict | None = None, seed: int = 0, **extra) -> list[dict]:
+    """One scorecard row per variant in ``scores`` (``membership_loss`` or ``membership_lira``)."""
+    rows = []
+    for variant, s in scores.items():
+        name, tag = ("membership_loss", {}) if variant == "loss" else \
+            ("membership_lira", {"variant": variant, "shadow_models": int(shadow_models)})
+        metrics = {**membership_metrics(s, is_member, seed=seed), **tag, **(extra_metrics or {})}
+        rows.append(row(name, protocol, adversary, metrics, random_guess_baseline(), **extra))
+    return rows
+
+
+def _run_on_released(run_dir: Path, *, variants, plan_json: str | None, n_shadows: int, seed: int,
+                     protocol: str | None) -> list[dict]:
+    from securecollab.protocols.fedavg import FedAvgPlan
+    from securecollab.training import predict_logits
+
+    plan = FedAvgPlan.from_json(plan_json) if plan_json else FedAvgPlan(seed=seed)
+    protocol = protocol or detect_protocol(run_dir)
+    model, plan = load_released(run_dir, protocol, plan)
+    ds = _dataset(plan)
+    cand = Candidates.of_dataset(ds, seed)
+    shadows = None
+    if any(v != "loss" for v in variants):
+        shadows = train_shadows(cand.x, cand.y, Recipe.of_fedavg(plan).fit(ds, seed), n_shadows=n_shadows,
+                                seed=seed)
+    scores = attack_scores(predict_logits(model, cand.queries), cand, shadows, variants)
+    return attack_rows(scores, cand.is_member, protocol=protocol, adversary="model-user",
+                       shadow_models=shadows.count if shadows else 0,
+                       seed=seed, notes=f"recipe assumed: {json.dumps(Recipe.of_fedavg(plan).__dict__)}")
+
+
+def detect_protocol(run_dir: Path) -> str:
+    """Which training protocol released a model in ``run_dir`` (by the file it wrote)."""
+    run_dir = Path(run_dir)
+    for protocol in ("centralized", "fedavg", "secagg"):
+        if (run_dir / f"{protocol}_model.npz").exists():
+            return protocol
+    if (run_dir / "split_server_part.npz").exists():
+        return "split"
+    raise FileNotFoundError(f"{run_dir}: no released model of {', '.join(TRAINING_PROTOCOLS)}")
+
+
+@attack("membership_loss", adversary="model-user", protocols=TRAINING_PROTOCOLS,
+        summary="loss-threshold membership inference on the released model (members: its training set)")
+def run_loss(run_dir: Path, *, plan_json: str | None = None, seed: int = 0, protocol: str | None = None,
+             **_) -> list[dict]:
+    """Options: ``plan_json`` (the FedAvgPlan of the run; default the demo's), ``protocol`` (else detected)."""
+    return _run_on_released(run_dir, variants=("loss",), plan_json=plan_json, n_shadows=0, seed=seed,
+                            protocol=protocol)
+
+
+@attack("membership_lira", adversary="model-user", protocols=TRAINING_PROTOCOLS,
+        summary="LiRA (online, fixed variance) with shadow models trained on halves of the attacker's population")
+def run_lira(run_dir: Path, *, plan_json: str | None = None, n_shadows: int = 8, seed: int = 0,
+             protocol: str | None = None, **_) -> list[dict]:
+    """Options as ``membership_loss``, plus ``n_shadows``."""
+    return _run_on_released(run_dir, variants=("online",), plan_json=plan_json, n_shadows=n_shadows, seed=seed,
+                            protocol=protocol)
