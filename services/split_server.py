@@ -8,6 +8,7 @@ handed off through it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -136,6 +137,7 @@ def serve(plan: SplitPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "split-server.jsonl" if record else None,
                                     party="split-server", role="split")
+    transcript.record("plan", round=0, sender="split-server", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
     # Each client waiting in AwaitTurn holds a server thread: leave threads for the client whose turn it is.
     server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)
     server.add(pb_grpc.add_SplitServerServicer_to_server, SplitServicer(state, transcript), SERVICE)
