@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-quick test check-protos protos clean
+.PHONY: setup demo demo-full test check-protos protos clean
 
 setup: $(VENV)/.installed
 
@@ -18,11 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps crypten==0.4.1
 	touch $@
 
+# The main job: every protocol and every attack, quick settings (minutes on 2 cores).
 demo: setup
-	$(BIN)/securecollab demo
-
-demo-quick: setup
 	$(BIN)/securecollab demo --quick
+
+# The thorough scorecard: full rounds and full attack sweeps (most of an hour on 2 cores).
+demo-full: setup
+	$(BIN)/securecollab demo
 
 test: setup
 	$(BIN)/pytest -q

@@ -17,6 +17,8 @@ configuration) and ``split_leakage.png`` (leakage and accuracy per cut/defence).
 
 from __future__ import annotations
 
+from securecollab.transcript import load_transcript
+
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -107,7 +109,8 @@ def split_attacks(out_dir: Path, *, quick: bool, seed: int, progress, runs: dict
         given = (runs or {}).get("split")
         if i == 0 and _reusable(given, plan):
             run_dir = Path(given)
-            plan = split_plan(run_dir)
+            recorded = split_plan(run_dir, transcript=load_transcript(run_dir / "transcripts" / "split-server.jsonl"))
+            plan = replace(recorded, cut=recorded.cut or plan.cut)  # the model's default cut, named
             accuracy = float(json.loads((run_dir / "result_split.json").read_text())["accuracy"])
             progress(f"split run {label(plan)}: reusing {run_dir}")
         else:

@@ -77,14 +77,15 @@ def demo(
                                              "settings (fewer runs, images, shadow models): minutes, not an hour.")] = False,
     out: Annotated[Path, typer.Option(help="Where scorecard.json/.md and figures are written.")] = Path("results"),
     model: Model = "mlp", clients: Clients = 4, seed: Seed = 0,
-    attacks: Annotated[bool, typer.Option("--attacks/--no-attacks",
-                                          help="Run the attack experiments (see `securecollab attack list`).")] = True,
+    attacks: Annotated[str, typer.Option(help="Attack experiments to run: all, none, or names separated by commas "
+                                              "(see `securecollab attack list`).")] = "all",
 ):
     """Run every protocol on the embedded digits data, attack what each party received, print the scorecard."""
     from securecollab.protocols.fedavg import FedAvgPlan
     from securecollab.runs import run_protocol
     from securecollab.scorecard import HEADERS, build_scorecard, rows, write_scorecard
 
+    chosen = _chosen_experiments(attacks)  # a typo fails now, not after the protocols ran
     plan = FedAvgPlan(model=model, num_clients=clients, seed=seed, **({"rounds": 5} if quick else {}))
     results = {}
     steps = [("centralized", "centralized training (baseline)"),
@@ -98,8 +99,8 @@ def demo(
         console.print(f"[green]done[/green] {label}: accuracy {results[name]['accuracy']:.3f}, "
                       f"{results[name]['costs']['wall_s']:.1f}s")
     _print_he_examples(results["he_inference"])
-    attack_rows, failed = _demo_attacks(out, quick, seed, {name: out / "runs" / name for name in results}) \
-        if attacks else ([], [])
+    attack_rows, failed = _demo_attacks(out, quick, seed, {name: out / "runs" / name for name in results},
+                                        chosen)
     card = build_scorecard(results, plan=json.loads(plan.to_json()), attacks=attack_rows)
     if failed:
         card["attack_errors"] = failed
@@ -127,15 +128,31 @@ def demo(
 DEMO_ORDER = ("gradient_inversion", "split_attacks", "membership", "extraction", "dp")
 
 
-def _demo_attacks(out: Path, quick: bool, seed: int, runs: dict[str, Path]) -> tuple[list[dict], list[dict]]:
-    """Every registered experiment, in the scorecard's order; figures' paths made relative to `out`."""
+def _chosen_experiments(spec: str) -> list[str]:
+    """`all`, `none` or a comma list, checked against the registry before any protocol runs long."""
+    from attacks.registry import EXPERIMENTS, discover
+    discover()
+    order = [n for n in DEMO_ORDER if n in EXPERIMENTS] + sorted(set(EXPERIMENTS) - set(DEMO_ORDER))
+    if spec.strip() == "all":
+        return order
+    if spec.strip() == "none":
+        return []
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(order)}, "
+                                 "all or none", param_hint="--attacks")
+    return [n for n in order if n in names]
+
+
+def _demo_attacks(out: Path, quick: bool, seed: int, runs: dict[str, Path],
+                  chosen: list[str]) -> tuple[list[dict], list[dict]]:
+    """The chosen experiments, in the scorecard's order; figures' paths made relative to `out`."""
     import traceback
 
-    from attacks.registry import EXPERIMENTS, discover, run_experiment
-    discover()
+    from attacks.registry import EXPERIMENTS, run_experiment
     rows, failed = [], []
-    order = [n for n in DEMO_ORDER if n in EXPERIMENTS] + sorted(set(EXPERIMENTS) - set(DEMO_ORDER))
-    for name in order:
+    for name in chosen:
         exp = EXPERIMENTS[name]
         target = out / "attacks" / name
         minutes = exp.minutes[0 if quick else 1]
