@@ -30,7 +30,6 @@ the plan's partition and batch order -- for scoring only.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from attacks.registry import attack, row
 from securecollab.data import Dataset, partition
 from securecollab.models import load_arrays
 from securecollab.protocols.split import SplitPlan
-from securecollab.training import batch_order
+from securecollab.training import batch_order, one_thread
 from securecollab.transcript import Record, load_transcript
 
 SERVER = "split-server"
@@ -135,16 +134,6 @@ def last_epoch_sample(view: ServerView, truth: GroundTruth, n_images: int, seed:
 
 # --- the attacker's stand-in for the client's bottom -----------------------------------------
 
-@contextmanager
-def one_thread():
-    """Run torch on one thread: these models are tiny, and on a shared 2-core machine thread hand-offs
-    cost far more than they save (measured: 25x slower decoder training with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _parts(plan: SplitPlan, ds: Dataset):

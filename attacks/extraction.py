@@ -43,7 +43,6 @@ of always answering the auxiliary data's majority class.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -56,7 +55,7 @@ from torch import nn
 from attacks.metrics import rate_ci
 from attacks.registry import attack, row
 from securecollab.models import build_model
-from securecollab.training import predict_logits
+from securecollab.training import one_thread, predict_logits
 from securecollab.transcript import Transcript, load_transcript
 
 QUERY_KIND = "query"
@@ -171,15 +170,6 @@ class DistillConfig:
     seed: int = 0
 
 
-@contextmanager
-def one_thread():
-    """Torch on one thread for small models: on a busy 2-core machine more threads only spin and contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def distill(student: nn.Module, queries: np.ndarray, answers: np.ndarray,

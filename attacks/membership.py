@@ -29,7 +29,6 @@ decrypted from the HE service.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +39,7 @@ from scipy.stats import norm, rankdata
 
 from attacks.metrics import rate_ci
 from attacks.registry import attack, row
+from securecollab.training import one_thread as one_torch_thread
 
 # FPRs at which the scorecard reports TPR (DESIGN.md metric names).
 LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}
@@ -167,16 +167,6 @@ def train_shadows(x: np.ndarray, y: np.ndarray, fit: Callable[[np.ndarray, np.nd
     return Shadows(np.stack(logits), inside[kept])
 
 
-@contextmanager
-def one_torch_thread():
-    """Train tiny models on one thread: on 2 shared cores, two contending threads ran 5-7x slower here."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- metrics ------------------------------------------------------------------------------------

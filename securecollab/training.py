@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,3 +73,15 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict_logits(model, x).argmax(1) == y).mean())
+
+
+@contextmanager
+def one_thread():
+    """Torch on one thread for tiny models: on a shared 2-core machine, thread hand-offs cost far more than
+    they save (attack code measured 5-25x slower training with two contending threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
