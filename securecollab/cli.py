@@ -64,11 +64,21 @@ CertsDir = Annotated[Path, typer.Option(help="Directory with ca.pem and <party>.
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
 
 
-def _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha):
+DpNoise = Annotated[float, typer.Option(min=0.0, help="DP-SGD local training (opacus): noise multiplier; 0 = off. "
+                                                   "Clients report their epsilon.")]
+DpClip = Annotated[float, typer.Option(min=0.0, help="DP-SGD: per-example gradient clipping norm.")]
+
+
+def _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha,
+          dp_noise=0.0, dp_clip=1.0):
     from securecollab.protocols.fedavg import FedAvgPlan
-    return FedAvgPlan(model=model, dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None,
-                      num_clients=clients, rounds=rounds, local_epochs=local_epochs, lr=lr,
-                      batch_size=batch_size, seed=seed, partition=partition, alpha=alpha)
+    try:
+        return FedAvgPlan(model=model, dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None,
+                          num_clients=clients, rounds=rounds, local_epochs=local_epochs, lr=lr,
+                          batch_size=batch_size, seed=seed, partition=partition, alpha=alpha,
+                          dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_clip)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 @app.command()
@@ -195,10 +205,14 @@ def train(
     model: Model = "mlp", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
     clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
+    dp_noise: DpNoise = 0.0, dp_clip: DpClip = 1.0,
 ):
     """Train with one protocol (all parties as local processes) and print accuracy and costs."""
     from securecollab.runs import run_protocol
-    plan = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
+    plan = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha,
+                 dp_noise, dp_clip)
+    if plan.dp and protocol.value not in ("fedavg", "secagg"):
+        raise typer.BadParameter("DP-SGD local training is for fedavg and secagg clients", param_hint="--dp-noise")
     with console.status(f"training with {protocol.value} ..."):
         result = run_protocol(protocol.value, plan, out)
     typer.echo(json.dumps(result, indent=2))
@@ -247,6 +261,7 @@ def serve(
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
     state: Annotated[Optional[Path], typer.Option(help="coordinator: SQLite file of the round state (default: OUT/coordinator_state.sqlite); a coordinator started again on it resumes that training.")] = None,
     fresh: Annotated[bool, typer.Option(help="coordinator: discard a saved round state and start training anew.")] = False,
+    dp_noise: DpNoise = 0.0, dp_clip: DpClip = 1.0,
     verbose: Verbose = True,
 ):
     """Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its job is done.
@@ -279,7 +294,8 @@ def serve(
             raise typer.BadParameter(str(e)) from None
         serve_split(plan, tls=tls, port=port, host=host, out_dir=out, port_file=port_file)
         return
-    training = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha)
+    training = _plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha,
+                     dp_noise, dp_clip)
     if role is Role.aggregator:
         from services.fedavg_aggregator import serve as serve_aggregator
         plan = FedAvgPlan.from_json(plan_json) if plan_json else training

@@ -251,3 +251,25 @@ def test_model_is_plain_after_two_calls_in_a_row(name):
     assert np.isfinite(flat(m)).all() and np.abs(flat(m) - before).max() > 0
     with torch.no_grad():
         assert m(torch.from_numpy(x)).shape == (24, 10)
+
+
+def test_dp_sgd_fedavg_run_over_grpc_reports_each_clients_epsilon(tmp_path):
+    """`securecollab train --dp-noise`: the plan carries DP-SGD to the client processes, which report epsilon."""
+    import json
+    import subprocess
+    import sys
+
+    from securecollab.protocols.fedavg import FedAvgPlan, client_data
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "securecollab", "train", "--protocol", "fedavg", "--clients", "2",
+                          "--rounds", "2", "--local-epochs", "1", "--dp-noise", "1.0", "--dp-clip", "1.0",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = FedAvgPlan.from_json((out / "plan.json").read_text())
+    assert plan.dp_noise_multiplier == 1.0
+    for i in range(2):
+        got = json.loads((out / f"result_client-{i}.json").read_text())
+        n = len(client_data(plan, i)[1])
+        assert got["num_examples"] == n
+        assert got["epsilon"] == plan.dp_epsilon(n) and 0 < got["epsilon"] < 50
