@@ -17,6 +17,7 @@ data. Ground-truth images are looked up only to score the reconstructions.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def _plan_from(transcript, cls):
     records = transcript.of_kind("plan")
     if not records:
         raise ValueError("the transcript holds no plan record (recorded by services since this version)")
-    return cls.from_json(__import__("json").dumps(records[0].meta["plan"]))
+    return cls.from_json(json.dumps(records[0].meta["plan"]))
 
 
 def _config(quick: bool, iterations: int | None) -> InversionConfig:

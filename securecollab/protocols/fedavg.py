@@ -139,22 +139,19 @@ class FedAvgRounds(RoundState):
         ])
 
 
-def client_data(plan: FedAvgPlan, index: int):
-    """The training shard client `index` holds (a seeded partition of the embedded data set)."""
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
-    parts = partition(ds.y_train, plan.num_clients, plan.partition, seed=plan.seed, alpha=plan.alpha)
-    idx = np.sort(parts[index])
-    if plan.samples_per_client:
-        idx = idx[:plan.samples_per_client]
-    return ds, ds.x_train[idx], ds.y_train[idx]
-
-
-def client_shard(plan: FedAvgPlan, index: int) -> np.ndarray:
-    """Indices into the training split of the examples client `index` holds (for scoring attacks only)."""
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+def client_shard(plan: FedAvgPlan, index: int, ds=None) -> np.ndarray:
+    """Indices into the training split of the examples client `index` holds (a seeded partition)."""
+    ds = ds or load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
     parts = partition(ds.y_train, plan.num_clients, plan.partition, seed=plan.seed, alpha=plan.alpha)
     idx = np.sort(parts[index])
     return idx[:plan.samples_per_client] if plan.samples_per_client else idx
+
+
+def client_data(plan: FedAvgPlan, index: int):
+    """The data set and the training shard client `index` holds."""
+    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    idx = client_shard(plan, index, ds)
+    return ds, ds.x_train[idx], ds.y_train[idx]
 
 
 def local_update(model, plan: FedAvgPlan, round_: int, global_params, x, y, client_index: int):
