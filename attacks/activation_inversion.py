@@ -24,13 +24,12 @@ the model, starting from the seeded initialisation the plan fixes. Then:
 
 Reconstructions of the last epoch's activations (the model as trained) are
 scored against the true training images, which the evaluator looks up from
-the plan's partition and batch order -- for scoring only.
+the plan's partition and batch order -- for scoring only. Loading the server's
+view and that ground truth is :mod:`attacks.split_view`'s.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,75 +39,16 @@ from torch.func import functional_call
 
 from attacks.metrics import score_with_baselines
 from attacks.registry import attack, row
-from securecollab.data import Dataset, partition
+from attacks.split_view import SERVER, GroundTruth, ServerView, last_epoch_sample, load_server_view, sweep_metrics
+from securecollab.data import Dataset
 from securecollab.models import load_arrays
-from securecollab.protocols.split import SplitPlan
-from securecollab.training import batch_order, one_thread
-from securecollab.transcript import Record, load_transcript
+from securecollab.plans import SplitPlan
+from securecollab.training import one_thread
 
-SERVER = "split-server"
 METHODS = ("decoder", "optimization")
 
 
-# --- what the server observed ---------------------------------------------------------------
-
-@dataclass
-class ServerView:
-    """The server's transcript, sorted by kind, with the plan it wrote."""
-
-    plan: SplitPlan
-    batches: list[Record]
-    client_weights: list[Record]
-    output_gradients: list[Record]
-
-    @property
-    def last_epoch(self) -> int:
-        return max(r.round for r in self.batches)
-
-
-def split_plan(run_dir: Path, plan: SplitPlan | str | dict | None = None, transcript=None) -> SplitPlan:
-    """The plan the server wrote: given, recorded in its transcript, or saved beside the run."""
-    if isinstance(plan, SplitPlan):
-        return plan
-    if isinstance(plan, dict):
-        return SplitPlan(**plan)
-    if isinstance(plan, str):
-        return SplitPlan.from_json(plan)
-    records = transcript.of_kind("plan") if transcript is not None else []
-    if records:
-        return SplitPlan(**records[0].meta["plan"])
-    saved = Path(run_dir) / "split_plan.json"
-    if saved.exists():
-        return SplitPlan.from_json(saved.read_text())
-    raise ValueError(f"{run_dir}: no split plan (none given, none in the transcript, no split_plan.json)")
-
-
-def load_server_view(run_dir: Path, plan=None) -> ServerView:
-    transcript = load_transcript(Path(run_dir) / "transcripts" / f"{SERVER}.jsonl")
-    return ServerView(split_plan(run_dir, plan, transcript), transcript.of_kind("batch"),
-                      transcript.of_kind("client_weights"), transcript.of_kind("output_gradient"))
-
-
-def describe_defence(plan: SplitPlan) -> dict:
-    """Scorecard sweep parameters of a run's defence."""
-    name = "+".join(n for n, v in (("noise", plan.noise_sigma), ("nopeek", plan.nopeek_alpha)) if v) or "none"
-    return {"defence": name, "noise_sigma": float(plan.noise_sigma), "nopeek_alpha": float(plan.nopeek_alpha)}
-
-
-# --- ground truth (the evaluator's, never the attacker's) -------------------------------------
-
-class GroundTruth:
-    """Which training images (indices into ``ds.x_train``) each recorded batch carried: for scoring only."""
-
-    def __init__(self, plan: SplitPlan, ds: Dataset):
-        self.plan, self.ds = plan, ds
-        self._shards = [np.sort(p) for p in partition(ds.y_train, plan.num_clients, plan.partition,
-                                                      seed=plan.seed, alpha=plan.alpha)]
-
-    def sources(self, record: Record) -> np.ndarray:
-        shard = self._shards[self.plan.client_ids().index(record.sender)]
-        return shard[batch_order(len(shard), self.plan.batch_size, self.plan.seed, record.round)[record.step]]
-
+# --- the attacker's own data ------------------------------------------------------------------
 
 def auxiliary_split(ds: Dataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The attacker's auxiliary data: a seeded half of the test split (images, labels), disjoint from training."""
@@ -117,27 +57,10 @@ def auxiliary_split(ds: Dataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return ds.x_test[aux], ds.y_test[aux]
 
 
-def last_epoch_sample(view: ServerView, truth: GroundTruth, n_images: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to ``n_images`` examples of the last epoch: their activations, sender, how far into the sender's turn
-    their batch came (step / steps, from the transcript) and -- for scoring only -- their training-set index."""
-    records = [r for r in view.batches if r.round == view.last_epoch]
-    steps = {s: sum(r.sender == s for r in records) for s in {r.sender for r in records}}
-    sizes = [len(r.tensors["activations"]) for r in records]
-    cols = {"activations": np.concatenate([r.tensors["activations"] for r in records]),
-            "senders": np.repeat([r.sender for r in records], sizes),
-            "progress": np.repeat([r.step / steps[r.sender] for r in records], sizes).astype(np.float32),
-            "sources": np.concatenate([truth.sources(r) for r in records])}
-    n = len(cols["sources"])
-    pick = np.sort(np.random.default_rng([seed, 29]).choice(n, min(n_images, n), replace=False))
-    return {k: v[pick] for k, v in cols.items()}
-
-
 # --- the attacker's stand-in for the client's bottom -----------------------------------------
 
-
-
 def _parts(plan: SplitPlan, ds: Dataset):
-    return plan.parts(plan.build(ds))
+    return plan.parts(plan.build_model(ds))
 
 
 class BottomPath:
@@ -381,12 +304,6 @@ def score(result: dict, ds: Dataset, seed: int = 0) -> dict[str, dict]:
             for method, images in result["reconstructions"].items()}
 
 
-def sweep_metrics(plan: SplitPlan) -> dict:
-    """The run's sweep parameters, as scorecard metrics."""
-    return {"cut": plan.cut or plan.build().default_cut, "mode": plan.mode, "client_weights": plan.client_weights,
-            **describe_defence(plan)}
-
-
 def rows_for(view: ServerView, scores: dict[str, dict], knowledge: str, **extra_metrics) -> list[dict]:
     sweep = {**sweep_metrics(view.plan), "knowledge": knowledge, "epoch": view.last_epoch, **extra_metrics}
     return [row("activation_inversion", "split", SERVER, {**s["metrics"], "method": m, **sweep}, s["baseline"])
@@ -403,8 +320,3 @@ def activation_inversion(run_dir: Path, *, plan=None, n_images: int = 128, metho
     result = invert_activations(view, ds, run_dir, n_images=n_images, methods=tuple(methods), seed=seed,
                                 decoder_steps=1000 if quick else 1500, iterations=300 if quick else 400)
     return rows_for(view, score(result, ds, seed), result["knowledge"], **extra_metrics)
-
-
-def save_plan(run_dir: Path, plan: SplitPlan) -> None:
-    """Save the plan beside a run (the server wrote it; its transcript does not record it yet)."""
-    (Path(run_dir) / "split_plan.json").write_text(json.dumps(json.loads(plan.to_json()), indent=2))

@@ -6,8 +6,8 @@ own CKKS secret key, so it decrypts whatever the server returns. It knows:
 * the served architecture (the server's ``Describe`` reply names the model
   and input shape; HE-friendly means square activations);
 * the queries it sent (its own inputs, which it records itself as
-  transcript records of kind ``"query"``) and the decrypted answers (kind
-  ``"logits"``, recorded by ``services.he_client``);
+  transcript records of kind ``Kind.QUERY``) and the decrypted answers (kind
+  ``Kind.LOGITS``, recorded by the HE client library);
 * auxiliary data of its own: unlabelled inputs from the task's distribution
   to use as queries, and, for the no-query baseline, their true labels.
 
@@ -55,10 +55,10 @@ from torch import nn
 from attacks.metrics import rate_ci
 from attacks.registry import attack, row
 from securecollab.models import build_model
+from securecollab.plans import HEModelPlan
 from securecollab.training import one_thread, predict_logits
-from securecollab.transcript import Transcript, load_transcript
+from securecollab.transcript import Kind, Transcript, load_transcript
 
-QUERY_KIND = "query"
 OUTPUTS = ("logits", "label")
 PLAN_FILE = "extraction.json"       # written by the experiment: what the attacker declared it knows
 TARGET_WEIGHTS = "he_model.npz"     # the served weights: read for scoring only
@@ -90,19 +90,19 @@ def record_query(recorder, x: np.ndarray, *, source: str, labels: np.ndarray | N
     tensors = {"inputs": np.asarray(x, dtype=np.float32)}
     if labels is not None:
         tensors["labels"] = np.asarray(labels, dtype=np.int64)
-    recorder.record(QUERY_KIND, round=0, sender="self", meta={"source": source, "num_inputs": len(x)},
+    recorder.record(Kind.QUERY, round=0, sender="self", meta={"source": source, "num_inputs": len(x)},
                     tensors=tensors)
 
 
 def read_queries(transcript: Transcript, source: str | None = None) -> QueryLog:
-    """Pair each ``query`` record with the batch answer that followed it, in order.
+    """Pair each ``Kind.QUERY`` record with the batch answer that followed it, in order.
 
     ``infer_batch`` splits a query record into requests of the session's
-    batch size, so one query record may be answered by several ``logits``
+    batch size, so one query record may be answered by several ``Kind.LOGITS``
     records; their row counts must add up.
     """
-    answers = [r for r in transcript.records if r.kind == "logits" and r.meta.get("mode") == "batch"]
-    queries = transcript.of_kind(QUERY_KIND)
+    answers = [r for r in transcript.records if r.kind == Kind.LOGITS and r.meta.get("mode") == "batch"]
+    queries = transcript.of_kind(Kind.QUERY)
     xs, ls, ys, k = [], [], [], 0
     for q in queries:
         x = q.tensors["inputs"]
@@ -170,8 +170,6 @@ class DistillConfig:
     seed: int = 0
 
 
-
-
 def distill(student: nn.Module, queries: np.ndarray, answers: np.ndarray,
             config: DistillConfig = DistillConfig()) -> nn.Module:
     """Train ``student`` (in place) to reproduce the answers: MSE to float logits, cross-entropy to labels."""
@@ -232,17 +230,23 @@ def extract(log: QueryLog, *, architecture: str, input_shape: tuple[int, ...], n
         return Extraction(lambda x: linear_predict(w, b, x), len(log.queries), method, w, b)
     if method != "distillation":
         raise ValueError(f"unknown method {method!r}")
-    student = distill(build_model(architecture, input_shape, num_classes, activation="square",
-                                  seed=config.seed + 1), log.queries, answers, config)
-    return Extraction(lambda x: predict_logits(student, np.asarray(x, dtype=np.float32)), len(log.queries), method)
+    return Extraction(_student(architecture, input_shape, num_classes, log.queries, answers, config),
+                      len(log.queries), method)
 
 
 def aux_labels_student(aux_x: np.ndarray, aux_y: np.ndarray, *, architecture: str, input_shape: tuple[int, ...],
                        num_classes: int, config: DistillConfig = DistillConfig()) -> Extraction:
     """The no-query baseline: the same architecture and training, on the attacker's own labelled data."""
+    return Extraction(_student(architecture, input_shape, num_classes, aux_x, aux_y, config), 0,
+                      "aux_labels_student")
+
+
+def _student(architecture: str, input_shape: tuple[int, ...], num_classes: int, x: np.ndarray, answers: np.ndarray,
+             config: DistillConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """A student of the served architecture (HE-friendly: square activations) distilled on (x, answers)."""
     student = distill(build_model(architecture, input_shape, num_classes, activation="square",
-                                  seed=config.seed + 1), aux_x, aux_y, config)
-    return Extraction(lambda x: predict_logits(student, np.asarray(x, dtype=np.float32)), 0, "aux_labels_student")
+                                  seed=config.seed + 1), x, answers, config)
+    return lambda q: predict_logits(student, np.asarray(q, dtype=np.float32))
 
 
 # --- the registered attack on a saved run --------------------------------------------------------
@@ -270,8 +274,6 @@ def run(run_dir: Path, *, budgets=None, output: Output = "logits", source: str =
     ``baseline_cache`` (a dict shared across calls on the same run) trains
     each budget's no-query baseline once.
     """
-    from securecollab.protocols.he import HEModelPlan
-
     run_dir = Path(run_dir)
     declared = json.loads((run_dir / PLAN_FILE).read_text())
     plan = HEModelPlan.from_json(declared["plan"])

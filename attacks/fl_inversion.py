@@ -18,25 +18,45 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from attacks.analytic_fc import analytic_fc_attack, fc_input_candidates, first_linear_layer
-from attacks.gradient_inversion import (InversionConfig, _labels_for, _leaf_params, cosine_distance,
-                                        gradient_objective, invert_update, optimize_dummies, simulate_update)
+from attacks.gradient_inversion import (
+    InversionConfig,
+    cosine_distance,
+    gradient_objective,
+    invert_update,
+    labels_for,
+    leaf_params,
+    optimize_dummies,
+    simulate_update,
+)
 from attacks.knowledge import LocalTraining
-from attacks.metrics import (match_reconstructions, mean_image_baseline, per_image_scores, random_image_baseline,
-                             random_label_baseline, rate_ci, reidentified, score_with_baselines)
+from attacks.metrics import (
+    match_reconstructions,
+    mean_image_baseline,
+    per_image_scores,
+    random_image_baseline,
+    random_label_baseline,
+    rate_ci,
+    reidentified,
+    score_with_baselines,
+)
 from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
 from attacks.registry import attack, row
-from securecollab.data import load_dataset
+from securecollab.data import Dataset
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.fedavg import FedAvgPlan, client_shard
-from securecollab.protocols.secagg import SecAggPlan, apply_aggregate
+from securecollab.plans import FedAvgPlan, SecAggPlan, client_shard
 from securecollab.training import step_batches
-from securecollab.transcript import load_transcript
+from securecollab.transcript import Kind, Transcript, load_transcript
+from securecollab.updates import apply_aggregate
+
+AGGREGATOR, COORDINATOR = "aggregator", "coordinator"
 
 
 def client_index(client_id: str) -> int:
@@ -73,10 +93,40 @@ def dummies_per_client(plan: FedAvgPlan) -> int:
 
 
 def _plan_from(transcript, cls):
-    records = transcript.of_kind("plan")
+    records = transcript.of_kind(Kind.PLAN)
     if not records:
         raise ValueError("the transcript holds no plan record (recorded by services since this version)")
     return cls.from_json(json.dumps(records[0].meta["plan"]))
+
+
+@dataclass
+class AdversaryView:
+    """What the FedAvg aggregator or the secagg coordinator holds before attacking: its transcript and
+    the training plan it recorded, whence the data set's public shape (and the attacker's auxiliary
+    data, the test split), the architecture and the seeded initial global weights."""
+
+    transcript: Transcript
+    plan: FedAvgPlan
+    ds: Dataset
+    model: nn.Module                       # the architecture; its own weights are not used
+    initial: list[tuple[str, np.ndarray]]  # the global model of round 0
+
+
+def load_view(run_dir: Path, party: str) -> AdversaryView:
+    """The view of ``party`` (:data:`AGGREGATOR` or :data:`COORDINATOR`) from its transcript in ``run_dir``."""
+    transcript = load_transcript(Path(run_dir) / "transcripts" / f"{party}.jsonl")
+    plan = _plan_from(transcript, SecAggPlan).training if party == COORDINATOR else \
+        _plan_from(transcript, FedAvgPlan)
+    ds = plan.load_data()
+    return AdversaryView(transcript, plan, ds, plan.build_model(ds), parameters_to_arrays(plan.build_model(ds)))
+
+
+def observed_updates(view: AdversaryView):
+    """(round, sender, global weights it was sent, its new weights) of every update the aggregator received."""
+    for round_ in sorted({r.round for r in view.transcript.of_kind(Kind.UPDATE)}):
+        global_params = global_params_at(view.initial, view.transcript, round_)
+        for sender, (_, new) in sorted(client_updates(view.transcript, round_).items()):
+            yield round_, sender, global_params, new
 
 
 def _config(quick: bool, iterations: int | None) -> InversionConfig:
@@ -131,7 +181,7 @@ def _merge(scores: list[dict], key: str) -> dict:
 def gradient_inversion(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
                        max_observations: int | None = None, **_) -> list[dict]:
     run_dir = Path(run_dir)
-    if (run_dir / "transcripts" / "coordinator.jsonl").exists():
+    if (run_dir / "transcripts" / f"{COORDINATOR}.jsonl").exists():
         return invert_secagg_run(run_dir, quick=quick, iterations=iterations, max_observations=max_observations)
     return invert_fedavg_run(run_dir, quick=quick, iterations=iterations, max_observations=max_observations)
 
@@ -139,29 +189,23 @@ def gradient_inversion(run_dir: Path, *, quick: bool = False, iterations: int | 
 def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
                       max_observations: int | None = None, regime: str = "") -> list[dict]:
     """Invert each client's update alone (N = 1): what plain FedAvg shows its aggregator."""
-    transcript = load_transcript(run_dir / "transcripts" / "aggregator.jsonl")
-    plan = _plan_from(transcript, FedAvgPlan)
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
-    model = plan.build_model(ds)
-    initial = parameters_to_arrays(plan.build_model(ds))
+    view = load_view(run_dir, AGGREGATOR)
+    plan, ds, model = view.plan, view.ds, view.model
     config = _config(quick, iterations)
     scores, observations = [], 0
-    rounds = sorted({r.round for r in transcript.of_kind("update")})
-    for round_ in rounds:
-        global_params = global_params_at(initial, transcript, round_)
-        for sender, (_, new) in sorted(client_updates(transcript, round_).items()):
-            if max_observations is not None and observations >= max_observations:
-                break
-            index = client_index(sender)
-            truth = images_used(plan, index, round_)
-            training = local_training(plan, index, round_)
-            if plan.local_steps:
-                training = dataclasses.replace(training, batch_size=plan.batch_size)
-            inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth),
-                                ds.input_shape, ds.num_classes, training, auxiliary_images=ds.x_test, config=config)
-            scores.append(_score(inv.images, inv.labels, truth, ds, plan))
-            observations += 1
-    return [_row("fedavg", "aggregator", scores, plan, n_clients=1, regime=regime or _regime(plan),
+    for round_, sender, global_params, new in observed_updates(view):
+        if max_observations is not None and observations >= max_observations:
+            continue  # past the budget: the remaining updates are skipped
+        index = client_index(sender)
+        truth = images_used(plan, index, round_)
+        training = local_training(plan, index, round_)
+        if plan.local_steps:
+            training = dataclasses.replace(training, batch_size=plan.batch_size)
+        inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth),
+                            ds.input_shape, ds.num_classes, training, auxiliary_images=ds.x_test, config=config)
+        scores.append(_score(inv.images, inv.labels, truth, ds, plan))
+        observations += 1
+    return [_row("fedavg", AGGREGATOR, scores, plan, n_clients=1, regime=regime or _regime(plan),
                  observations=observations, iterations=config.iterations)]
 
 
@@ -179,20 +223,15 @@ def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **
 @attack("analytic_fc", adversary="aggregator", protocols=("fedavg",),
         summary="closed-form input of a first fully-connected layer from one client's one-image update")
 def analytic_fc(run_dir: Path, **_) -> list[dict]:
-    transcript = load_transcript(Path(run_dir) / "transcripts" / "aggregator.jsonl")
-    plan = _plan_from(transcript, FedAvgPlan)
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
-    model = plan.build_model(ds)
-    initial = parameters_to_arrays(plan.build_model(ds))
+    view = load_view(run_dir, AGGREGATOR)
+    plan, ds, model = view.plan, view.ds, view.model
     recon, truth = [], []
-    for round_ in sorted({r.round for r in transcript.of_kind("update")}):
-        global_params = global_params_at(initial, transcript, round_)
-        for sender, (_, new) in sorted(client_updates(transcript, round_).items()):
-            used = images_used(plan, client_index(sender), round_)
-            if len(used) != 1:
-                continue  # the closed form needs one image per update
-            recon.append(analytic_fc_attack(model, list(global_params.items()), list(new.items()), ds.input_shape))
-            truth.append(used[0])
+    for round_, sender, global_params, new in observed_updates(view):
+        used = images_used(plan, client_index(sender), round_)
+        if len(used) != 1:
+            continue  # the closed form needs one image per update
+        recon.append(analytic_fc_attack(model, list(global_params.items()), list(new.items()), ds.input_shape))
+        truth.append(used[0])
     if not recon:
         raise ValueError("no one-image update in this transcript: the analytic attack needs batch-1 updates")
     truth = np.array(truth)
@@ -253,10 +292,10 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
         return invert_update(model, list(global_params.items()), list(step.items()), count, ds.input_shape,
                              ds.num_classes, training, auxiliary_images=ds.x_test, config=config,
                              init=first_layer_candidates(model, global_params, step, count, ds.input_shape))
-    params = _leaf_params(model, list(global_params.items()))
+    params = leaf_params(model, list(global_params.items()))
     observed = {n: d * count for n, d in parameter_delta(list(global_params.items()), list(step.items())).items()}
     implied = gradient_from_update(list(global_params.items()), list(step.items()), trainings[0], per_client * count)
-    labels = _labels_for(model, list(global_params.items()), implied, per_client * count, None, ds.x_test, config)
+    labels = labels_for(model, list(global_params.items()), implied, per_client * count, None, ds.x_test, config)
     if labels is not None:
         labels = np.random.default_rng(round_).permutation(labels)  # spread the multiset over the clients
     objective = aggregate_objective(model, params, observed, trainings, per_client, config.layerwise)
@@ -268,17 +307,13 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
 def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
                       max_observations: int | None = None, regime: str = "") -> list[dict]:
     """One row per number of included clients N: the revealed aggregates of N clients, inverted."""
-    transcript = load_transcript(run_dir / "transcripts" / "coordinator.jsonl")
-    spec = _plan_from(transcript, SecAggPlan)
-    plan = spec.training
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
-    model = plan.build_model(ds)
-    params = parameters_to_arrays(plan.build_model(ds))
+    view = load_view(run_dir, COORDINATOR)
+    plan, ds, model, params = view.plan, view.ds, view.model, view.initial
     config = _config(quick, iterations)
     by_n: dict[int, list[dict]] = {}
     seen: set[int] = set()
     observations = 0
-    for rec in transcript.of_kind("aggregate"):
+    for rec in view.transcript.of_kind(Kind.AGGREGATE):
         if rec.round in seen:
             continue  # revealed again after a coordinator restart: same aggregate
         seen.add(rec.round)
@@ -290,7 +325,7 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
             by_n.setdefault(len(included), []).append(_score(inv.images, inv.labels, truth, ds, plan))
             observations += 1
         params = apply_aggregate(params, aggregate)
-    return [_row("secagg", "coordinator", scores, plan, n_clients=n, regime=regime or _regime(plan),
+    return [_row("secagg", COORDINATOR, scores, plan, n_clients=n, regime=regime or _regime(plan),
                  observations=len(scores), iterations=config.iterations)
             for n, scores in sorted(by_n.items())]
 

@@ -108,7 +108,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
-def _leaf_params(model: nn.Module, global_params: NamedArrays) -> dict[str, torch.Tensor]:
+def leaf_params(model: nn.Module, global_params: NamedArrays) -> dict[str, torch.Tensor]:
     """The global weights as leaf tensors that gradients can be taken with respect to."""
     g = as_dict(global_params)
     names = [name for name, _ in model.named_parameters()]
@@ -219,7 +219,7 @@ def optimize_dummies(objective: Objective, num_images: int, input_shape: tuple[i
                      wall_s=time.perf_counter() - start)
 
 
-def _labels_for(model: nn.Module, global_params: NamedArrays, gradient: dict[str, np.ndarray],
+def labels_for(model: nn.Module, global_params: NamedArrays, gradient: dict[str, np.ndarray],
                 num_images: int, labels, auxiliary_images, config: InversionConfig) -> np.ndarray | None:
     """Hard labels to fix during the search, or None to optimize soft labels alongside the images."""
     if labels is not None:  # declared knowledge (or an oracle, for ablations)
@@ -263,8 +263,8 @@ def invert_gradient(model: nn.Module, global_params: NamedArrays, gradient: Name
     ``auxiliary_images`` (the attacker's own data) sharpen label counting for N > 1.
     """
     grad = as_dict(gradient)
-    params = _leaf_params(model, global_params)
-    chosen = _labels_for(model, global_params, grad, num_images, labels, auxiliary_images, config)
+    params = leaf_params(model, global_params)
+    chosen = labels_for(model, global_params, grad, num_images, labels, auxiliary_images, config)
     objective = gradient_objective(model, params, grad, layerwise=config.layerwise)
     return optimize_dummies(objective, num_images, input_shape, num_classes, chosen, config)
 
@@ -283,8 +283,8 @@ def invert_update(model: nn.Module, global_params: NamedArrays, new_params: Name
     ``config.regime``.
     """
     implied = gradient_from_update(global_params, new_params, training, num_images)
-    chosen = _labels_for(model, global_params, implied, num_images, labels, auxiliary_images, config)
-    params = _leaf_params(model, global_params)
+    chosen = labels_for(model, global_params, implied, num_images, labels, auxiliary_images, config)
+    params = leaf_params(model, global_params)
     if config.regime == "gradient" or training.num_steps(num_images) == 1:
         objective = gradient_objective(model, params, implied, layerwise=config.layerwise)
     elif config.regime == "unroll":

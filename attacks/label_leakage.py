@@ -2,7 +2,7 @@
 
 In U-shaped mode the labels and the head stay on the client; the server
 receives, for every training step, the gradient of the loss with respect to
-its own outputs (transcript kind ``output_gradient``). Under cross-entropy that
+its own outputs (transcript kind ``Kind.OUTPUT_GRADIENT``). Under cross-entropy that
 row is ``W_head^T (softmax - onehot(y))`` (through the head): it points one way
 per class, so the server can read labels off its direction. What it holds:
 
@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import rankdata
 from sklearn.cluster import KMeans
 
-from attacks.activation_inversion import SERVER, GroundTruth, ServerView, load_server_view, sweep_metrics
-from attacks.metrics import rate_ci
+from attacks.metrics import mann_whitney_auc, rate_ci
 from attacks.registry import attack, row
+from attacks.split_view import SERVER, GroundTruth, ServerView, load_server_view, sweep_metrics
 
 METHODS = ("norm", "cosine", "cluster")
 
@@ -39,11 +38,10 @@ METHODS = ("norm", "cosine", "cluster")
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney, ties counted half); 0.5 when one side is empty."""
     pos = np.asarray(positive, bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
+    if pos.all() or not pos.any():
         return 0.5
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    scores = np.asarray(scores)
+    return mann_whitney_auc(scores[pos], scores[~pos])
 
 
 def macro_auc(class_scores: np.ndarray, labels: np.ndarray, num_classes: int) -> float:

@@ -23,7 +23,9 @@ candidates included. It does not know which candidates were trained on.
 
 Scores are "higher means member". Every function here takes logits, labels
 and the shadows' logits, so the same code scores plaintext logits and logits
-decrypted from the HE service.
+decrypted from the HE service. The scores are turned into AUC and TPR at low
+FPR by :func:`attacks.metrics.membership_metrics`; the released model they are
+read from is loaded by :mod:`attacks.released`.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from typing import Callable
 
 import numpy as np
 from scipy.special import logsumexp
-from scipy.stats import norm, rankdata
+from scipy.stats import norm
 
-from attacks.metrics import rate_ci
+from attacks.metrics import membership_metrics, random_guess_baseline
 from attacks.registry import attack, row
+from attacks.released import TRAINING_PROTOCOLS, detect_protocol, load_released
+from securecollab.models import build_model
+from securecollab.plans import FedAvgPlan
+from securecollab.training import TrainConfig, predict_logits, train_local
 from securecollab.training import one_thread as one_torch_thread
 
-# FPRs at which the scorecard reports TPR (DESIGN.md metric names).
-LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}
 # Floors the spread of a Gaussian fit: a candidate every shadow classifies identically has none.
 MIN_STD = 1e-3
-TRAINING_PROTOCOLS = ("centralized", "fedavg", "secagg", "split")
 
 
 # --- what the adversary computes from one model's logits -----------------------------------------
@@ -167,193 +170,13 @@ def train_shadows(x: np.ndarray, y: np.ndarray, fit: Callable[[np.ndarray, np.nd
     return Shadows(np.stack(logits), inside[kept])
 
 
-
-
-# --- metrics ------------------------------------------------------------------------------------
-
-def _split(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64)
-    m = np.asarray(is_member, dtype=bool)
-    if s.shape != m.shape:
-        raise ValueError(f"scores {s.shape} and membership {m.shape} differ in shape")
-    if not np.isfinite(s).all():
-        raise ValueError("membership scores must be finite")
-    if m.all() or not m.any():
-        raise ValueError("need both members and non-members")
-    return s[m], s[~m]
-
-
-def auc(scores, is_member) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count half)."""
-    members, others = _split(scores, is_member)
-    ranks = rankdata(np.concatenate([members, others]))
-    n1, n0 = len(members), len(others)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def tpr_at_fpr(scores, is_member, fpr: float) -> tuple[int, int, int]:
-    """(true positives, members, false positives) at the threshold admitting at most ``fpr`` of the non-members.
-
-    The threshold is the (k+1)-th highest non-member score with k = floor(fpr * non-members);
-    only scores strictly above it count, so ties never add false positives.
-    """
-    members, others = _split(scores, is_member)
-    k = int(np.floor(fpr * len(others) + 1e-9))
-    threshold = np.sort(others)[::-1][k] if k < len(others) else -np.inf
-    return int((members > threshold).sum()), len(members), int((others > threshold).sum())
-
-
-def roc_points(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) over every threshold, for plotting."""
-    members, others = _split(scores, is_member)
-    thresholds = np.unique(np.concatenate([members, others]))[::-1]
-    tpr = (members[None, :] >= thresholds[:, None]).mean(1)
-    fpr = (others[None, :] >= thresholds[:, None]).mean(1)
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
-
-
-def bootstrap_auc(members: np.ndarray, others: np.ndarray, n_bootstrap: int, rng) -> np.ndarray:
-    """AUCs of ``n_bootstrap`` resamples (members and non-members resampled separately).
-
-    A resample's AUC is ``w_m' C w_o / (n1 n0)`` with C the pairwise win matrix
-    and w the resampling counts: one matrix product instead of a sort per resample.
-    """
-    n1, n0 = len(members), len(others)
-    if n1 * n0 > 4_000_000:  # C would not fit comfortably: sort per resample instead
-        flags = np.r_[np.ones(n1, bool), np.zeros(n0, bool)]
-        return np.array([auc(np.concatenate([rng.choice(members, n1), rng.choice(others, n0)]), flags)
-                         for _ in range(n_bootstrap)])
-    wins = (members[:, None] > others[None, :]) + 0.5 * (members[:, None] == others[None, :])
-    w_members = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_bootstrap).astype(np.float64)
-    w_others = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_bootstrap).astype(np.float64)
-    return ((w_members @ wins) * w_others).sum(1) / (n1 * n0)
-
-
-def membership_metrics(scores, is_member, *, n_bootstrap: int = 1000, seed: int = 0,
-                       confidence: float = 0.95) -> dict:
-    """auc (bootstrap CI over members and non-members), TPR at 1% and 0.1% FPR (Clopper-Pearson CI
-    over the members at that threshold; the threshold's own noise is not in it), counts.
-
-    The smallest FPR measurable is 1 / non_members: below it "TPR at 0.1% FPR" means "at zero false positives".
-    """
-    members, others = _split(scores, is_member)
-    out: dict = {"auc": auc(scores, is_member)}
-    boot = bootstrap_auc(members, others, n_bootstrap, np.random.default_rng(seed))
-    tail = (1.0 - confidence) / 2
-    lo, hi = np.quantile(boot, [tail, 1.0 - tail]) if len(boot) else (0.0, 1.0)
-    # A percentile interval can miss a point estimate on a skewed bootstrap; widen rather than mislead.
-    out["auc_ci"] = [float(min(lo, out["auc"])), float(max(hi, out["auc"]))]
-    for name, fpr in LOW_FPRS.items():
-        hits, n, false_pos = tpr_at_fpr(scores, is_member, fpr)
-        out[name] = hits / n
-        out[f"{name}_ci"] = list(rate_ci(hits, n, confidence=confidence, method="clopper_pearson"))
-    out["members"], out["non_members"] = len(members), len(others)
-    out["min_fpr"] = 1.0 / len(others)
-    return out
-
-
-def random_guess_baseline() -> dict:
-    """What a coin flip gets: AUC 0.5 and TPR equal to FPR at every threshold."""
-    return {"auc": 0.5, **{name: fpr for name, fpr in LOW_FPRS.items()}, "guess": "random"}
-
+# --- the candidates and the shadows' recipe -------------------------------------------------------
 
 def balanced_candidates(n_members: int, n_non_members: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of as many members as non-members (the larger side subsampled), each side sorted."""
     rng = np.random.default_rng(seed)
     n = min(n_members, n_non_members)
     return np.sort(rng.choice(n_members, n, replace=False)), np.sort(rng.choice(n_non_members, n, replace=False))
-
-
-# --- the released model of a training run, and the attacks on it ----------------------------------
-
-def released_arrays(run_dir: Path, protocol: str) -> list[dict[str, np.ndarray]]:
-    """The weights a training protocol released: one state dict, or split learning's parts.
-
-    Split learning in hand-off mode releases the server's layers past the cut
-    (``split_server_part.npz``) and, with the last client in turn order, the
-    bottom (and the head, U-shaped) in ``split_client-<i>_part.npz``: returned
-    as [bottom, server part, head], each numbered from its own first layer.
-    """
-    run_dir = Path(run_dir)
-    if protocol in ("centralized", "fedavg", "secagg"):
-        return [_npz(run_dir / f"{protocol}_model.npz")]
-    if protocol != "split":
-        raise ValueError(f"no released model for protocol {protocol!r}")
-    clients = sorted(run_dir.glob("split_client-*_part.npz"),
-                     key=lambda p: int(p.name.removeprefix("split_client-").removesuffix("_part.npz")))
-    if not clients:
-        raise FileNotFoundError(f"{run_dir}: no split_client-<i>_part.npz")
-    client = _npz(clients[-1])
-    return [{k.removeprefix("bottom."): v for k, v in client.items() if k.startswith("bottom.")},
-            _npz(run_dir / "split_server_part.npz"),
-            {k.removeprefix("head."): v for k, v in client.items() if k.startswith("head.")}]
-
-
-def _npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def load_released(run_dir: Path, protocol: str, plan):
-    """(model, plan): the released model of ``protocol``'s run in ``run_dir``, built from ``plan`` (a FedAvgPlan).
-
-    The architecture comes from the plan; if the weights do not fit it, the
-    other registered architectures are tried (the adversary sees the shapes).
-    """
-    from dataclasses import replace
-
-    from securecollab.models import MODELS, load_arrays
-    parts = released_arrays(run_dir, protocol)
-    ds = _dataset(plan)
-    errors = []
-    for name in (plan.model, *[m for m in MODELS if m != plan.model]):
-        try:
-            model = replace(plan, model=name).build_model(ds)
-            load_arrays(model, stack_parts(model, parts))
-            return model.eval(), replace(plan, model=name)
-        except ValueError as e:
-            errors.append(f"{name}: {e}")
-    raise ValueError(f"{run_dir}: the released weights fit no known model ({'; '.join(errors)})")
-
-
-def stack_parts(model, parts: list[dict[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-    """Consecutive parts' weights renumbered into ``model``'s layer numbering, at the cuts where they fit.
-
-    The cut is not stored with the weights: it is the one at which every
-    part's names and shapes match the model (one part: no renumbering).
-    """
-    parts = [p for p in parts if p]
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    cuts = sorted(set(model.cut_points.values()))
-
-    def placed(part: dict[str, np.ndarray], start: int) -> list[tuple[str, np.ndarray]]:
-        out = []
-        for k, v in part.items():
-            layer, rest = k.split(".", 1)
-            out.append((f"{int(layer) + start}.{rest}", v))
-        return out
-
-    def search(i: int, start: int) -> list[tuple[str, np.ndarray]] | None:
-        if i == len(parts):
-            return []
-        here = placed(parts[i], start)
-        if not all(state.get(k) == v.shape for k, v in here):
-            return None
-        for nxt in ([c for c in cuts if c > start] if i + 1 < len(parts) else [None]):
-            rest = search(i + 1, nxt) if nxt is not None else []
-            if rest is not None:
-                return here + rest
-        return None
-
-    found = search(0, 0)
-    if found is None or len(found) != len(state):
-        raise ValueError(f"the released parts fit no cut of {type(model).__name__}")
-    return found
-
-
-def _dataset(plan):
-    from securecollab.data import load_dataset
-    return load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
 
 
 @dataclass(frozen=True)
@@ -379,9 +202,6 @@ class Recipe:
 
     def fit(self, ds, seed: int) -> Callable[[np.ndarray, np.ndarray, int], Callable]:
         """A ``fit`` for :func:`train_shadows`: shadow s starts from its own seed (init and batch order)."""
-        from securecollab.models import build_model
-        from securecollab.training import TrainConfig, predict_logits, train_local
-
         def fit(x, y, s):
             shadow_seed = seed * 1000 + s + 1
             model = build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation,
@@ -455,13 +275,10 @@ def attack_rows(scores: dict[str, np.ndarray], is_member, *, protocol: str, adve
 
 def _run_on_released(run_dir: Path, *, variants, plan_json: str | None, n_shadows: int, seed: int,
                      protocol: str | None) -> list[dict]:
-    from securecollab.protocols.fedavg import FedAvgPlan
-    from securecollab.training import predict_logits
-
     plan = FedAvgPlan.from_json(plan_json) if plan_json else FedAvgPlan(seed=seed)
     protocol = protocol or detect_protocol(run_dir)
     model, plan = load_released(run_dir, protocol, plan)
-    ds = _dataset(plan)
+    ds = plan.load_data()
     cand = Candidates.of_dataset(ds, seed)
     shadows = None
     if any(v != "loss" for v in variants):
@@ -471,17 +288,6 @@ def _run_on_released(run_dir: Path, *, variants, plan_json: str | None, n_shadow
     return attack_rows(scores, cand.is_member, protocol=protocol, adversary="model-user",
                        shadow_models=shadows.count if shadows else 0,
                        seed=seed, notes=f"recipe assumed: {json.dumps(Recipe.of_fedavg(plan).__dict__)}")
-
-
-def detect_protocol(run_dir: Path) -> str:
-    """Which training protocol released a model in ``run_dir`` (by the file it wrote)."""
-    run_dir = Path(run_dir)
-    for protocol in ("centralized", "fedavg", "secagg"):
-        if (run_dir / f"{protocol}_model.npz").exists():
-            return protocol
-    if (run_dir / "split_server_part.npz").exists():
-        return "split"
-    raise FileNotFoundError(f"{run_dir}: no released model of {', '.join(TRAINING_PROTOCOLS)}")
 
 
 @attack("membership_loss", adversary="model-user", protocols=TRAINING_PROTOCOLS,

@@ -1,4 +1,4 @@
-"""Leakage metrics for reconstructed images, their baselines, and confidence intervals for rates.
+"""Leakage metrics for reconstructed images, membership scores, their baselines, and intervals for rates.
 
 Every image metric compares a reconstruction with the image it was meant to
 recover, on the data's real pixel range (the embedded digits are scaled to
@@ -10,6 +10,10 @@ guess — scored exactly the same way (see :func:`score_with_baselines`).
 When an attack returns N reconstructions of N images without knowing which is
 which (a batch or an aggregate), they are first paired with the originals by
 Hungarian matching (:func:`match_reconstructions`), then scored.
+
+Membership inference is scored from one score per candidate ("higher means
+member"): ROC AUC with a bootstrap interval and TPR at low FPR with an exact
+interval (:func:`membership_metrics`), beside a coin flip.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import beta as beta_dist
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 from skimage.metrics import structural_similarity
 
 # PSNR of a perfect reconstruction is infinite; the scorecard is JSON, which has no infinity.
@@ -28,6 +32,8 @@ from skimage.metrics import structural_similarity
 PSNR_CAP_DB = 100.0
 # An 8x8 digit fits only small SSIM windows (skimage's default of 7 would leave one position).
 SSIM_WIN_SIZE = 3
+# FPRs at which the scorecard reports a membership attack's TPR (DESIGN.md metric names).
+LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0p1pct_fpr": 0.001}
 
 
 def _pair(reconstruction, original) -> tuple[np.ndarray, np.ndarray]:
@@ -233,3 +239,96 @@ def score_with_baselines(reconstructions, originals, auxiliary_images, *,
                                          true_labels=true_labels, pool=pool, source_indices=source_indices,
                                          match=match and key == "metrics")
     return out
+
+
+# --- membership inference: ROC, AUC and TPR at low FPR ---
+
+def _by_membership(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
+    """(members' scores, non-members' scores), checked: same shapes, finite, both sides present."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.asarray(is_member, dtype=bool)
+    if s.shape != m.shape:
+        raise ValueError(f"scores {s.shape} and membership {m.shape} differ in shape")
+    if not np.isfinite(s).all():
+        raise ValueError("membership scores must be finite")
+    if m.all() or not m.any():
+        raise ValueError("need both members and non-members")
+    return s[m], s[~m]
+
+
+def mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half, from ranks; both sides must be non-empty."""
+    ranks = rankdata(np.concatenate([positives, negatives]))
+    n1, n0 = len(positives), len(negatives)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auc(scores, is_member) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half)."""
+    return mann_whitney_auc(*_by_membership(scores, is_member))
+
+
+def tpr_at_fpr(scores, is_member, fpr: float) -> tuple[int, int, int]:
+    """(true positives, members, false positives) at the threshold admitting at most ``fpr`` of the non-members.
+
+    The threshold is the (k+1)-th highest non-member score with k = floor(fpr * non-members);
+    only scores strictly above it count, so ties never add false positives.
+    """
+    members, others = _by_membership(scores, is_member)
+    k = int(np.floor(fpr * len(others) + 1e-9))
+    threshold = np.sort(others)[::-1][k] if k < len(others) else -np.inf
+    return int((members > threshold).sum()), len(members), int((others > threshold).sum())
+
+
+def roc_points(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) over every threshold, for plotting."""
+    members, others = _by_membership(scores, is_member)
+    thresholds = np.unique(np.concatenate([members, others]))[::-1]
+    tpr = (members[None, :] >= thresholds[:, None]).mean(1)
+    fpr = (others[None, :] >= thresholds[:, None]).mean(1)
+    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+
+
+def bootstrap_auc(members: np.ndarray, others: np.ndarray, n_bootstrap: int, rng) -> np.ndarray:
+    """AUCs of ``n_bootstrap`` resamples (members and non-members resampled separately).
+
+    A resample's AUC is ``w_m' C w_o / (n1 n0)`` with C the pairwise win matrix
+    and w the resampling counts: one matrix product instead of a sort per resample.
+    """
+    n1, n0 = len(members), len(others)
+    if n1 * n0 > 4_000_000:  # C would not fit comfortably: sort per resample instead
+        flags = np.r_[np.ones(n1, bool), np.zeros(n0, bool)]
+        return np.array([auc(np.concatenate([rng.choice(members, n1), rng.choice(others, n0)]), flags)
+                         for _ in range(n_bootstrap)])
+    wins = (members[:, None] > others[None, :]) + 0.5 * (members[:, None] == others[None, :])
+    w_members = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_bootstrap).astype(np.float64)
+    w_others = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_bootstrap).astype(np.float64)
+    return ((w_members @ wins) * w_others).sum(1) / (n1 * n0)
+
+
+def membership_metrics(scores, is_member, *, n_bootstrap: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> dict:
+    """auc (bootstrap CI over members and non-members), TPR at 1% and 0.1% FPR (Clopper-Pearson CI
+    over the members at that threshold; the threshold's own noise is not in it), counts.
+
+    The smallest FPR measurable is 1 / non_members: below it "TPR at 0.1% FPR" means "at zero false positives".
+    """
+    members, others = _by_membership(scores, is_member)
+    out: dict = {"auc": auc(scores, is_member)}
+    boot = bootstrap_auc(members, others, n_bootstrap, np.random.default_rng(seed))
+    tail = (1.0 - confidence) / 2
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail]) if len(boot) else (0.0, 1.0)
+    # A percentile interval can miss a point estimate on a skewed bootstrap; widen rather than mislead.
+    out["auc_ci"] = [float(min(lo, out["auc"])), float(max(hi, out["auc"]))]
+    for name, fpr in LOW_FPRS.items():
+        hits, n, false_pos = tpr_at_fpr(scores, is_member, fpr)
+        out[name] = hits / n
+        out[f"{name}_ci"] = list(rate_ci(hits, n, confidence=confidence, method="clopper_pearson"))
+    out["members"], out["non_members"] = len(members), len(others)
+    out["min_fpr"] = 1.0 / len(others)
+    return out
+
+
+def random_guess_baseline() -> dict:
+    """What a coin flip gets against membership: AUC 0.5 and TPR equal to FPR at every threshold."""
+    return {"auc": 0.5, **{name: fpr for name, fpr in LOW_FPRS.items()}, "guess": "random"}

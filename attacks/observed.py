@@ -1,7 +1,7 @@
 """What the adversary observed, turned into the quantities attacks work on.
 
 The plain FedAvg aggregator receives each client's new weights (transcript
-records of kind ``"update"``); it knows the global weights it sent because it
+records of kind ``Kind.UPDATE``); it knows the global weights it sent because it
 computed them. Their difference is the client's update, and for one plain SGD
 step it is ``-lr * gradient``: the gradient of the client's loss on its data.
 """
@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from attacks.knowledge import LocalTraining
-from securecollab.transcript import Transcript
+from securecollab.transcript import Kind, Transcript
 
 NamedArrays = Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
 
@@ -46,7 +46,7 @@ def gradient_from_update(global_params: NamedArrays, new_params: NamedArrays, tr
 def client_updates(transcript: Transcript, round_: int) -> dict[str, tuple[int, dict[str, np.ndarray]]]:
     """Per sender, ``(num_examples, new weights)`` it submitted in round ``round_``, as recorded."""
     out = {}
-    for record in transcript.of_kind("update"):
+    for record in transcript.of_kind(Kind.UPDATE):
         if record.round == round_:
             out[record.sender] = (int(record.meta.get("num_examples", 1)), as_dict(record.tensors))
     return out

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from securecollab.net.certs import make_certs
+
 
 def securecollab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "securecollab", *args]
@@ -123,3 +125,11 @@ class ProcessGroup:
     def __exit__(self, *exc):
         self.stop_all()
         return False
+
+
+def ensure_certs(cert_dir: Path, parties: list[str]) -> Path:
+    """Issue any missing party certificates from the project CA in cert_dir."""
+    missing = [p for p in parties if not (cert_dir / f"{p.split(':')[0]}.pem").exists()]
+    if missing:
+        make_certs(cert_dir, missing)
+    return cert_dir

@@ -250,3 +250,11 @@ def load_arrays(model: nn.Module, named_arrays: Iterable[tuple[str, np.ndarray]]
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalar parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class UpdateVector(torch.nn.Module):
+    """Stands in for a model in aggregation benchmarks: one flat vector of parameters."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.update = torch.nn.Parameter(torch.zeros(length))

@@ -20,6 +20,30 @@ import numpy as np
 FORMAT = "securecollab.transcript.v1"
 
 
+class Kind:
+    """Record kinds: the contract between the services that write transcripts and the attacks that read them.
+
+    Named once here; writers and readers both use these names. Who records each (its adversary view):"""
+
+    PLAN = "plan"                        # aggregator, coordinator, split server: its own plan (public knowledge)
+    GLOBAL_MODEL = "global_model"        # FL clients: the global model of each round
+    UPDATE = "update"                    # FedAvg aggregator: a client's weights after local training
+    SHARE = "share"                      # compute party: its share of one client's update
+    AGGREGATE = "aggregate"              # secagg coordinator: the revealed sum of a round's update vectors
+    ROUND_LOST = "round_lost"            # secagg client: a round that did not count its update
+    BATCH = "batch"                      # split server: cut-layer activations (labels in vanilla mode);
+                                         # HE server: a batched ciphertext query
+    OUTPUT_GRADIENT = "output_gradient"  # split server, U-shaped: gradient at the head's input
+    CLIENT_WEIGHTS = "client_weights"    # split server / next client: hand-off of client-side weights
+    GRADIENT = "gradient"                # split client: the gradient at the cut
+    PREDICT = "predict"                  # split server: activations of a prediction request
+    CONTEXT = "context"                  # HE server: a client's public CKKS context
+    QUERY = "query"                      # HE server: one encrypted query; extraction attacker: its own inputs
+    PLAIN_QUERY = "plain_query"          # HE server: inputs sent to the plaintext API (the baseline)
+    LOGITS = "logits"                    # HE client: decrypted logits
+    PLAIN_LOGITS = "plain_logits"        # HE client: the plaintext API's answer
+
+
 @dataclass
 class Record:
     kind: str

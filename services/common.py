@@ -9,9 +9,10 @@ from pathlib import Path
 
 import grpc
 
-from securecollab.protocols import ProtocolError
-from securecollab.transport import peer_identity
-from securecollab.wire import WireError, decode_named
+from securecollab.errors import ProtocolError
+from securecollab.net.transport import peer_identity
+from securecollab.net.wire import WireError, decode_named
+from securecollab.transcript import Kind
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +69,5 @@ def write_port_file(path, port: int) -> None:
 def receive_global_model(reply, shapes: dict, transcript, sender: str) -> list:
     """A client's view of a round's global model: validated against its own model's shapes, then recorded."""
     params = decode_named(reply.params, expect=shapes, finite=True)
-    transcript.record("global_model", round=reply.round, sender=sender, meta={"done": reply.done}, tensors=params)
+    transcript.record(Kind.GLOBAL_MODEL, round=reply.round, sender=sender, meta={"done": reply.done}, tensors=params)
     return params

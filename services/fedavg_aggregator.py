@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.generated.v1 import fedavg_pb2 as pb
+from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.fedavg import FedAvgPlan, FedAvgRounds
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, wait_budget
-from securecollab.v1 import fedavg_pb2 as pb
-from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, encode_named
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import make_server, wait_budget
+from securecollab.net.wire import decode_named, encode_named
+from securecollab.plans import FedAvgPlan
+from securecollab.protocols.fedavg import FedAvgRounds
+from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import require_caller, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
         params = decode_named(request.params, expect=self.rounds.shapes, finite=True, expect_dtype=np.float32)
         received = self.rounds.submit(request.client_id, request.round, request.num_examples, params)
         # Recorded only once accepted: this is what the aggregator learned.
-        self.transcript.record("update", round=request.round, sender=request.client_id,
+        self.transcript.record(Kind.UPDATE, round=request.round, sender=request.client_id,
                                meta={"num_examples": request.num_examples}, tensors=params)
         log.info("round %d: update from %s (%d/%d)", request.round, request.client_id,
                  received, self.rounds.plan.num_clients)
@@ -69,7 +70,7 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if record else None,
                                     party="aggregator", role="aggregator")
-    transcript.record("plan", round=0, sender="aggregator", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
+    transcript.record(Kind.PLAN, round=0, sender="aggregator", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
     # Each client waiting for the next round holds a server thread: with fewer threads than clients,
     # waiting clients starve the others' uploads and reports until the upload deadline.
     server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)

@@ -6,16 +6,17 @@ import json
 import logging
 from pathlib import Path
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
-from securecollab.protocols.fedavg import FedAvgPlan, client_data, local_update
+from securecollab.generated.v1 import fedavg_pb2 as pb
+from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
+from securecollab.models import load_arrays
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
+from securecollab.net.wire import encode_named
+from securecollab.plans import FedAvgPlan, client_data
+from securecollab.protocols.fedavg import local_update
 from securecollab.training import accuracy
 from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
-from securecollab.v1 import fedavg_pb2 as pb
-from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.models import load_arrays
-from securecollab.wire import encode_named
 from services.common import receive_global_model
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.generated.v1 import he_pb2 as pb
+from securecollab.generated.v1 import he_pb2_grpc as pb_grpc
 from securecollab.he import BatchLayout, InputEncoding, make_context, public_bytes
-from securecollab.he.net import decrypt_batch, decrypt_logits, encrypt_batch_bytes, encrypt_input_bytes, kit_of
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
-from securecollab.v1 import he_pb2 as pb
-from securecollab.v1 import he_pb2_grpc as pb_grpc
-from securecollab.wire import decode_tensor, encode_tensor, iter_chunks
+from securecollab.he.batched import decrypt_batch, encrypt_batch_bytes
+from securecollab.he.net import decrypt_logits, encrypt_input_bytes, kit_of
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
+from securecollab.net.wire import decode_tensor, encode_tensor, iter_chunks
+from securecollab.transcript import Kind, TranscriptRecorder
 
 log = logging.getLogger(__name__)
 # Opening a session uploads tens of MB of keys and encodes the weights.
@@ -136,7 +137,7 @@ class HEClient:
         logits = decrypt_logits(self.context, kit.ciphertext_from_bytes(reply.ciphertext),
                                 self.description.num_classes)
         self.single.add(t1 - t0, t2 - t1, reply.server_s, time.perf_counter() - t2)
-        self.transcript.record("logits", round=0, step=qid, sender="he-server", meta={"mode": "single"},
+        self.transcript.record(Kind.LOGITS, round=0, step=qid, sender="he-server", meta={"mode": "single"},
                                tensors={"logits": logits})
         return logits
 
@@ -160,7 +161,7 @@ class HEClient:
             logits = decrypt_batch(self.context, [kit.ciphertext_from_bytes(c) for c in reply.ciphertexts],
                                    len(chunk), self.description.num_classes, self.batch_size)
             self.batched.add(t1 - t0, t2 - t1, reply.server_s, time.perf_counter() - t2)
-            self.transcript.record("logits", round=0, step=qid, sender="he-server",
+            self.transcript.record(Kind.LOGITS, round=0, step=qid, sender="he-server",
                                    meta={"mode": "batch", "num_inputs": len(chunk)}, tensors={"logits": logits})
             out.append(logits)
         return np.concatenate(out)
@@ -172,7 +173,7 @@ class HEClient:
                                        timeout=DEFAULT_DEADLINE_S)
         logits = decode_tensor(reply.logits, expect_dtype=np.float32)
         self.plain.add(0.0, time.perf_counter() - t0, reply.server_s, 0.0)
-        self.transcript.record("plain_logits", round=0, sender="he-server", tensors={"logits": logits})
+        self.transcript.record(Kind.PLAIN_LOGITS, round=0, sender="he-server", tensors={"logits": logits})
         return logits
 
     def close(self) -> None:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
-from securecollab.protocols import ProtocolError
+from securecollab.errors import ProtocolError
+from securecollab.generated.v1 import he_pb2 as pb
+from securecollab.generated.v1 import he_pb2_grpc as pb_grpc
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import make_server, peer_identity
+from securecollab.net.wire import assemble_chunks, decode_tensor, encode_tensor
 from securecollab.protocols.he import HEModelHost
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, peer_identity
-from securecollab.v1 import he_pb2 as pb
-from securecollab.v1 import he_pb2_grpc as pb_grpc
-from securecollab.wire import assemble_chunks, decode_tensor, encode_tensor
+from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         t0 = time.perf_counter()
         session = self.host.open_session(owner, blob, batch_size)
         setup_s = time.perf_counter() - t0
-        self.transcript.record("context", round=0, sender=owner,
+        self.transcript.record(Kind.CONTEXT, round=0, sender=owner,
                                meta={"session": session.session_id, "batch_size": batch_size,
                                      "sha256": hashlib.sha256(blob).hexdigest()},
                                blobs={"public_context": blob})
@@ -92,7 +92,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         t0 = time.perf_counter()
         out = self.host.infer(session, request.query_id, request.ciphertext)
         server_s = time.perf_counter() - t0
-        self.transcript.record("query", round=0, step=request.query_id, sender=owner,
+        self.transcript.record(Kind.QUERY, round=0, step=request.query_id, sender=owner,
                                meta={"session": session.session_id}, blobs={"ciphertext": request.ciphertext})
         return pb.InferReply(query_id=request.query_id, ciphertext=out, server_s=server_s)
 
@@ -125,7 +125,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         t0 = time.perf_counter()
         out = self.host.infer_batch(session, head.query_id, [p.ciphertext for p in parts])
         server_s = time.perf_counter() - t0
-        self.transcript.record("batch", round=0, step=head.query_id, sender=owner,
+        self.transcript.record(Kind.BATCH, round=0, step=head.query_id, sender=owner,
                                meta={"session": session.session_id, "num_inputs": head.num_inputs},
                                blobs={f"ciphertext_{p.index}": p.ciphertext for p in parts})
         return pb.BatchReply(query_id=head.query_id, ciphertexts=out, server_s=server_s)
@@ -142,7 +142,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         t0 = time.perf_counter()
         logits = self.host.predict_plain(x)
         server_s = time.perf_counter() - t0
-        self.transcript.record("plain_query", round=0, sender=owner, tensors={"inputs": x})
+        self.transcript.record(Kind.PLAIN_QUERY, round=0, sender=owner, tensors={"inputs": x})
         return pb.PlainReply(logits=encode_tensor(logits), server_s=server_s)
 
 

@@ -6,25 +6,24 @@ import json
 import logging
 import os
 import time
-import zlib
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.generated.v1 import secagg_pb2 as pb
+from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.models import load_arrays
-from securecollab.protocols.fedavg import client_data, local_update
-from securecollab.protocols.secagg import SecAggPlan, update_vector
-from securecollab.sharing import Share, encode_fixed, split_shares
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
+from securecollab.net.wire import iter_chunks
+from securecollab.plans import SecAggPlan, client_data
+from securecollab.protocols.fedavg import local_update
+from securecollab.secagg.sharing import Share, client_shares
 from securecollab.training import accuracy
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
-from securecollab.v1 import secagg_pb2 as pb
-from securecollab.v1 import secagg_pb2_grpc as pb_grpc
-from securecollab.wire import iter_chunks
-
+from securecollab.transcript import Kind, TranscriptRecorder
+from securecollab.updates import update_vector
 from services.common import receive_global_model
 
 log = logging.getLogger(__name__)
@@ -61,13 +60,7 @@ def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: i
 
 def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, plan: SecAggPlan,
            drop: str | None = None) -> None:
-    shares = split_shares(encode_fixed(vector), plan.n_parties, compress=plan.seed_compression)
-    # Additive shares are interchangeable: rotate which party gets the dense
-    # correction so that, with seed compression, ingestion spreads over all parties.
-    offset = zlib.crc32(f"{client_id}/{round_}".encode()) % plan.n_parties
-    shares = [Share(party=(s.party + offset) % plan.n_parties, dense=s.dense, seed=s.seed, length=s.length)
-              for s in shares]
-    shares.sort(key=lambda s: s.party)
+    shares = client_shares(client_id, round_, vector, plan.n_parties, compress=plan.seed_compression)
     for i, (stub, share) in enumerate(zip(party_stubs, shares)):
         if drop == "partial_upload" and i == 1:
             os._exit(3)  # reached only party 0
@@ -126,7 +119,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
                 raise
             log.warning("%s: round %d lost (%s: %s); waiting for the next round", client_id, round_,
                         e.code().name, e.details())
-            transcript.record("round_lost", round=round_, sender=client_id,
+            transcript.record(Kind.ROUND_LOST, round=round_, sender=client_id,
                               meta={"status": e.code().name, "details": e.details()})
         round_ += 1
     result = {"client_id": client_id, "num_examples": len(x), "epsilon": plan.training.dp_epsilon(len(x)), "test_accuracy": accuracy(model, ds.x_test, ds.y_test),

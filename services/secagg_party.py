@@ -13,17 +13,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
-from securecollab.mpc import AggregationSpec, aggregate_round, setup_party, shutdown
-from securecollab.protocols import ProtocolError
-from securecollab.protocols.secagg import SecAggPlan, ShareStore
-from securecollab.sharing import SEED_BYTES, Share
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server
-from securecollab.v1 import secagg_pb2 as pb
-from securecollab.v1 import secagg_pb2_grpc as pb_grpc
-from securecollab.wire import WireError, assemble_chunks, iter_chunks
+from securecollab.aggregation import secure_rule
+from securecollab.errors import ProtocolError
+from securecollab.generated.v1 import secagg_pb2 as pb
+from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import make_server
+from securecollab.net.wire import WireError, assemble_chunks, iter_chunks
+from securecollab.plans import SecAggPlan
+from securecollab.protocols.secagg import ShareStore
+from securecollab.secagg.mpc import aggregate_round, setup_party, shutdown
+from securecollab.secagg.sharing import SEED_BYTES, Share
+from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import require_role, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
             share = Share(party=h.party, dense=dense, length=h.length)
             record = {"tensors": {"share": dense}}
         held = self.store.put(h.client_id, h.round, share)
-        self.transcript.record("share", round=h.round, sender=h.client_id, meta={"length": h.length}, **record)
+        self.transcript.record(Kind.SHARE, round=h.round, sender=h.client_id, meta={"length": h.length}, **record)
         return pb.ShareAck(round=h.round, held=held)
 
     @rpc_errors
@@ -101,9 +103,9 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
                 log.info("round %d: aggregate asked again (coordinator restarted?): same result", request.round)
                 return job
             shares = self.store.take(request.round, list(request.client_ids))
-            spec = AggregationSpec(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
+            rule = secure_rule(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
             job = Future()
-            self.jobs.put((shares, spec, job))
+            self.jobs.put((shares, rule, job))
             self.answered[request.round] = (key, job)
             for old in sorted(self.answered)[:-4]:  # a coordinator resumes only its open round
                 del self.answered[old]

@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.generated.v1 import split_pb2 as pb
+from securecollab.generated.v1 import split_pb2_grpc as pb_grpc
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.split import (SplitPlan, distance_correlation, load_optimizer_arrays,
-                                          optimizer_arrays, sgd)
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
+from securecollab.net.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from securecollab.plans import SplitPlan
+from securecollab.protocols.split import distance_correlation, load_optimizer_arrays, optimizer_arrays, sgd
 from securecollab.training import batch_order
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
-from securecollab.v1 import split_pb2 as pb
-from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from securecollab.transcript import Kind, TranscriptRecorder
 
 log = logging.getLogger(__name__)
 TURN_WAIT_S = 900.0
@@ -64,7 +64,7 @@ class SplitClient:
         self.stub, self.client_id, self.index, self.plan, self.transcript = stub, client_id, index, plan, transcript
         self.ds = plan.load_data()
         self.x, self.y = plan.shard(index, self.ds)
-        self.model = plan.build(self.ds)
+        self.model = plan.build_model(self.ds)
         self.bottom, _, self.head = plan.parts(self.model)
         # The client-side model: bottom, plus the head in U-shaped mode.
         self.mine = nn.ModuleDict({"bottom": self.bottom, **({"head": self.head} if self.head is not None else {})})
@@ -99,7 +99,7 @@ class SplitClient:
             self.profile["server_s"] += reply.server_s
             self.profile["steps"] += 1
             grad = self._grad(reply.gradient, sent.shape)
-            self.transcript.record("gradient", round=epoch, step=step, sender="split-server",
+            self.transcript.record(Kind.GRADIENT, round=epoch, step=step, sender="split-server",
                                    tensors={"gradient": grad.numpy()})
         else:
             reply = self.stub.Forward(pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
@@ -114,7 +114,7 @@ class SplitClient:
                                                          gradient=encode_tensor(outputs.grad.numpy())),
                                       timeout=DEFAULT_DEADLINE_S)
             grad = self._grad(back.gradient, sent.shape)
-            self.transcript.record("gradient", round=epoch, step=step, sender="split-server",
+            self.transcript.record(Kind.GRADIENT, round=epoch, step=step, sender="split-server",
                                    tensors={"server_outputs": outputs.detach().numpy(), "gradient": grad.numpy()})
         objective = (act * grad).sum()  # backpropagates exactly the server's gradient through the bottom
         if self.plan.nopeek_alpha and len(x) > 1:  # one example has no distance correlation (NaN gradient)
@@ -137,7 +137,7 @@ class SplitClient:
         weights = decode_named(reply.client_weights, expect=shapes, finite=True)
         self.mine.load_state_dict({n: torch.from_numpy(a) for n, a in weights})
         load_optimizer_arrays(self.mine, self.opt, decode_named(reply.client_optimizer, finite=True))
-        self.transcript.record("client_weights", round=epoch, sender=reply.previous_client, tensors=weights)
+        self.transcript.record(Kind.CLIENT_WEIGHTS, round=epoch, sender=reply.previous_client, tensors=weights)
 
     def run(self) -> None:
         handoff = self.plan.hands_off

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from securecollab.certs import TlsFiles
-from securecollab.costs import CostMeter
+from securecollab.errors import ProtocolError
+from securecollab.generated.v1 import split_pb2 as pb
+from securecollab.generated.v1 import split_pb2_grpc as pb_grpc
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols import ProtocolError
-from securecollab.protocols.split import SplitPlan, SplitServerState
-from securecollab.transcript import TranscriptRecorder
-from securecollab.transport import make_server, wait_budget
-from securecollab.v1 import split_pb2 as pb
-from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
+from securecollab.net.transport import make_server, wait_budget
+from securecollab.net.wire import decode_named, decode_tensor, encode_named, encode_tensor
+from securecollab.plans import SplitPlan
+from securecollab.protocols.split import SplitServerState
+from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import refusals, require_caller, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
             if self.state.client_param_shapes.get(name) != array.shape:
                 raise ProtocolError("INVALID_ARGUMENT", f"momentum buffer {name!r} does not fit the client-side model")
         self.state.end_turn(request.client_id, request.epoch, weights, momentum)
-        self.transcript.record("client_weights", round=request.epoch, sender=request.client_id, tensors=weights)
+        self.transcript.record(Kind.CLIENT_WEIGHTS, round=request.epoch, sender=request.client_id, tensors=weights)
         return pb.TurnAck()
 
     @rpc_errors
@@ -86,10 +87,10 @@ class SplitServicer(pb_grpc.SplitServerServicer):
                                           defer_step=defer_step)
         tensors = {"activations": act, **({"labels": labels} if labels is not None else {})}
         if self.state.plan.mode == "vanilla":
-            self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
+            self.transcript.record(Kind.BATCH, round=request.epoch, step=request.step, sender=request.client_id,
                                    tensors={**tensors, "gradient_returned": result})
             return pb.ForwardReply(gradient=encode_tensor(result), loss=loss, server_s=time.perf_counter() - t0)
-        self.transcript.record("batch", round=request.epoch, step=request.step, sender=request.client_id,
+        self.transcript.record(Kind.BATCH, round=request.epoch, step=request.step, sender=request.client_id,
                                tensors={**tensors, "outputs_returned": result})
         return pb.ForwardReply(outputs=encode_tensor(result), server_s=time.perf_counter() - t0)
 
@@ -107,7 +108,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         self._caller(request.client_id, context)
         grad = decode_tensor(request.gradient, expect_dtype=np.float32, finite=True)
         result = self.state.backward(request.client_id, request.epoch, request.step, grad)
-        self.transcript.record("output_gradient", round=request.epoch, step=request.step, sender=request.client_id,
+        self.transcript.record(Kind.OUTPUT_GRADIENT, round=request.epoch, step=request.step, sender=request.client_id,
                                tensors={"gradient": grad, "gradient_returned": result})
         return pb.BackwardReply(gradient=encode_tensor(result))
 
@@ -118,7 +119,7 @@ class SplitServicer(pb_grpc.SplitServerServicer):
         if act.ndim == 0 or len(act) > MAX_PREDICT_ROWS:
             raise ProtocolError("INVALID_ARGUMENT", f"at most {MAX_PREDICT_ROWS} rows per Predict")
         out = self.state.predict(act)
-        self.transcript.record("predict", round=0, sender=request.client_id, tensors={"activations": act})
+        self.transcript.record(Kind.PREDICT, round=0, sender=request.client_id, tensors={"activations": act})
         return pb.PredictReply(outputs=encode_tensor(out))
 
     @rpc_errors
@@ -137,7 +138,7 @@ def serve(plan: SplitPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     record = out_dir and plan.record_transcripts
     transcript = TranscriptRecorder(out_dir / "transcripts" / "split-server.jsonl" if record else None,
                                     party="split-server", role="split")
-    transcript.record("plan", round=0, sender="split-server", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
+    transcript.record(Kind.PLAN, round=0, sender="split-server", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
     # Each client waiting in AwaitTurn holds a server thread: leave threads for the client whose turn it is.
     server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)
     server.add(pb_grpc.add_SplitServerServicer_to_server, SplitServicer(state, transcript), SERVICE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from securecollab.certs import TlsFiles, make_certs
+from securecollab.net.certs import TlsFiles, make_certs
 
 PARTIES = ["aggregator", "client-0", "client-1", "client-2", "client-3", "server:party", "client-x:client"]
 

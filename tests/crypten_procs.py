@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from securecollab.runs import free_port  # noqa: F401  (re-exported for the tests)
+from securecollab.runs.training import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Hypothesis-driven fuzzing of any securecollab gRPC service (a helper module, not a test file).
 
 Two entry points, both over a real channel (mutual TLS, see
-:func:`securecollab.transport.make_channel`) to a running server:
+:func:`securecollab.net.transport.make_channel`) to a running server:
 
 * :func:`fuzz_service` sends random *well-formed* messages to every method of
   a service, built from the message descriptors: every scalar type (with
@@ -20,7 +20,7 @@ Two entry points, both over a real channel (mutual TLS, see
 * :func:`fuzz_raw` sends random bytes (and mutated serializations of random
   messages) as the serialized request of every method. What does not parse
   is refused before the handler (``INVALID_ARGUMENT`` from a
-  :func:`securecollab.transport.make_server` server, ``INTERNAL`` from plain
+  :func:`securecollab.net.transport.make_server` server, ``INTERNAL`` from plain
   gRPC); what does parse reaches the handler. It asserts the status is never
   ``UNKNOWN`` nor ``UNAVAILABLE`` and the service survives (health
   ``SERVING``, ``valid_after``).
@@ -31,7 +31,7 @@ refusal (e.g. some requests reached the shape checks, not only NOT_FOUND).
 
 Example::
 
-    from securecollab.v1 import split_pb2
+    from securecollab.generated.v1 import split_pb2
     report = fuzz_service(channel, split_pb2.DESCRIPTOR.services_by_name["SplitServer"],
                           max_examples=30, strings=["client-0"], shapes=[(4, 64)],
                           skip_methods={"Finish"},
@@ -66,8 +66,8 @@ from google.protobuf import message_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securecollab.certs import CA_CERT, CA_KEY, TlsFiles, make_certs
-from securecollab.transport import check_health, make_channel
+from securecollab.net.certs import CA_CERT, CA_KEY, TlsFiles, make_certs
+from securecollab.net.transport import check_health, make_channel
 
 SC = grpc.StatusCode
 # Refusals a service may answer with for a random request. Not UNKNOWN (an unhandled exception),

@@ -26,11 +26,13 @@ from attacks.extraction import (
     solve_linear,
 )
 from attacks.extraction import run as extraction_attack
-from attacks.registry import ATTACKS, EXPERIMENTS, discover
+from attacks.registry import ATTACKS, discover
+from experiments.registry import EXPERIMENTS
+from experiments.registry import discover as discover_experiments
 from securecollab.models import build_model
-from securecollab.protocols.he import HEModelPlan
+from securecollab.plans import HEModelPlan
 from securecollab.training import predict_logits
-from securecollab.transcript import TranscriptRecorder, load_transcript
+from securecollab.transcript import Kind, TranscriptRecorder, load_transcript
 
 D = 64  # 8x8 digits
 
@@ -149,12 +151,12 @@ def test_queries_pair_with_batched_answers_in_order(tmp_path):
     x1, x2 = np.zeros((5, 1, 2, 2), np.float32), np.ones((2, 1, 2, 2), np.float32)
     record_query(rec, x1, source="aux", labels=np.arange(5))
     for step, rows in enumerate((3, 2)):  # infer_batch splits by the session's batch size
-        rec.record("logits", round=0, step=step, sender="he-server", meta={"mode": "batch"},
+        rec.record(Kind.LOGITS, round=0, step=step, sender="he-server", meta={"mode": "batch"},
                    tensors={"logits": np.full((rows, 3), step, np.float32)})
-    rec.record("logits", round=0, step=9, sender="he-server", meta={"mode": "single"},
+    rec.record(Kind.LOGITS, round=0, step=9, sender="he-server", meta={"mode": "single"},
                tensors={"logits": np.zeros(3, np.float32)})  # single queries are not part of a batch query
     record_query(rec, x2, source="random")
-    rec.record("logits", round=0, step=2, sender="he-server", meta={"mode": "batch"},
+    rec.record(Kind.LOGITS, round=0, step=2, sender="he-server", meta={"mode": "batch"},
                tensors={"logits": np.full((2, 3), 7, np.float32)})
     t = load_transcript(path)
     aux = read_queries(t, "aux")
@@ -173,6 +175,7 @@ def test_queries_pair_with_batched_answers_in_order(tmp_path):
 
 def test_registered():
     discover()
+    discover_experiments()
     assert ATTACKS["extraction"].adversary == "he-client"
     assert "extraction" in EXPERIMENTS["extraction"].attacks
 
@@ -180,7 +183,7 @@ def test_registered():
 @pytest.mark.slow
 def test_extraction_through_the_he_service(tmp_path):
     """A real HE server process serves the linear model; the client's own transcript is the attack's input."""
-    from attacks.extraction_sweep import serve_and_query
+    from experiments.extraction import serve_and_query
 
     run_dir = serve_and_query(HEModelPlan(model="linear"), tmp_path / "run", aux_queries=70, random_count=2 * (D + 1),
                               seed=0, progress=lambda _m: None)

@@ -8,15 +8,16 @@ import torch
 from typer.testing import CliRunner
 
 from attacks.fl_inversion import images_used, invert_aggregate, local_training
-from attacks.fl_sweep import dropout_schedule, fedsgd_plan
 from attacks.gradient_inversion import InversionConfig
 from attacks.registry import run_attack
+from experiments.gradient_inversion import dropout_schedule, fedsgd_plan
 from securecollab.cli import app
 from securecollab.data import load_dataset
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.fedavg import FedAvgPlan, client_data, local_update
+from securecollab.plans import FedAvgPlan, client_data
+from securecollab.protocols.fedavg import local_update
 from securecollab.scorecard import attack_cells, to_markdown
-from securecollab.transcript import TranscriptRecorder
+from securecollab.transcript import Kind, TranscriptRecorder
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_control_random_updates_in_the_transcript_score_at_baseline(fedsgd_run, 
     rng = np.random.default_rng(5)
     for r in load_transcript(run_dir / "transcripts" / "aggregator.jsonl").records:
         tensors = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in r.tensors.items()}
-        rec.record(r.kind, round=r.round, sender=r.sender, meta=r.meta, tensors=tensors if r.kind == "update" else {})
+        rec.record(r.kind, round=r.round, sender=r.sender, meta=r.meta, tensors=tensors if r.kind == Kind.UPDATE else {})
     (gi,) = run_attack("gradient_inversion", fake, iterations=60)
     assert gi["metrics"]["psnr_db"] < gi["baseline"]["psnr_db"] + 3
     assert gi["metrics"]["reid_rate"] <= 0.5

@@ -19,8 +19,9 @@ from attacks.labels import expected_probabilities, infer_label, infer_labels
 from attacks.observed import client_updates, global_params_at, gradient_from_update, parameter_delta
 from securecollab.data import load_dataset
 from securecollab.models import build_model, load_arrays, parameters_to_arrays
-from securecollab.protocols.fedavg import FedAvgPlan, local_update
-from securecollab.transcript import TranscriptRecorder, load_transcript
+from securecollab.plans import FedAvgPlan
+from securecollab.protocols.fedavg import local_update
+from securecollab.transcript import Kind, TranscriptRecorder, load_transcript
 
 ONE_STEP = FedAvgPlan(local_epochs=1)  # one client, one image, one SGD step
 MARGIN_DB = 1.0  # how far above the blind baseline a control may land
@@ -288,7 +289,7 @@ def test_attack_reads_the_update_from_the_aggregators_transcript(tmp_path, digit
     x, y = digits.x_test[5:6], digits.y_test[5:6]
     new = client_update(digits, ONE_STEP, global_params, x, y)
     recorder = TranscriptRecorder(tmp_path / "aggregator.jsonl", party="aggregator", role="aggregator")
-    recorder.record("update", round=0, sender="client-0", meta={"num_examples": 1}, tensors=new)
+    recorder.record(Kind.UPDATE, round=0, sender="client-0", meta={"num_examples": 1}, tensors=new)
     transcript = load_transcript(tmp_path / "aggregator.jsonl")
     num_examples, observed = client_updates(transcript, 0)["client-0"]
     assert num_examples == 1

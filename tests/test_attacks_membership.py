@@ -11,13 +11,15 @@ import torch
 from scipy.special import softmax
 
 from attacks import membership as mia
-from attacks.membership_sweep import he_rows
-from attacks.registry import ATTACKS, EXPERIMENTS, discover, run_attack
+from attacks import metrics
+from attacks.registry import ATTACKS, discover, run_attack
+from attacks.released import load_released
+from experiments.membership import he_rows
+from experiments.registry import EXPERIMENTS
+from experiments.registry import discover as discover_experiments
 from securecollab.data import load_dataset
 from securecollab.models import build_model, parameters_to_arrays
-from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.protocols.he import HEModelPlan
-from securecollab.protocols.split import SplitPlan
+from securecollab.plans import FedAvgPlan, HEModelPlan, SplitPlan
 from securecollab.training import predict_logits
 
 OVERFIT = mia.Recipe("mlp", "relu", epochs=80, lr=0.1, momentum=0.9, batch_size=32)
@@ -45,7 +47,7 @@ def overfit(digits):
 
 
 def scored(logits, cand, shadows, variants=("loss", "online", "offline"), confidence=0.95):
-    return {v: mia.membership_metrics(s, cand.is_member, confidence=confidence) for v, s in
+    return {v: metrics.membership_metrics(s, cand.is_member, confidence=confidence) for v, s in
             mia.attack_scores(logits, cand, shadows, variants).items()}
 
 
@@ -115,17 +117,17 @@ def test_true_class_confidence_is_the_logit_of_the_softmax_probability():
 def test_tpr_at_fpr_never_exceeds_the_allowed_false_positives():
     scores = np.r_[np.arange(100, 200), np.arange(0, 100), 150.0]  # 100 members, 101 non-members
     member = np.r_[np.ones(100, bool), np.zeros(101, bool)]
-    hits, n, false_pos = mia.tpr_at_fpr(scores, member, 0.01)
+    hits, n, false_pos = metrics.tpr_at_fpr(scores, member, 0.01)
     assert (n, false_pos) == (100, 1) and hits == 100  # k = 1 of 101: threshold at the 2nd-highest non-member
-    assert mia.auc(scores, member) == pytest.approx((100 * 101 - 50.5) / (100 * 101))
-    hits, _, false_pos = mia.tpr_at_fpr(scores, member, 0.001)
+    assert metrics.auc(scores, member) == pytest.approx((100 * 101 - 50.5) / (100 * 101))
+    hits, _, false_pos = metrics.tpr_at_fpr(scores, member, 0.001)
     assert false_pos == 0 and hits == 49  # threshold at the top non-member; ties are not counted
 
 
 def test_split_parts_stack_back_into_the_released_model(tmp_path, digits):
     """The split runner's files (last client's bottom, server's top) load as the composed model."""
     plan = SplitPlan(model="mlp", num_clients=2)
-    model = plan.build(digits)
+    model = plan.build_model(digits)
     bottom, server, _ = plan.parts(model)
     np.savez(tmp_path / "split_server_part.npz", **dict(parameters_to_arrays(server)))
     np.savez(tmp_path / "split_client-1_part.npz", **dict(parameters_to_arrays(torch.nn.ModuleDict(
@@ -133,12 +135,13 @@ def test_split_parts_stack_back_into_the_released_model(tmp_path, digits):
     stale = build_model("mlp", digits.input_shape, digits.num_classes, seed=9)  # client-0's older bottom
     np.savez(tmp_path / "split_client-0_part.npz", **dict(parameters_to_arrays(torch.nn.ModuleDict(
         {"bottom": plan.parts(stale)[0]}))))
-    loaded, _ = mia.load_released(tmp_path, "split", FedAvgPlan(model="mlp"))
+    loaded, _ = load_released(tmp_path, "split", FedAvgPlan(model="mlp"))
     np.testing.assert_array_equal(predict_logits(loaded, digits.x_test), predict_logits(model, digits.x_test))
 
 
 def test_registered_attacks_run_on_a_released_model(tmp_path):
     discover()
+    discover_experiments()
     assert {"membership_loss", "membership_lira"} <= set(ATTACKS) and "membership" in EXPERIMENTS
     plan = FedAvgPlan(rounds=1, local_epochs=1)
     ds = load_dataset("digits", seed=0)

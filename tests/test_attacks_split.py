@@ -15,10 +15,13 @@ import pytest
 
 from attacks import activation_inversion as ai
 from attacks import label_leakage as ll
-from attacks.registry import ATTACKS, EXPERIMENTS, discover
-from attacks.split_sweep import configurations, plot_leakage, plot_reconstructions
+from attacks import split_view as sv
+from attacks.registry import ATTACKS, discover
+from experiments.registry import EXPERIMENTS
+from experiments.registry import discover as discover_experiments
+from experiments.split_attacks import configurations, plot_leakage, plot_reconstructions
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.split import SplitPlan
+from securecollab.plans import SplitPlan
 from services.split_client import run_client
 from services.split_server import serve
 
@@ -48,7 +51,7 @@ def run_split_in_process(out: Path, plan: SplitPlan, tls_for) -> Path:
         server.stop(grace=None)
     state.flush()
     np.savez(out / "split_server_part.npz", **dict(parameters_to_arrays(state.part)))
-    ai.save_plan(out, plan)
+    sv.save_plan(out, plan)
     return out
 
 
@@ -64,7 +67,7 @@ def ushaped_run(tmp_path_factory, tls_for):
 
 
 def _scores(run_dir, **kw):
-    view = ai.load_server_view(run_dir)
+    view = sv.load_server_view(run_dir)
     ds = view.plan.load_data()
     result = ai.invert_activations(view, ds, run_dir, **{**FAST, **kw})
     return result, ai.score(result, ds)
@@ -72,9 +75,9 @@ def _scores(run_dir, **kw):
 
 def test_ground_truth_matches_what_the_real_service_recorded(vanilla_run):
     """The evaluator's mapping of recorded batches to training images is right: vanilla labels agree."""
-    view = ai.load_server_view(vanilla_run)  # the plan saved beside the run
+    view = sv.load_server_view(vanilla_run)  # the plan saved beside the run
     assert view.last_epoch == 2 and len(view.client_weights) == 2 * 3
-    truth = ai.GroundTruth(view.plan, view.plan.load_data())
+    truth = sv.GroundTruth(view.plan, view.plan.load_data())
     for r in view.batches[:: 7]:
         np.testing.assert_array_equal(r.tensors["labels"], truth.ds.y_train[truth.sources(r)])
     aux_x, _ = ai.auxiliary_split(truth.ds, 0)
@@ -95,8 +98,8 @@ def test_inversion_beats_the_mean_image_at_the_earliest_cut(vanilla_run):
 
 def test_control_inversion_through_an_untrained_bottom_is_at_baseline(vanilla_run):
     """The attacker's stand-in is a freshly initialised bottom (wrong seed): the real activations tell it nothing."""
-    view = ai.load_server_view(vanilla_run)
-    wrong = replace(view.plan, seed=123).build()
+    view = sv.load_server_view(vanilla_run)
+    wrong = replace(view.plan, seed=123).build_model()
     bottom, _, _ = view.plan.parts(wrong)
     paths = {c: ai.BottomPath.constant(bottom) for c in view.plan.client_ids()}
     _, scores = _scores(vanilla_run, paths=paths)
@@ -107,7 +110,7 @@ def test_control_inversion_through_an_untrained_bottom_is_at_baseline(vanilla_ru
 
 def test_control_noise_activations_give_nothing(vanilla_run):
     """The right weights but activations of pure noise (same scale): reconstructions are at the blind guess."""
-    view = ai.load_server_view(vanilla_run)
+    view = sv.load_server_view(vanilla_run)
     real = np.concatenate([r.tensors["activations"] for r in view.batches if r.round == view.last_epoch])
     noise = np.abs(np.random.default_rng(0).normal(0, real.std(), real.shape)).astype(np.float32)
     _, scores = _scores(vanilla_run, activations=noise)
@@ -117,7 +120,7 @@ def test_control_noise_activations_give_nothing(vanilla_run):
 
 
 def test_without_handed_off_weights_the_server_attacks_through_a_clone(vanilla_run):
-    view = ai.load_server_view(vanilla_run)
+    view = sv.load_server_view(vanilla_run)
     view.client_weights = []  # as in per_client mode: no hand-off passes through the server
     ds = view.plan.load_data()
     result = ai.invert_activations(view, ds, vanilla_run, methods=("decoder",), **FAST)
@@ -129,6 +132,7 @@ def test_without_handed_off_weights_the_server_attacks_through_a_clone(vanilla_r
 
 def test_registered_attack_rows(vanilla_run, ushaped_run):
     discover()
+    discover_experiments()
     assert ATTACKS["activation_inversion"].adversary == "split-server"
     assert {"activation_inversion", "label_leakage"} <= set(EXPERIMENTS["split_attacks"].attacks)
     rows = ATTACKS["label_leakage"].run(vanilla_run)
@@ -143,10 +147,10 @@ def test_registered_attack_rows(vanilla_run, ushaped_run):
 
 
 def test_ushaped_label_leakage_from_returned_gradients(ushaped_run):
-    view = ai.load_server_view(ushaped_run)
+    view = sv.load_server_view(ushaped_run)
     assert all("labels" not in r.tensors for r in view.batches)  # labels really stayed home
     ds = view.plan.load_data()
-    grads, labels = ll.last_epoch_gradients(view, ai.GroundTruth(view.plan, ds))
+    grads, labels = ll.last_epoch_gradients(view, sv.GroundTruth(view.plan, ds))
     results = ll.leak_labels(grads, labels, ds.num_classes)
     for method in ("cosine", "cluster"):
         m, b = results[method]["metrics"], results[method]["baseline"]
@@ -156,9 +160,9 @@ def test_ushaped_label_leakage_from_returned_gradients(ushaped_run):
 
 def test_control_label_leakage_on_unrelated_labels_is_at_chance(ushaped_run):
     """Gradients scored against shuffled labels, and random gradients against the true ones: AUC ~ 0.5."""
-    view = ai.load_server_view(ushaped_run)
+    view = sv.load_server_view(ushaped_run)
     ds = view.plan.load_data()
-    grads, labels = ll.last_epoch_gradients(view, ai.GroundTruth(view.plan, ds))
+    grads, labels = ll.last_epoch_gradients(view, sv.GroundTruth(view.plan, ds))
     rng = np.random.default_rng(1)
     for g, y in ((grads, rng.permutation(labels)), (rng.normal(size=grads.shape), labels)):
         results = ll.leak_labels(g, y, ds.num_classes)
@@ -176,17 +180,17 @@ def test_auc_is_the_mann_whitney_statistic():
 
 
 def test_sweep_covers_every_cut_and_defence_and_plots(tmp_path, vanilla_run, ushaped_run):
-    cuts = set(SplitPlan().build().cut_points)
+    cuts = set(SplitPlan().build_model().cut_points)
     full = configurations(quick=False, seed=0)
     assert {p.cut for p in full if p.mode == "vanilla"} == cuts
-    assert {ai.describe_defence(p)["defence"] for p in full} == {"none", "noise", "nopeek"}
+    assert {sv.describe_defence(p)["defence"] for p in full} == {"none", "noise", "nopeek"}
     assert any(p.client_weights == "per_client" for p in full)
     quick = configurations(quick=True, seed=0)
     assert {p.cut for p in quick} == cuts and any(p.mode == "ushaped" for p in quick)
     # the figures, from rows of the real runs above (cheap settings)
     rows, grids = [], []
     for run in (vanilla_run, ushaped_run):
-        view = ai.load_server_view(run)
+        view = sv.load_server_view(run)
         ds = view.plan.load_data()
         result = ai.invert_activations(view, ds, run, n_images=16, decoder_steps=50, iterations=10)
         rows += ai.rows_for(view, ai.score(result, ds), result["knowledge"], accuracy=0.9)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from securecollab.certs import TlsFiles
-from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.transport import check_health, make_channel
-from securecollab.v1 import fedavg_pb2 as pb
-from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.v1 import tensor_pb2
-from securecollab.wire import encode_named, encode_tensor
+from securecollab.generated.v1 import fedavg_pb2 as pb
+from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
+from securecollab.generated.v1 import tensor_pb2
+from securecollab.net.certs import TlsFiles
+from securecollab.net.transport import check_health, make_channel
+from securecollab.net.wire import encode_named, encode_tensor
+from securecollab.plans import FedAvgPlan
 from services.fedavg_aggregator import serve
 from tests.service_fuzz import fuzz_raw, fuzz_service, lax_channel, refusal, same_ca_certs
 

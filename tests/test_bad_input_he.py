@@ -19,19 +19,19 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from securecollab.certs import TlsFiles
+from securecollab.generated.v1 import he_pb2 as pb
+from securecollab.generated.v1 import he_pb2_grpc as pb_grpc
+from securecollab.generated.v1 import tensor_pb2
 from securecollab.he import encrypt_batch_bytes, make_context, public_bytes
-from securecollab.he.net import decrypt_batch, decrypt_logits, kit_of
-from securecollab.inference import prepare
-from securecollab.launch import ProcessGroup, securecollab_cmd
-from securecollab.protocols.he import HEModelPlan
-from securecollab.runs import ensure_certs
+from securecollab.he.batched import decrypt_batch
+from securecollab.he.net import decrypt_logits, kit_of
+from securecollab.launch import ProcessGroup, ensure_certs, securecollab_cmd
+from securecollab.net.certs import TlsFiles
+from securecollab.net.transport import check_health, make_channel
+from securecollab.net.wire import decode_tensor, encode_tensor, iter_chunks
+from securecollab.plans import HEModelPlan
+from securecollab.runs.inference import prepare
 from securecollab.training import predict_logits
-from securecollab.transport import check_health, make_channel
-from securecollab.v1 import he_pb2 as pb
-from securecollab.v1 import he_pb2_grpc as pb_grpc
-from securecollab.v1 import tensor_pb2
-from securecollab.wire import decode_tensor, encode_tensor, iter_chunks
 from services.he_client import HEClient
 from services.he_server import MAX_CIPHERTEXT_BYTES
 from tests.service_fuzz import fuzz_raw, fuzz_service, lax_channel, refusal, same_ca_certs

@@ -14,20 +14,22 @@ from __future__ import annotations
 import copy
 import threading
 import time
+
 import grpc
 import numpy as np
 import pytest
 import torch
 from hypothesis import strategies as st
 
-from securecollab.certs import TlsFiles, make_certs
+from securecollab.generated.v1 import split_pb2 as pb
+from securecollab.generated.v1 import split_pb2_grpc as pb_grpc
+from securecollab.generated.v1 import tensor_pb2
 from securecollab.models import parameters_to_arrays
-from securecollab.protocols.split import SplitPlan, SplitServerState, optimizer_arrays, sgd
-from securecollab.transport import make_channel, wait_budget
-from securecollab.v1 import split_pb2 as pb
-from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.v1 import tensor_pb2
-from securecollab.wire import decode_tensor, encode_named, encode_tensor
+from securecollab.net.certs import TlsFiles, make_certs
+from securecollab.net.transport import make_channel, wait_budget
+from securecollab.net.wire import decode_tensor, encode_named, encode_tensor
+from securecollab.plans import SplitPlan
+from securecollab.protocols.split import SplitServerState, optimizer_arrays, sgd
 from services.split_server import MAX_PREDICT_ROWS, serve
 from tests.service_fuzz import fuzz_raw, fuzz_service, lax_channel, messages, refusal, same_ca_certs
 
@@ -238,7 +240,7 @@ def test_bad_input_split_refused_gradient_keeps_the_forward_pass_waiting(split):
 
 def _client_side(plan: SplitPlan, seed: int):
     """Client-side weights and momentum as a client would hand them off (one SGD step from the seeded start)."""
-    bottom, _, head = plan.parts(plan.build())
+    bottom, _, head = plan.parts(plan.build_model())
     mine = torch.nn.ModuleDict({"bottom": bottom, **({"head": head} if head is not None else {})})
     opt = sgd(mine, plan)
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.verification import DNSName, PolicyBuilder, Store, VerificationError
 
-from securecollab.certs import (
+from securecollab.net.certs import (
     ROLES,
     PartyIdentity,
     TlsFiles,

@@ -1,13 +1,13 @@
 """The public command line, as a user runs it: help, certificates, benchmark JSON, and the demo's scorecard."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from securecollab.certs import identity_from_pem
+from securecollab.net.certs import identity_from_pem
 
 
 def securecollab(*args, timeout=600):
@@ -148,3 +148,116 @@ def test_bench_load_he_answers_every_concurrent_query_correctly(tmp_path):
 def test_bench_load_refuses_an_unknown_protocol():
     out = securecollab("bench", "load", "--protocol", "fedsgd")
     assert out.returncode == 2 and "secagg, he or both" in out.stderr
+
+
+def test_serve_has_a_sub_command_per_role_with_only_its_options():
+    party = securecollab("serve", "party", "--help")
+    assert party.returncode == 0, party.stderr
+    for option in ("--index", "--mpc-addr", "--mpc-port", "--norm-bound", "--clients", "--certs", "--port-file"):
+        assert option in party.stdout, option
+    for other in ("--weights", "--max-sessions", "--split-mode", "--party-target"):
+        assert other not in party.stdout, other
+    he = securecollab("serve", "he", "--help")
+    assert he.returncode == 0, he.stderr
+    for option in ("--weights", "--max-sessions", "--max-batch", "--plan-json", "--certs"):
+        assert option in he.stdout, option
+    for other in ("--index", "--mpc-port", "--norm-bound", "--split-mode", "--rounds"):
+        assert other not in he.stdout, other
+    roles = securecollab("serve", "--help")
+    assert roles.returncode == 0
+    for role in ("aggregator", "coordinator", "party", "dealer", "he", "split"):
+        assert role in roles.stdout
+
+
+def test_serve_accepts_every_deployed_command_line():
+    """The compose file and the k8s manifests call `serve ROLE ...`: each role must take every option given."""
+    import re
+    import shlex
+
+    import typer.main
+    import yaml
+
+    from securecollab.cli import app
+    serve = typer.main.get_command(app).commands["serve"]
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    lines = [s["command"] for s in yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"].values()
+             if isinstance(s.get("command"), str) and s["command"].startswith("serve ")]
+    for path in sorted((deploy / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for c in (doc or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                argv = c.get("command", []) + c.get("args", [])
+                lines.append(argv[2] if argv[:2] == ["sh", "-c"] else shlex.join(argv))
+    seen = set()
+    for line in lines:
+        words = shlex.split(re.sub(r"\$?\$\{[A-Z_]+(:-([^}]*))?[^}]*\}", lambda m: m.group(2) or "1", line))
+        if "serve" not in words:
+            continue
+        role, args = words[words.index("serve") + 1], words[words.index("serve") + 2:]
+        serve.commands[role].make_context(role, args)  # raises on an option the role does not take
+        seen.add(role)
+    assert seen == {"coordinator", "party", "dealer", "he", "split"}
+
+
+def test_pipeline_chooses_experiments_in_the_demo_order():
+    from securecollab import pipeline
+    order = pipeline.experiment_order()
+    assert set(pipeline.DEMO_ORDER) <= set(order)
+    assert pipeline.chosen_experiments("all") == order
+    assert pipeline.chosen_experiments("none") == []
+    assert pipeline.chosen_experiments("dp, gradient_inversion") == ["gradient_inversion", "dp"]
+    with pytest.raises(ValueError, match="nope"):
+        pipeline.chosen_experiments("gradient_inversion,nope")
+
+
+def test_attack_list_shows_the_experiments(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # names in one piece
+    out = securecollab("attack", "list")
+    assert out.returncode == 0, out.stderr
+    for name in ("gradient_inversion", "membership", "dp"):
+        assert name in out.stdout
+
+
+def test_demo_runs_the_pipeline_and_reports_a_failed_experiment(tmp_path, monkeypatch):
+    """The demo's flow with the protocol runs and experiments stubbed (the real demo runs in CI): every
+    protocol, the HE examples, the experiments on the demo's runs, the scorecard, and exit 1 for a failure."""
+    from typer.testing import CliRunner
+
+    import experiments.registry
+    import securecollab.runs
+    from attacks.registry import row
+    from securecollab import pipeline
+    from securecollab.cli import app
+
+    costs = {"wall_s": 1.5, "cpu_s": 2.0, "bytes_sent": 1e6, "bytes_received": 2e6, "peak_rss_mb": 100.0}
+    he = {"metrics": {"model": "convnet", "batched_argmax_agreement": 1.0, "batched_max_abs_logit_error": 1e-4,
+                      "single_latency_s": 0.5, "session_key_bytes": 3e7},
+          "examples": [{"index": 7, "label": 3, "plaintext": 3, "decrypted": 3, "max_abs_logit_error": 2e-4}]}
+    ran, given = [], {}
+
+    def run_protocol(name, plan, out_dir, **_):
+        ran.append((name, Path(out_dir)))
+        return {"accuracy": 0.875, "costs": dict(costs), **(he if name == "he_inference" else {})}
+
+    def run_experiment(name, target, *, quick, seed, progress, runs):
+        given[name] = runs
+        if name == "dp":
+            raise RuntimeError("boom")
+        progress("halfway")
+        return [row(name, "fedavg", "aggregator", {"psnr_db": 20.0}, {"psnr_db": 10.0}, figure="fig.png")]
+
+    monkeypatch.setattr(securecollab.runs, "run_protocol", run_protocol)
+    monkeypatch.setattr(experiments.registry, "run_experiment", run_experiment)
+    res = CliRunner().invoke(app, ["demo", "--quick", "--attacks", "dp,gradient_inversion", "--out", str(tmp_path)])
+    assert res.exit_code == 1, res.output
+    assert ran == [(n, tmp_path / "runs" / n) for n in pipeline.DEMO_PROTOCOLS]
+    assert list(given) == ["gradient_inversion", "dp"]  # the demo's order
+    assert given["dp"] == {n: tmp_path / "runs" / n for n in pipeline.DEMO_PROTOCOLS}
+    card = json.loads((tmp_path / "scorecard.json").read_text())
+    assert set(card["protocols"]) == set(pipeline.DEMO_PROTOCOLS)
+    assert card["plan"]["rounds"] == 5  # --quick
+    assert [a["figure"] for a in card["attacks"]] == ["attacks/gradient_inversion/fig.png"]
+    assert [(e["experiment"], e["error"]) for e in card["attack_errors"]] == [("dp", "RuntimeError: boom")]
+    for line in ("done centralized training (baseline): accuracy 0.875, 1.5s", "whole test set, batched", "max |logit error|",
+                 "done attack experiment gradient_inversion: 1 rows", "failed dp: boom", "securecollab scorecard",
+                 "what each adversary learned", "attack experiments failed: dp"):
+        assert line in res.output, line

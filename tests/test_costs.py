@@ -1,4 +1,4 @@
-"""Specification of securecollab.costs: exact per-direction byte counts at the gRPC boundary.
+"""Specification of securecollab.net.costs: exact per-direction byte counts at the gRPC boundary.
 
 A CostMeter on each side of a real mTLS connection (server: make_server(meter=...),
 client: make_channel(meter=...)) must count, for every message, its protobuf encoding
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from securecollab.costs import GRPC_MESSAGE_PREFIX, CostMeter
-from securecollab.transport import check_health, make_channel, make_server
-from securecollab.v1 import tensor_pb2 as pb
-from securecollab.wire import encode_tensor, iter_chunks
+from securecollab.generated.v1 import tensor_pb2 as pb
+from securecollab.net.costs import GRPC_MESSAGE_PREFIX, CostMeter
+from securecollab.net.transport import check_health, make_channel, make_server
+from securecollab.net.wire import encode_tensor, iter_chunks
 
 ECHO, UPLOAD, DOWNLOAD = "/test.Cost/Echo", "/test.Cost/Upload", "/test.Cost/Download"
 FIELDS = {"party", "wall_s", "cpu_s", "peak_rss_mb", "bytes_sent", "bytes_received", "messages", "by_method"}

@@ -1,4 +1,4 @@
-"""Tests for securecollab.crypten_compat: CrypTen on torch 2.13, real MPC parties.
+"""Tests for securecollab.secagg.crypten_compat: CrypTen on torch 2.13, real MPC parties.
 
 Every test runs CrypTen in fresh subprocesses so CrypTen's global state
 (communicator, process groups, patched modules) never leaks into this process.
@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from tests.crypten_procs import REPO, free_port, party_env
+
 SUBPROCESS_TIMEOUT = 90
 SCALE = 2**16  # CrypTen's default fixed-point precision (16 fractional bits)
 
@@ -67,7 +68,7 @@ _CNN_WORKER = """
     import json, sys
     from pathlib import Path
     import torch
-    from securecollab.crypten_compat import init_party
+    from securecollab.secagg.crypten_compat import init_party
 
     port, out = int(sys.argv[1]), sys.argv[2]
     crypten = init_party(0, 1, "127.0.0.1", port)
@@ -128,7 +129,7 @@ _MPC_WORKER = """
     import json, sys
     from pathlib import Path
     import torch
-    from securecollab.crypten_compat import init_party
+    from securecollab.secagg.crypten_compat import init_party
 
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     x = torch.tensor(%r)
@@ -208,7 +209,7 @@ _IDEMPOTENT_WORKER = """
     if old_missing:
         del sys.modules[OLD]  # let load_crypten() see the old path missing again
 
-    from securecollab import crypten_compat as cc
+    from securecollab.secagg import crypten_compat as cc
     crypten = cc.load_crypten()
     patched = oc._export_pytorch_model
     assert patched is not original

@@ -15,7 +15,6 @@ from securecollab.data import (
     partition_iid,
 )
 
-
 # --- scikit-learn datasets -------------------------------------------------
 
 

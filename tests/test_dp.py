@@ -259,7 +259,7 @@ def test_dp_sgd_fedavg_run_over_grpc_reports_each_clients_epsilon(tmp_path):
     import subprocess
     import sys
 
-    from securecollab.protocols.fedavg import FedAvgPlan, client_data
+    from securecollab.plans import FedAvgPlan, client_data
 
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "securecollab", "train", "--protocol", "fedavg", "--clients", "2",

@@ -6,15 +6,16 @@ import grpc
 import numpy as np
 import pytest
 
+from securecollab.errors import ProtocolError
+from securecollab.generated.v1 import fedavg_pb2 as pb
+from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
 from securecollab.models import count_parameters
-from securecollab.protocols import ProtocolError
-from securecollab.protocols.fedavg import FedAvgPlan, FedAvgRounds, client_data, local_update
+from securecollab.net.transport import make_channel
+from securecollab.net.wire import encode_named
+from securecollab.plans import FedAvgPlan, client_data
+from securecollab.protocols.fedavg import FedAvgRounds, local_update
 from securecollab.runs import run_protocol
 from securecollab.transcript import load_transcript
-from securecollab.transport import make_channel
-from securecollab.v1 import fedavg_pb2 as pb
-from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.wire import encode_named
 from services.fedavg_aggregator import serve
 
 
@@ -94,7 +95,7 @@ def test_aggregator_refuses_bad_input_and_keeps_serving(aggregator, tls_for):
 
 
 def test_aggregator_refuses_client_of_another_ca(aggregator, cert_dir, other_ca_dir):
-    from securecollab.certs import TlsFiles
+    from securecollab.net.certs import TlsFiles
     server, _ = aggregator
     _, cert, key = TlsFiles.for_party(other_ca_dir, "client-0").read()
     # The client trusts our CA, so only its own certificate is at fault.

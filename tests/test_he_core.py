@@ -7,10 +7,10 @@ import pytest
 import tenseal as ts
 
 from securecollab.data import load_dataset
+from securecollab.he.batched import BatchLayout, HENetBatched, decrypt_batch, encrypt_batch, encrypt_batch_bytes
 from securecollab.he.context import load_public, make_context, public_bytes, split_public
 from securecollab.he.linear import DiagonalPlan, EncryptedLinear, replicate
-from securecollab.he.net import (BatchLayout, HENet, HENetBatched, decrypt_batch, decrypt_logits,
-                                 encrypt_batch, encrypt_batch_bytes, encrypt_input, encrypt_input_bytes)
+from securecollab.he.net import HENet, decrypt_logits, encrypt_input, encrypt_input_bytes
 from securecollab.he.seal import SealKit
 from securecollab.models import build_model
 from securecollab.training import TrainConfig, accuracy, predict_logits, train_local

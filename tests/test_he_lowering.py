@@ -13,7 +13,7 @@ from securecollab.he.conv import Im2colConv
 from securecollab.he.lower import conv_matrix
 from securecollab.he.net import decrypt_logits, encrypt_input, kit_of
 from securecollab.models import Square, build_model
-from securecollab.protocols.he import HEModelPlan
+from securecollab.plans import HEModelPlan
 
 
 def _forward_affine(layers, x):

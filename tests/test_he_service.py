@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from securecollab.certs import TlsFiles
+from securecollab.generated.v1 import he_pb2 as pb
 from securecollab.he import make_context
 from securecollab.he.context import _MAGIC, split_public
 from securecollab.he.net import kit_of
-from securecollab.inference import CLIENT, PLAIN_CLIENT, agreement, prepare, start_server
 from securecollab.launch import ProcessGroup
-from securecollab.protocols.he import HEModelPlan
+from securecollab.net.certs import TlsFiles
+from securecollab.net.wire import encode_tensor, iter_chunks
+from securecollab.plans import HEModelPlan
+from securecollab.runs.inference import CLIENT, PLAIN_CLIENT, agreement, prepare, start_server
 from securecollab.training import predict_logits
 from securecollab.transcript import TranscriptRecorder, load_transcript
-from securecollab.v1 import he_pb2 as pb
-from securecollab.wire import encode_tensor, iter_chunks
 from services.he_client import HEClient
 
 pytestmark = pytest.mark.slow
@@ -218,6 +218,7 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
 
 def test_context_parser_refuses_a_flood_of_fields_quickly():
     import time
+
     from securecollab.he.context import carries_secret_key
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="too many fields"):
@@ -226,8 +227,8 @@ def test_context_parser_refuses_a_flood_of_fields_quickly():
 
 
 def test_one_party_cannot_evict_another_partys_session():
+    from securecollab.errors import ProtocolError
     from securecollab.he import public_bytes
-    from securecollab.protocols import ProtocolError
     from securecollab.protocols.he import HEModelHost
     ds_plan = HEModelPlan(model="mlp", epochs=1)
     model, ds = ds_plan.train()

@@ -1,4 +1,4 @@
-"""Tests for securecollab.mpc: secure aggregation across real MPC party processes.
+"""Tests for securecollab.secagg.mpc: secure aggregation across real MPC party processes.
 
 Each multi-party test writes every party's client shares to .npy files, starts
 the compute parties (and the dealer when needed) as separate OS processes
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.crypten_procs import REPO, free_port, party_env
+
 SCALE = 2**16
 SUBPROCESS_TIMEOUT = 60
 INT64 = np.iinfo(np.int64)
@@ -89,24 +90,25 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
 
 def _process_main(argv: list[str]) -> None:
     """Body of one party/dealer process: `role rank n port dir norm_bound dp_sigma check_refusal`."""
-    from securecollab import mpc
+    from securecollab.aggregation import secure_rule
+    from securecollab.secagg import mpc
 
     role, rank, n_parties, port, workdir = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4])
-    spec = mpc.AggregationSpec(norm_bound=literal_eval(argv[5]), dp_sigma=literal_eval(argv[6]))
+    rule = secure_rule(norm_bound=literal_eval(argv[5]), dp_sigma=literal_eval(argv[6]))
     if role == "dealer":
         mpc.run_dealer(n_parties, "127.0.0.1", port)
         return
-    mpc.setup_party(rank, n_parties, "127.0.0.1", port, dealer=spec.needs_dealer)
+    mpc.setup_party(rank, n_parties, "127.0.0.1", port, dealer=rule.needs_dealer)
     shares = list(np.load(workdir / f"in{rank}.npy"))  # this party's share of each client
     if argv[7] == "True":
         # Without the dealer, multiplications must be refused, not done with CrypTen's TFP.
         try:
-            mpc.aggregate_round(shares, mpc.AggregationSpec(norm_bound=1.0))
+            mpc.aggregate_round(shares, secure_rule(norm_bound=1.0))
         except RuntimeError as err:
             assert "dealer" in str(err)
         else:
             raise AssertionError("norm bound ran without a dealer")
-    result = mpc.aggregate_round(shares, spec)
+    result = mpc.aggregate_round(shares, rule)
     assert result.dtype == np.int64 and result.shape == shares[0].shape
     np.save(workdir / f"out{rank}.npy", result)
     mpc.shutdown()
@@ -123,16 +125,18 @@ def _updates_with_norms(norms, dim: int, rng: np.random.Generator) -> np.ndarray
 
 
 def test_spec_validation_and_dealer_need():
-    from securecollab.mpc import MAX_NORM_BOUND, AggregationSpec
+    from securecollab.aggregation import secure_rule
+    from securecollab.aggregation.norm_bound import MAX_NORM_BOUND
 
-    assert not AggregationSpec().needs_dealer
-    assert not AggregationSpec(dp_sigma=1.0).needs_dealer  # noise is linear
-    assert AggregationSpec(norm_bound=1.0).needs_dealer
+    assert not secure_rule().needs_dealer
+    assert not secure_rule(dp_sigma=1.0).needs_dealer  # noise is linear
+    assert secure_rule(norm_bound=1.0).needs_dealer
+    assert secure_rule(norm_bound=1.0, dp_sigma=1.0).needs_dealer
     for bad in (0.0, -1.0, MAX_NORM_BOUND * 2, float("nan")):
         with pytest.raises(ValueError):
-            AggregationSpec(norm_bound=bad)
+            secure_rule(norm_bound=bad)
     with pytest.raises(ValueError):
-        AggregationSpec(dp_sigma=-0.1)
+        secure_rule(dp_sigma=-0.1)
 
 
 # --------------------------------------------------------------------------- #
@@ -161,6 +165,10 @@ def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path):
     out = _run_round(tmp_path, updates, 3, norm_bound=bound)
     honest = np.delete(updates, 4, axis=0).sum(0)
     np.testing.assert_allclose(_reconstruct(out), honest, rtol=0, atol=10 / SCALE)
+    # The same rule computed in the clear (what a plaintext aggregator would do) agrees.
+    from securecollab.aggregation import secure_rule
+    clear = secure_rule(norm_bound=bound).clear(list(updates), np.ones(len(updates)))
+    np.testing.assert_allclose(_reconstruct(out), clear, rtol=0, atol=10 / SCALE)
 
 
 @pytest.mark.timeout(90)

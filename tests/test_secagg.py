@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from securecollab.protocols.fedavg import FedAvgPlan, client_data, local_update
-from securecollab.protocols.secagg import SecAggPlan, update_vector
+from securecollab.plans import FedAvgPlan, SecAggPlan, client_data
+from securecollab.protocols.fedavg import local_update
 from securecollab.runs import run_protocol
 from securecollab.transcript import load_transcript
+from securecollab.updates import update_vector
 
 pytestmark = pytest.mark.slow
 FIXED_POINT_STEP = 2.0 ** -16
@@ -146,8 +147,8 @@ def test_fault_compute_party_killed_mid_round_aborts_it_and_the_next_round_succe
     party, and the next rounds aggregate every client correctly."""
     import time
 
-    from securecollab.launch import ProcessGroup
-    from securecollab.runs import ensure_certs, start_clients, start_secagg_servers, wait_clients
+    from securecollab.launch import ProcessGroup, ensure_certs
+    from securecollab.runs.training import start_clients, start_secagg_servers, wait_clients
 
     out = tmp_path / "secagg"
     out.mkdir()
@@ -208,10 +209,10 @@ def test_fault_coordinator_crash_at_each_step_resumes_without_losing_or_double_c
     the aggregate (round 1), and after revealing the aggregate but before saving it (round 2).
     Every round still aggregates every client exactly once, each from the model the one before made,
     and no client uploads anything twice."""
-    from securecollab.failpoints import ENV, EXIT_FAILPOINT
-    from securecollab.launch import ProcessGroup
-    from securecollab.protocols.secagg import apply_aggregate
-    from securecollab.runs import ensure_certs, start_clients, start_secagg_servers, wait_clients
+    from securecollab.launch import ProcessGroup, ensure_certs
+    from securecollab.net.failpoints import ENV, EXIT_FAILPOINT
+    from securecollab.runs.training import start_clients, start_secagg_servers, wait_clients
+    from securecollab.updates import apply_aggregate
 
     out = tmp_path / "secagg"
     out.mkdir()

@@ -16,17 +16,17 @@ import grpc
 import numpy as np
 import pytest
 
-from securecollab.certs import TlsFiles
-from securecollab.launch import ProcessGroup
-from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.protocols.secagg import SecAggPlan, apply_aggregate
-from securecollab.runs import ensure_certs, start_secagg_servers
-from securecollab.sharing import Share, encode_fixed, split_shares
-from securecollab.transport import check_health, make_channel
-from securecollab.v1 import secagg_pb2 as pb
-from securecollab.v1 import secagg_pb2_grpc as pb_grpc
-from securecollab.v1 import tensor_pb2 as tensor_pb
-from securecollab.wire import decode_named, iter_chunks
+from securecollab.generated.v1 import secagg_pb2 as pb
+from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
+from securecollab.generated.v1 import tensor_pb2 as tensor_pb
+from securecollab.launch import ProcessGroup, ensure_certs
+from securecollab.net.certs import TlsFiles
+from securecollab.net.transport import check_health, make_channel
+from securecollab.net.wire import decode_named, iter_chunks
+from securecollab.plans import FedAvgPlan, SecAggPlan
+from securecollab.runs.training import start_secagg_servers
+from securecollab.secagg.sharing import Share, encode_fixed, split_shares
+from securecollab.updates import apply_aggregate
 from services.secagg_client import share_messages
 
 pytestmark = pytest.mark.slow
@@ -241,7 +241,7 @@ def test_dropout_below_the_minimum_aborts_that_round_and_training_goes_on(federa
 def test_fuzz_parties_and_coordinator_with_random_messages(federation):
     """Random well-formed and raw messages to every method of both services, as a client (and as the
     coordinator for a party's Held): never UNKNOWN, always a message, and still serving correctly."""
-    from securecollab.v1 import secagg_pb2
+    from securecollab.generated.v1 import secagg_pb2
     from tests.service_fuzz import fuzz_raw, fuzz_service
 
     fed = federation

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from securecollab.protocols import ProtocolError
-from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.protocols.secagg import SecAggPlan, SecAggRounds, ShareStore, apply_aggregate, update_vector
-from securecollab.sharing import Share, decode_fixed, encode_fixed, reconstruct, split_shares
+from securecollab.errors import ProtocolError
+from securecollab.plans import FedAvgPlan, SecAggPlan
+from securecollab.protocols.secagg import SecAggRounds, ShareStore
+from securecollab.secagg.sharing import Share, decode_fixed, encode_fixed, reconstruct, split_shares
+from securecollab.updates import apply_aggregate, update_vector
 
 
 def _share(party=0, n=4, value=1):
@@ -128,8 +129,8 @@ def test_bad_input_party_answers_a_repeated_aggregation_alike_and_refuses_a_diff
     MPC job (same result shares, no fresh noise); a different client list for that round is refused."""
     import queue
 
+    from securecollab.generated.v1 import secagg_pb2 as pb
     from securecollab.transcript import TranscriptRecorder
-    from securecollab.v1 import secagg_pb2 as pb
     from services.secagg_party import ComputePartyServicer
 
     store = ShareStore(0, ["client-0", "client-1", "client-2"], min_clients=2)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from securecollab.transport import make_channel, make_server
-from securecollab.v1 import fedavg_pb2 as pb
-from securecollab.v1 import fedavg_pb2_grpc as pb_grpc
-from securecollab.v1 import he_pb2, split_pb2
+from securecollab.generated.v1 import fedavg_pb2 as pb
+from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
+from securecollab.generated.v1 import he_pb2, split_pb2
+from securecollab.net.transport import make_channel, make_server
 from tests.service_fuzz import fuzz_raw, fuzz_service, messages
 
 SERVICE = pb.DESCRIPTOR.services_by_name["FedAvgAggregator"]

@@ -1,4 +1,4 @@
-"""Specification of securecollab.sharing: fixed-point encoding and additive shares over Z_{2^64}.
+"""Specification of securecollab.secagg.sharing: fixed-point encoding and additive shares over Z_{2^64}.
 
 What must hold:
 * encode/decode round-trips any in-bound float within 2^-17 (round to nearest), negatives
@@ -23,13 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from securecollab.sharing import (
+from securecollab.secagg.sharing import (
     FRAC_BITS,
     MAX_ABS,
     SCALE,
     SEED_BYTES,
     Share,
     add_shares,
+    client_shares,
     decode_fixed,
     encode_fixed,
     prg_int64,
@@ -249,6 +250,18 @@ def test_split_refuses_bad_arguments(args, exc):
 def test_split_refuses_a_bad_seed_source():
     with pytest.raises(ValueError, match="rng_seed_source"):
         split_shares(np.zeros(4, np.int64), 2, rng_seed_source=lambda n: bytes(n - 1))
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+def test_client_shares_rotate_the_dense_share_and_still_reconstruct(n_parties):
+    update = np.linspace(-3.0, 3.0, 50)
+    dense_at = set()
+    for client, round_ in itertools.product(("client-0", "client-1", "client-2"), range(4)):
+        shares = client_shares(client, round_, update, n_parties, compress=True)
+        assert [s.party for s in shares] == list(range(n_parties))  # share i goes to party i
+        np.testing.assert_array_equal(reconstruct(shares), encode_fixed(update))
+        dense_at |= {s.party for s in shares if s.dense is not None}
+    assert dense_at == set(range(n_parties))  # the dense correction spreads over every party
 
 
 def test_add_shares_wraps_without_warnings():

@@ -7,23 +7,23 @@ import numpy as np
 import pytest
 import torch
 
+from securecollab.generated.v1 import split_pb2 as pb
+from securecollab.generated.v1 import split_pb2_grpc as pb_grpc
 from securecollab.models import load_arrays
-from securecollab.protocols.fedavg import FedAvgPlan
-from securecollab.protocols.split import SplitPlan, distance_correlation, sgd
-from securecollab.runs import run_protocol, split_plan_of
+from securecollab.net.transport import make_channel
+from securecollab.net.wire import encode_tensor
+from securecollab.plans import FedAvgPlan, SplitPlan, split_plan_of
+from securecollab.protocols.split import distance_correlation, sgd
+from securecollab.runs import run_protocol
 from securecollab.training import batch_order
 from securecollab.transcript import load_transcript
-from securecollab.transport import make_channel
-from securecollab.v1 import split_pb2 as pb
-from securecollab.v1 import split_pb2_grpc as pb_grpc
-from securecollab.wire import encode_tensor
 from services.split_server import serve
 
 
 def centralized_in_turn_order(plan: SplitPlan) -> dict[str, np.ndarray]:
     """The same model, one optimizer, the clients' batches in the order the turns take them."""
     ds = plan.load_data()
-    model = plan.build(ds)
+    model = plan.build_model(ds)
     opt = sgd(model, plan)
     shards = [plan.shard(k, ds) for k in range(plan.num_clients)]
     model.train()
@@ -38,7 +38,7 @@ def centralized_in_turn_order(plan: SplitPlan) -> dict[str, np.ndarray]:
 
 def split_parameters(plan: SplitPlan, out) -> dict[str, np.ndarray]:
     """The full model as split training left it: the last client's part and the server's part."""
-    model = plan.build()
+    model = plan.build_model()
     bottom, part, head = plan.parts(model)
     with np.load(out / "split_server_part.npz", allow_pickle=False) as f:
         load_arrays(part, [(k, f[k]) for k in f.files])
@@ -60,7 +60,7 @@ def test_one_epoch_of_split_training_equals_centralized(mode, tmp_path):
     worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
     assert worst <= 1e-5
     # and training did move the weights: the comparison is not trivially between two initialisations
-    init = {k: v.detach().numpy() for k, v in plan.build().state_dict().items()}
+    init = {k: v.detach().numpy() for k, v in plan.build_model().state_dict().items()}
     assert max(float(np.abs(got[k] - init[k]).max()) for k in init) > 1e-2
 
     server = load_transcript(out / "transcripts" / "split-server.jsonl")
@@ -173,7 +173,7 @@ def test_defences_change_what_the_server_sees(tmp_path):
     x, _ = plan.shard(0)
     # The very first batch is computed with the seeded initial weights in every run.
     first = x[batch_order(len(x), 32, 0, 0)[0]]
-    bottom, _, _ = plan.parts(plan.build())
+    bottom, _, _ = plan.parts(plan.build_model())
     with torch.no_grad():
         exact = bottom(torch.from_numpy(first)).numpy()
     np.testing.assert_allclose(clean[0].tensors["activations"], exact, atol=1e-6)  # control: nothing added

@@ -1,4 +1,4 @@
-"""Specification of securecollab.transport over real sockets: mutual TLS, identity, health,
+"""Specification of securecollab.net.transport over real sockets: mutual TLS, identity, health,
 reflection, deadlines, retries, graceful shutdown and message limits.
 
 Every test runs a real server from make_server (mutual TLS, port 0) and real clients from
@@ -22,8 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from securecollab.certs import TlsFiles
-from securecollab.transport import (
+from securecollab.net.certs import TlsFiles
+from securecollab.net.transport import (
     MAX_MESSAGE_BYTES,
     check_health,
     make_channel,
@@ -281,8 +281,8 @@ def test_message_limit(target, tls_for, handlers):
 SERVER_SCRIPT = textwrap.dedent("""
     import sys, time
     import grpc
-    from securecollab.certs import TlsFiles
-    from securecollab.transport import make_server
+    from securecollab.net.certs import TlsFiles
+    from securecollab.net.transport import make_server
 
     def sleep(request, context):
         print("started", flush=True)

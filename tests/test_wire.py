@@ -1,4 +1,4 @@
-"""Specification of the wire format (securecollab.wire): tensors, named tensors and chunked payloads.
+"""Specification of the wire format (securecollab.net.wire): tensors, named tensors and chunked payloads.
 
 What must hold:
 * every dtype of the proto round-trips bit-exactly from numpy and torch, whatever the
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from securecollab.transport import MAX_MESSAGE_BYTES, make_channel, make_server
-from securecollab.v1 import tensor_pb2 as pb
-from securecollab.wire import (
+from securecollab.generated.v1 import tensor_pb2 as pb
+from securecollab.net.transport import MAX_MESSAGE_BYTES, make_channel, make_server
+from securecollab.net.wire import (
     CHUNK_BYTES,
     MAX_TENSOR_ELEMENTS,
     WireError,

@@ -7,12 +7,12 @@ evaluates a compiled model (:class:`HENet` one query per ciphertext,
 seeded (symmetric-key) ciphertexts, half the upload of public-key ones.
 """
 
+from securecollab.he.batched import BatchLayout, HENetBatched, decrypt_batch, encrypt_batch, encrypt_batch_bytes
 from securecollab.he.context import PublicContext, load_public, make_context, public_bytes
+from securecollab.he.conv import Im2colConv, Im2colGeometry
 from securecollab.he.linear import DiagonalPlan, EncryptedLinear
 from securecollab.he.lower import affine_layers
-from securecollab.he.conv import Im2colConv, Im2colGeometry
-from securecollab.he.net import (BatchLayout, HENet, HENetBatched, InputEncoding, decrypt_batch, decrypt_logits,
-                                 encrypt_batch, encrypt_batch_bytes, encrypt_input, encrypt_input_bytes)
+from securecollab.he.net import HENet, InputEncoding, decrypt_logits, encrypt_input, encrypt_input_bytes
 from securecollab.he.seal import SealKit
 
 __all__ = [

@@ -9,73 +9,17 @@ opened them; query ids are single-use per session (replays are refused).
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from securecollab.data import Dataset, load_dataset
+from securecollab.errors import ProtocolError
 from securecollab.he import HENet, HENetBatched, load_public
-from securecollab.models import build_model, load_arrays, parameters_to_arrays
-from securecollab.protocols import ProtocolError
-from securecollab.training import TrainConfig, predict_logits, train_local
-
-
-@dataclass(frozen=True)
-class HEModelPlan:
-    """Which model the server serves and how it is trained (square activations keep it polynomial)."""
-
-    model: str = "convnet"
-    dataset: str = "digits"
-    dataset_path: str | None = None
-    activation: str = "square"
-    # x^2 networks diverge at the ReLU models' lr 0.1; 0.01 and 30 epochs reach ~0.98 on digits.
-    epochs: int = 30
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 32
-    seed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "HEModelPlan":
-        return cls(**json.loads(text))
-
-    def load_data(self) -> Dataset:
-        return load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
-
-    def build(self, ds: Dataset):
-        return build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=self.seed)
-
-    def train(self, ds: Dataset | None = None):
-        """(model, dataset): trained in plaintext, deterministically from the seed."""
-        ds = ds or self.load_data()
-        model = self.build(ds)
-        train_local(model, ds.x_train, ds.y_train, TrainConfig(
-            epochs=self.epochs, lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, seed=self.seed))
-        if not all(np.isfinite(a).all() for _, a in parameters_to_arrays(model)):
-            raise ValueError("training diverged (non-finite weights); lower the learning rate")
-        return model, ds
-
-    def load(self, weights: Path, ds: Dataset | None = None):
-        """(model, dataset) with weights from an .npz (numpy only, no pickle)."""
-        ds = ds or self.load_data()
-        model = self.build(ds)
-        with np.load(weights, allow_pickle=False) as f:
-            load_arrays(model, [(k, f[k]) for k in f.files])
-        return model, ds
-
-
-def save_weights(model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **dict(parameters_to_arrays(model)))
+from securecollab.training import predict_logits
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from securecollab.protocols import ProtocolError
+from securecollab.errors import ProtocolError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS training (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from securecollab.protocols import ProtocolError
+from securecollab.errors import ProtocolError
 
 
 class RoundState:

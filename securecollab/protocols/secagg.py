@@ -7,79 +7,16 @@ The coordinator learns only the revealed aggregate.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from securecollab.protocols import ProtocolError
-from securecollab.protocols.fedavg import FedAvgPlan
+from securecollab.errors import ProtocolError, TooFewClients
+from securecollab.plans import SecAggPlan
 from securecollab.protocols.round_store import RoundStore, SavedRounds
 from securecollab.protocols.rounds import RoundState
-from securecollab.sharing import Share
-
-
-@dataclass(frozen=True)
-class SecAggPlan:
-    """How rounds are secured; the training itself is the FedAvg plan's."""
-
-    training: FedAvgPlan = field(default_factory=FedAvgPlan)
-    n_parties: int = 3
-    seed_compression: bool = True
-    min_clients: int = 2
-    upload_deadline_s: float = 120.0
-    norm_bound: float = 0.0   # 0: no bound; otherwise reject updates with a larger L2 norm, inside MPC
-    dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
-    max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
-    party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
-
-    @property
-    def needs_dealer(self) -> bool:
-        # Sums are local; norms need multiplications, hence Beaver triples from a dealer.
-        return self.norm_bound > 0
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SecAggPlan":
-        d = json.loads(text)
-        return cls(**{**d, "training": FedAvgPlan(**d["training"])})
-
-
-class TooFewClients(ProtocolError):
-    """A round with fewer complete (or accepted) clients than the minimum: aborted, training goes on."""
-
-    def __init__(self, message: str):
-        super().__init__("FAILED_PRECONDITION", message)
-
-
-def update_vector(params, global_params) -> np.ndarray:
-    """What a client secret-shares: its model delta, then a 1 that counts it.
-
-    Deltas are averaged uniformly over the included clients (the count is
-    itself shared, so the coordinator learns only how many were included).
-    Weighting by example counts would scale a vector by ~n and push honest
-    norms past what the in-MPC norm check can handle (securecollab.mpc).
-    """
-    delta = [(p.astype(np.float64) - g).ravel() for (_, p), (_, g) in zip(params, global_params)]
-    return np.concatenate([*delta, [1.0]])
-
-
-def apply_aggregate(global_params, aggregate: np.ndarray):
-    """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count."""
-    count = round(float(aggregate[-1]))
-    if count < 1:  # every update failed the norm bound
-        raise TooFewClients(f"the aggregate counts {aggregate[-1]:.3f} clients: no update was accepted")
-    out, offset = [], 0
-    for name, g in global_params:
-        step = aggregate[offset:offset + g.size].reshape(g.shape) / count
-        out.append((name, (g + step).astype(np.float32)))
-        offset += g.size
-    return out
+from securecollab.secagg.sharing import Share
 
 
 class ShareStore:

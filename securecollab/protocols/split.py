@@ -14,96 +14,14 @@ equivalence with centralized training.
 
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from securecollab.data import load_dataset, partition
-from securecollab.models import build_model
-from securecollab.protocols import ProtocolError
-
-MODES = ("vanilla", "ushaped")
-CLIENT_WEIGHTS = ("handoff", "per_client")
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    model: str = "mlp"
-    dataset: str = "digits"
-    dataset_path: str | None = None
-    activation: str = "relu"
-    num_clients: int = 2
-    epochs: int = 30
-    lr: float = 0.1
-    momentum: float = 0.9
-    batch_size: int = 32
-    seed: int = 0
-    partition: str = "iid"
-    alpha: float = 0.5
-    cut: str | None = None           # bottom | top; default: the model's default cut
-    mode: str = "vanilla"
-    head_cut: str | None = None      # U-shaped: middle | head; default: the last cut after `cut`
-    client_weights: str = "handoff"
-    noise_sigma: float = 0.0         # Gaussian noise on the activations sent
-    nopeek_alpha: float = 0.0        # weight of the distance-correlation penalty
-    record_transcripts: bool = True
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.client_weights not in CLIENT_WEIGHTS:
-            raise ValueError(f"client_weights must be one of {CLIENT_WEIGHTS}, got {self.client_weights!r}")
-        if self.noise_sigma < 0 or self.nopeek_alpha < 0:
-            raise ValueError("noise_sigma and nopeek_alpha must be >= 0")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SplitPlan":
-        return cls(**json.loads(text))
-
-    @property
-    def hands_off(self) -> bool:
-        """Client-side weights pass between clients (a single client simply keeps them)."""
-        return self.client_weights == "handoff" and self.num_clients > 1
-
-    def client_ids(self) -> list[str]:
-        return [f"client-{i}" for i in range(self.num_clients)]
-
-    def load_data(self):
-        return load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
-
-    def build(self, ds=None):
-        ds = ds or self.load_data()
-        return build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=self.seed)
-
-    def parts(self, model) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential | None]:
-        """(bottom, server part, head or None) sharing ``model``'s modules."""
-        cut = self.cut or model.default_cut
-        if cut not in model.cut_points:
-            raise ValueError(f"unknown cut {cut!r}; choose one of {', '.join(model.cut_points)}")
-        layers = list(model.children())
-        i = model.cut_points[cut]
-        if self.mode == "vanilla":
-            return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:]), None
-        later = [name for name, j in model.cut_points.items() if j > i]
-        head_cut = self.head_cut or (max(later, key=model.cut_points.get) if later else None)
-        if head_cut is None or model.cut_points.get(head_cut, -1) <= i:
-            raise ValueError(f"U-shaped mode needs a head cut after {cut!r}; choose one of {later or 'none'}")
-        j = model.cut_points[head_cut]
-        return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:j]), nn.Sequential(*layers[j:])
-
-    def shard(self, index: int, ds=None):
-        """(x, y) of client ``index``: a seeded partition of the training set, in index order."""
-        ds = ds or self.load_data()
-        parts = partition(ds.y_train, self.num_clients, self.partition, seed=self.seed, alpha=self.alpha)
-        idx = np.sort(parts[index])
-        return ds.x_train[idx], ds.y_train[idx]
+from securecollab.errors import ProtocolError
+from securecollab.plans import SplitPlan
 
 
 def sgd(module: nn.Module, plan: SplitPlan) -> torch.optim.SGD:
@@ -146,7 +64,7 @@ class SplitServerState:
     def __init__(self, plan: SplitPlan):
         self.plan = plan
         ds = plan.load_data()
-        model = plan.build(ds)
+        model = plan.build_model(ds)
         bottom, self.part, head = plan.parts(model)
         client_side = nn.ModuleDict({"bottom": bottom, **({"head": head} if head is not None else {})})
         # What a hand-off must carry: the client-side weights (and momentum) by name and shape.

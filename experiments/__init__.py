@@ -1,0 +1,1 @@
+"""Experiments: start real protocol runs (services over gRPC), attack their transcripts, write rows and figures."""

@@ -1,0 +1,180 @@
+"""Overhead benchmarks: a secure protocol against its plain counterpart on the same loopback setup.
+
+Servers and clients are separate processes (clients start each round together
+at a barrier), so no client's work is serialized behind another's in one
+interpreter; on a 2-core machine they still share the CPU with the servers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.launch import ProcessGroup, ensure_certs
+from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter, method_bytes
+from securecollab.net.transport import make_channel, wait_ready
+from securecollab.plans import FedAvgPlan, SecAggPlan
+from securecollab.runs.training import start_aggregator, start_secagg_servers
+from securecollab.transcript import Kind, load_transcript
+
+
+def _ready_update(index: int, params: int, seed: int) -> np.ndarray:
+    """Client `index`'s ready-made update (the same in the client process and in the checker)."""
+    return np.random.default_rng([seed, index]).normal(0, 0.05, params).astype(np.float32)
+
+
+def _run_clients(n: int, rounds: int, body, *args) -> tuple[list[float], list[dict]]:
+    """Run `body(i, barrier, starts, *args)` in n client processes, as separate hosts would.
+
+    Returns each round's first upload time and every client's cost snapshot."""
+    ctx = mp.get_context("spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned clients
+    barrier, starts, results = ctx.Barrier(n), ctx.Array("d", [float("inf")] * rounds), ctx.Queue()
+    procs = [ctx.Process(target=_client_main, args=(body, i, barrier, starts, results, *args)) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=900) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [o for o in out if isinstance(o, str)]
+    if errors:
+        raise RuntimeError(f"bench client failed: {errors[0]}")
+    return list(starts), out
+
+
+def _client_main(body, i, barrier, starts, results, *args):
+    meter = CostMeter(f"client-{i}")
+    try:
+        body(i, barrier, starts, meter, *args)
+        results.put(meter.snapshot())
+    except BaseException as e:  # reported to the parent, which stops the benchmark
+        barrier.abort()
+        results.put(f"client-{i}: {type(e).__name__}: {e}")
+
+
+def _mark_start(starts, r: int) -> None:
+    with starts.get_lock():
+        starts[r] = min(starts[r], time.time())
+
+
+def _plain_client(i, barrier, starts, meter, port, certs, params, rounds, seed):
+    from securecollab.generated.v1 import fedavg_pb2 as pb
+    from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
+    from securecollab.net.wire import encode_named
+
+    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    with make_channel(f"localhost:{port}", tls=TlsFiles.for_party(certs, cid), meter=meter) as ch:
+        wait_ready(ch)
+        stub = pb_grpc.FedAvgAggregatorStub(ch)
+        stub.Join(pb.JoinRequest(client_id=cid), timeout=60)
+        for r in range(rounds):
+            barrier.wait()
+            _mark_start(starts, r)
+            stub.SubmitUpdate(pb.ClientUpdate(client_id=cid, round=r, num_examples=1,
+                                              params=encode_named([("update", update)])), timeout=600)
+            stub.GetModel(pb.ModelRequest(client_id=cid, round=r + 1), timeout=600)
+
+
+def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed, spec_json):
+    from securecollab.generated.v1 import secagg_pb2 as pb
+    from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
+    from securecollab.updates import update_vector
+    from services.secagg_client import upload
+
+    spec = SecAggPlan.from_json(spec_json)
+    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    tls = TlsFiles.for_party(certs, cid)
+    with make_channel(f"localhost:{port}", tls=tls, meter=meter) as ch:
+        wait_ready(ch)
+        coord = pb_grpc.CoordinatorStub(ch)
+        join = coord.Join(pb.SecAggJoinRequest(client_id=cid), timeout=60)
+        parties = [pb_grpc.ComputePartyStub(make_channel(t, tls=tls, meter=meter, server_name=n))
+                   for t, n in zip(join.party_targets, join.party_names)]
+        # The delta from a zero model is the update itself, plus the count coordinate.
+        vector = update_vector([("update", update)], [("update", np.zeros_like(update))])
+        for r in range(rounds):
+            coord.GetRound(pb.RoundRequest(client_id=cid, round=r), timeout=600)
+            barrier.wait()
+            _mark_start(starts, r)
+            upload(cid, r, vector, parties, spec)
+            coord.ReportUploaded(pb.UploadReport(client_id=cid, round=r), timeout=60)
+        coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
+
+
+def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path):
+    plan = FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params, record_transcripts=False)
+    with ProcessGroup(work / "logs") as group:
+        port = start_aggregator(group, plan, certs, work)
+        starts, costs = _run_clients(clients, rounds, _plain_client, port, certs, params, rounds, seed)
+        group.wait("aggregator", timeout=120)
+    done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
+    return [d - s for s, d in zip(starts, done)], costs
+
+
+def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan):
+    with ProcessGroup(work / "logs") as group:
+        port = start_secagg_servers(group, spec, certs, work)
+        starts, costs = _run_clients(clients, rounds, _secure_client, port, certs, params, rounds, seed,
+                                     spec.to_json())
+        group.wait("coordinator", timeout=300)
+    records = load_transcript(work / "transcripts" / "coordinator.jsonl").of_kind(Kind.AGGREGATE)
+    # A round ends when the aggregate is revealed at the coordinator.
+    walls = [rec.meta["phases"]["revealed"] - s for s, rec in zip(starts, records)]
+    phases = [{k: v - s for k, v in rec.meta["phases"].items()} for s, rec in zip(starts, records)]
+    return walls, costs, [rec.tensors["aggregate"] for rec in records], phases
+
+
+def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
+                 seed_compression: bool = True, norm_bound: float = 0.0, work_dir: Path, seed: int = 0,
+                 log=print) -> dict:
+    """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation.
+
+    Both run `warmup + rounds` rounds; the first `warmup` (allocator growth, lazy
+    initialisation in every process) are kept in `round_wall_s_all` but left
+    out of the median."""
+    measured, rounds = rounds, warmup + rounds
+    ids = [f"client-{i}" for i in range(clients)]
+    certs = ensure_certs(work_dir / "certs", ["aggregator", "coordinator",
+                                              *[f"party-{i}" for i in range(parties)], *ids])
+    log(f"plain: aggregator + {clients} clients, D={params:,}, {rounds} rounds ...")
+    plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs)
+    spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
+                                          record_transcripts=False),
+                      n_parties=parties, seed_compression=seed_compression, min_clients=clients,
+                      norm_bound=norm_bound)
+    log(f"secure: coordinator + {parties} compute parties{' + dealer' if spec.needs_dealer else ''} "
+        f"+ {clients} clients ...")
+    secure_walls, secure_costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed,
+                                                                       work_dir / "secure", certs, spec)
+    expected = np.sum([_ready_update(i, params, seed).astype(np.float64) for i in range(clients)], axis=0)
+    max_err = max(float(np.abs(a[:-1] - expected).max()) for a in revealed)
+
+    def upload_per_client(costs, method):
+        return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
+
+    plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
+             "upload_bytes_per_client": upload_per_client(plain_costs, "/SubmitUpdate")}
+    secure = {"round_wall_s": statistics.median(secure_walls[warmup:]), "round_wall_s_all": secure_walls,
+              "upload_bytes_per_client": upload_per_client(secure_costs, "/SubmitShare"),
+              "compute_parties": parties, "seed_compression": seed_compression, "norm_bound": norm_bound,
+              # seconds from the round's first upload: when uploads closed, MPC asked, shares back, revealed
+              "phases_s": phases}
+    return {
+        "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,
+        "tls": "mutual",
+        "plain": plain, "secure": secure,
+        "ratio": {"round_wall": secure["round_wall_s"] / plain["round_wall_s"],
+                  "upload_bytes": secure["upload_bytes_per_client"] / plain["upload_bytes_per_client"]},
+        "max_abs_error": max_err,
+    }

@@ -1,0 +1,102 @@
+"""`bench split`: one epoch of split learning across processes against one epoch of centralized training.
+
+Centralized: the same model, data, batch size and optimizer in one process,
+one math thread (as every protocol process gets), timed before and after the
+split run (this shared machine's speed drifts). Split: a server process
+and the client processes over mutual TLS on loopback; an epoch runs from the
+first client's first batch to the last client's last batch (hand-offs
+included). Bytes per epoch are what the clients' gRPC (de)serializers
+counted for training calls, set beside the exact size of the activations,
+gradients (and labels) the protocol has to exchange.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from securecollab.net.costs import method_bytes
+from securecollab.plans import FedAvgPlan, SplitPlan
+from securecollab.protocols.split import sgd
+from securecollab.runs import run_protocol
+from securecollab.training import accuracy, batch_order
+
+TRAINING_METHODS = ("/Forward", "/Backward", "/Train", "/AwaitTurn", "/EndTurn")
+
+
+def centralized_epochs(plan: SplitPlan) -> tuple[list[float], float]:
+    """Per-epoch wall times and final accuracy of plain training, one thread."""
+    ds = plan.load_data()
+    model = plan.build_model(ds)
+    opt = sgd(model, plan)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    walls = []
+    try:
+        x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+        for epoch in range(plan.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            for idx in batch_order(len(x), plan.batch_size, plan.seed, epoch):
+                idx = torch.from_numpy(idx)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+            walls.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return walls, accuracy(model, ds.x_test, ds.y_test)
+
+
+def payload_bytes_per_epoch(plan: SplitPlan) -> int:
+    """Raw bytes of the tensors one epoch must exchange: activations and gradients at each cut, labels."""
+    ds = plan.load_data()
+    model = plan.build_model(ds)
+    bottom, part, _ = plan.parts(model)
+    with torch.no_grad():
+        act = bottom(torch.from_numpy(ds.x_train[:1]))
+        out = part(act)
+    per_example = 2 * act.numel() * 4  # activations up, their gradient down
+    per_example += 2 * out.numel() * 4 if plan.mode == "ushaped" else 8  # outputs and their gradient / a label
+    return per_example * len(ds.x_train)
+
+
+def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
+    plan = replace(plan, record_transcripts=False)
+    log(f"centralized: {plan.epochs} epochs of {plan.model} in one process ...")
+    central_walls, central_acc = centralized_epochs(plan)
+    log(f"split ({plan.mode}, cut {plan.cut or 'default'}): server + {plan.num_clients} client process(es) ...")
+    result = run_protocol("split", FedAvgPlan(), work_dir, split=plan)
+    # The machine's speed drifts: time the baseline again after, and take the median of both runs.
+    log("centralized again ...")
+    central_walls += centralized_epochs(plan)[0]
+    clients = [json.loads((work_dir / f"result_{c}.json").read_text()) for c in plan.client_ids()]
+    epoch_walls = [max(c["epoch_times"][e][1] for c in clients) - min(c["epoch_times"][e][0] for c in clients)
+                   for e in range(plan.epochs)]
+    sent = sum(method_bytes(c["costs"], *TRAINING_METHODS) for c in clients)
+    handoff = sum(method_bytes(c["costs"], "/AwaitTurn", "/EndTurn") for c in clients)
+    payload = payload_bytes_per_epoch(plan)
+    steps = sum(c["step_profile"]["steps"] for c in clients)
+    profile = None
+    if steps:  # vanilla: per step, the client's wait for the reply and the server's handling inside it
+        wait = sum(c["step_profile"]["wait_s"] for c in clients) / steps
+        server = sum(c["step_profile"]["server_s"] for c in clients) / steps
+        profile = {"step_wait_s": wait, "server_handling_s": server, "transport_s": wait - server,
+                   "client_s": statistics.median(epoch_walls) / (steps / plan.epochs) - wait}
+    split = {"epoch_wall_s": statistics.median(epoch_walls), "epoch_wall_s_all": epoch_walls,
+             "bytes_per_epoch": sent / plan.epochs, "payload_bytes_per_epoch": payload,
+             "handoff_bytes_per_epoch": handoff / plan.epochs, "accuracy": result["accuracy"],
+             "per_step": profile}
+    split["bytes_ratio_to_payload"] = split["bytes_per_epoch"] / payload
+    central = {"epoch_wall_s": statistics.median(central_walls), "epoch_wall_s_all": central_walls,
+               "accuracy": central_acc}
+    return {"benchmark": "split", "model": plan.model, "cut": plan.cut, "mode": plan.mode,
+            "clients": plan.num_clients, "epochs": plan.epochs, "batch_size": plan.batch_size,
+            "client_weights": plan.client_weights, "tls": "mutual",
+            "centralized": central, "split": split,
+            "ratio": {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"]}}

@@ -1,0 +1,163 @@
+"""`securecollab bench secagg|load|split|he`: a protocol's overhead against its plain counterpart (JSON)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from securecollab.cli.options import BatchSize, Seed
+from securecollab.cli.output import console, print_table, table, write_json
+
+app = typer.Typer(help="Measure a protocol's overhead against its plain counterpart (writes JSON).",
+                  no_args_is_help=True)
+
+
+def _measure(bench, *args, prefix: str, out: Path, **kwargs) -> dict:
+    """``bench(*args, work_dir=a fresh temporary directory, log=the console, **kwargs)``, its result written to out."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        result = bench(*args, work_dir=Path(work), log=console.print, **kwargs)
+    write_json(out, result)
+    return result
+
+
+@app.command("secagg")
+def secagg(
+    clients: Annotated[int, typer.Option(min=2, help="K: clients, each with a ready update.")] = 10,
+    params: Annotated[int, typer.Option(min=1, help="D: floats per update.")] = 1_000_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds measured (their median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and left out of the median (kept in the JSON).")] = 2,
+    compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
+    seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
+    norm_bound: Annotated[float, typer.Option(min=0.0, help="Also bound update norms inside MPC (needs the dealer).")] = 0.0,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_secagg.json"),
+):
+    """Aggregation rounds only, plain aggregator vs secure aggregation, mutual TLS in both, on loopback."""
+    from securecollab.bench.secagg import bench_secagg
+    r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
+                 seed_compression=seed_compression, norm_bound=norm_bound, prefix="bench-secagg-", out=out)
+    print_table(table(f"secure aggregation overhead: K={clients}, D={params:,}",
+                      ["", "round wall s (median)", "upload bytes / client"],
+                      [*([name, f"{r[name]['round_wall_s']:.3f}", f"{r[name]['upload_bytes_per_client']:,.0f}"]
+                         for name in ("plain", "secure")),
+                       ["ratio", f"{r['ratio']['round_wall']:.2f}", f"{r['ratio']['upload_bytes']:.3f}"]]))
+    console.print(f"max |revealed - plaintext aggregate| = {r['max_abs_error']:.2e}; wrote {out}")
+
+
+def _he_load_table(r: dict):
+    ss, lat, rss, cores = r["session_setup_s"], r["latency_s"], r["rss_mb"], r["cpu_cores_used_concurrent"]
+
+    def p(d: dict, unit: str = " s") -> str:
+        return "-" if d["p50"] is None else f"{d['p50']:.2f}{unit} / {d['p95']:.2f}{unit}"
+
+    rows = [["answers correct / sent", f"{r['answers_correct']} / {r['queries']}"],
+            ["errors", str(len(r["errors"]))],
+            ["throughput (concurrent phase)", f"{r['queries_per_s']:.2f} queries/s over {r['concurrent_wall_s']:.1f} s"],
+            ["latency per query p50 / p95", p(lat)],
+            ["session set-up (keygen + upload) p50 / p95", p(ss["keygen_plus_upload"])],
+            ["  of which keygen p50 / p95", p(ss["keygen"])],
+            ["  server set-up p50 / p95", p(ss["server_setup"])]]
+    if r["bytes_per_query"]:
+        rows.append(["bytes per query (up + down)", f"{r['bytes_per_query']:,.0f}"])
+    if r["session_key_bytes"]:
+        rows.append(["session keys per client", f"{r['session_key_bytes'] / 1e6:.1f} MB"])
+    rows.append(["peak RSS server", "-" if r["peak_rss_mb"]["server"] is None else
+                 f"{r['peak_rss_mb']['server']:,.0f} MB (idle {rss['server_idle']:,.0f} MB)"])
+    rows.append(["peak RSS clients (this process)", (f"{r['peak_rss_mb']['clients (this process)']:,.0f} MB "
+                                                     f"(before the clients {rss['clients_before_start']:,.0f} MB)")])
+    if cores["server"] is not None:
+        rows.append(["CPU cores used, concurrent phase", f"server {cores['server']:.2f}, clients {cores['clients']:.2f}"])
+    return table(f"HE inference under load: {r['clients']} concurrent clients x {r['queries_per_client']} encrypted "
+                 f"queries ({r['model']} on {r['dataset']}, mutual TLS)", ["", "value"], rows)
+
+
+@app.command("load")
+def load(
+    protocol: Annotated[str, typer.Option(help="What to load: secagg (coordinator + 3 compute parties), he (one HE inference server) or both.")] = "secagg",
+    clients: Annotated[int, typer.Option(min=2, help="secagg: concurrent clients (threads here, each with its own certificate).")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="secagg: rounds.")] = 3,
+    out: Annotated[Path, typer.Option(help="secagg: JSON result file.")] = Path("results/bench_load.json"),
+    he_clients: Annotated[int, typer.Option(min=1, help="he: concurrent clients (threads here, each with its own certificate, keys and session). Memory grows with it: at 50, ~7 GB in the server and ~7 GB here.")] = 50,
+    he_queries: Annotated[int, typer.Option(min=1, help="he: encrypted single-image queries per client, sent once every session is open.")] = 4,
+    he_out: Annotated[Path, typer.Option(help="he: JSON result file.")] = Path("results/bench_load_he.json"),
+):
+    """Many concurrent clients: against the coordinator and 3 compute parties (round times, throughput, peak RSS,
+    errors), and/or against one HE server (queries/s, latency, session set-up, every answer checked, peak RSS)."""
+    if protocol not in ("secagg", "he", "both"):
+        raise typer.BadParameter(f"--protocol must be secagg, he or both, not {protocol!r}")
+    from securecollab.bench.load import bench_he_load, bench_secagg_load
+    failed = False
+    if protocol in ("secagg", "both"):
+        result = bench_secagg_load(clients, rounds, out, log=console.print)
+        console.print(f"wrote {out}")
+        failed = bool(result["errors"])
+    if protocol in ("he", "both"):
+        r = bench_he_load(he_clients, he_queries, he_out, log=console.print)
+        print_table(_he_load_table(r))
+        for e in r["errors"][:10]:
+            console.print(f"error: {e}")
+        console.print(f"wrote {he_out}")
+        failed = failed or bool(r["errors"]) or r["answers_correct"] != r["queries"]
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("split")
+def split(
+    model: Annotated[str, typer.Option(help="Model: mlp, cnn or convnet.")] = "cnn",
+    cut: Annotated[Optional[str], typer.Option(help="Cut point (model default if unset).")] = None,
+    mode: Annotated[str, typer.Option(help="vanilla or ushaped.")] = "vanilla",
+    clients: Annotated[int, typer.Option(min=1, help="Client processes taking turns (hand-off between them).")] = 1,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed (median reported).")] = 5,
+    batch_size: BatchSize = 32, seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_split.json"),
+):
+    """One epoch of split learning across processes vs one epoch of centralized training; bytes vs payload."""
+    from securecollab.bench.split import bench_split
+    from securecollab.plans import SplitPlan
+    try:
+        plan = SplitPlan(model=model, cut=cut, mode=mode, num_clients=clients, epochs=epochs, batch_size=batch_size,
+                         seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    r = _measure(bench_split, plan, prefix="bench-split-", out=out)
+    c, s_ = r["centralized"], r["split"]
+    print_table(table(f"split learning overhead: {model}, {mode}, {clients} client(s), batch {batch_size}",
+                      ["", "epoch wall s (median)", "accuracy", "bytes / epoch"],
+                      [["centralized", f"{c['epoch_wall_s']:.3f}", f"{c['accuracy']:.3f}", "-"],
+                       ["split", f"{s_['epoch_wall_s']:.3f}", f"{s_['accuracy']:.3f}", f"{s_['bytes_per_epoch']:,.0f}"]]))
+    console.print(f"ratio.epoch_wall {r['ratio']['epoch_wall']:.2f}; bytes / raw activations+gradients(+labels) "
+                  f"{s_['bytes_ratio_to_payload']:.4f} (hand-off {s_['handoff_bytes_per_epoch']:,.0f} B/epoch); wrote {out}")
+
+
+@app.command("he")
+def he(
+    model: Annotated[str, typer.Option(help="Square-activation model served: convnet or mlp.")] = "convnet",
+    queries: Annotated[int, typer.Option(min=0, help="Single encrypted queries: the first N test images (0: all).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batched query (4096 fills every slot).")] = 4096,
+    batch_rounds: Annotated[int, typer.Option(min=1, help="Batches timed (median reported).")] = 2,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_he.json"),
+):
+    """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness."""
+    from securecollab.bench.he import bench_he
+    from securecollab.plans import HEModelPlan
+    r = _measure(bench_he, HEModelPlan(model=model, seed=seed), queries=queries, batch_size=batch_size,
+                 batch_rounds=batch_rounds, prefix="bench-he-", out=out)
+    he, st = r["he"], r["he"]["single"]["stages_s"]
+    print_table(table(f"HE inference: {model} on {r['dataset']} ({r['single_queries']} single queries, "
+                      f"batches of {batch_size})", ["", "latency s (1 query)", "bytes / query", "throughput img/s"],
+                      [["plain", f"{r['plain']['latency_s']:.4f}", f"{r['plain']['query_bytes']:,.0f}", "-"],
+                       ["HE (CKKS)", f"{he['latency_s']:.3f}", f"{he['query_bytes']:,.0f}",
+                        f"{he['throughput_per_s']:.0f}"]]))
+    console.print(f"stages per query: keygen {st['keygen']:.2f}s (once per session), encrypt {st['encrypt']:.4f}s, "
+                  f"network+server {st['network_and_server']:.3f}s (server {st['server']:.3f}s), "
+                  f"decrypt {st['decrypt']:.4f}s; session keys {he['session_key_bytes'] / 1e6:.1f} MB")
+    console.print(f"argmax agreement {he['argmax_agreement']:.4f}, max |logit error| {he['max_abs_logit_error']:.2e} "
+                  f"over the whole test set; accuracy plaintext {r['plaintext_accuracy']:.3f}, "
+                  f"HE {r['he_accuracy']:.3f}")
+    for name, acc in r["plaintext_accuracy_by_activation"].items():
+        console.print(f"plaintext accuracy {name}: x^2 {acc['square']:.3f} vs ReLU {acc['relu']:.3f}")
+    console.print(f"wrote {out}")

@@ -1,0 +1,80 @@
+"""`securecollab client fedavg|split|secagg`: one protocol client against running services."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from securecollab.cli.options import CertsDir, ServerName, Verbose, setup_logging, uses
+
+app = typer.Typer(help="Run one client of a protocol against running services.", no_args_is_help=True)
+
+
+@dataclass(frozen=True)
+class Client:
+    target: str
+    party_id: str
+    index: int
+    certs: Path
+    server_name: str | None
+    out: Path | None
+
+    def run(self, run_client, **options) -> None:
+        """Run one protocol client with its certificate and print its summary line."""
+        from securecollab.net.certs import TlsFiles
+        result = run_client(self.target, self.party_id, self.index, tls=TlsFiles.for_party(self.certs, self.party_id),
+                            server_name=self.server_name, out_dir=self.out, **options)
+        typer.echo(json.dumps({k: result[k] for k in ("client_id", "num_examples", "test_accuracy")}))
+
+
+def client_options(
+    target: Annotated[str, typer.Option(
+        help="Server address host:port (the aggregator, split server or coordinator).")],
+    party_id: Annotated[str, typer.Option("--id", help="Client id, e.g. client-0 (must match its certificate).")],
+    index: Annotated[int, typer.Option(min=0, help="Which data shard this client holds.")],
+    certs: CertsDir = Path("certs"),
+    server_name: ServerName = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write result, costs and transcript here (split: also the client-side weights).")] = None,
+    verbose: Verbose = False,
+) -> Client:
+    """Group: what every client takes (where the server is, who this client is, where to write)."""
+    setup_logging(verbose)
+    return Client(target, party_id, index, certs, server_name, out)
+
+
+@app.command("fedavg")
+@uses(client=client_options)
+def fedavg(client=None):
+    """Take part in plain FedAvg rounds until the aggregator says training is done."""
+    from services.fedavg_client import run_client
+    client.run(run_client)
+
+
+@app.command("split")
+@uses(client=client_options)
+def split(client=None):
+    """Train the layers up to the cut (and the head, U-shaped) on this client's data; only activations leave."""
+    from services.split_client import run_client
+    client.run(run_client)
+
+
+@app.command("secagg")
+@uses(client=client_options)
+def secagg(
+    client=None,
+    drop: Annotated[Optional[str], typer.Option(
+        help="Fault injection: vanish at before_upload, mid_upload, partial_upload or after_upload.")] = None,
+    drop_round: Annotated[int, typer.Option(help="Round in which --drop happens.")] = 0,
+    boost: Annotated[float, typer.Option(
+        help="Fault injection: multiply this client's update (a malicious client).")] = 1.0,
+):
+    """Take part in FedAvg over secure aggregation: each round's update leaves only as secret shares."""
+    from services.secagg_client import DROP_PHASES, run_client
+    if drop and drop not in DROP_PHASES:
+        raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
+    client.run(run_client, drop=drop, drop_round=drop_round, boost=boost)

@@ -1,0 +1,130 @@
+from securecollab.generated.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("model", "input_shape", "num_classes", "depth", "galois_steps", "min_slots", "input_encoding_json", "max_batch_size", "max_context_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    GALOIS_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ENCODING_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    depth: int
+    galois_steps: _containers.RepeatedScalarFieldContainer[int]
+    min_slots: int
+    input_encoding_json: str
+    max_batch_size: int
+    max_context_bytes: int
+    def __init__(self, model: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., depth: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., min_slots: _Optional[int] = ..., input_encoding_json: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context_bytes: _Optional[int] = ...) -> None: ...
+
+class SessionOptions(_message.Message):
+    __slots__ = ("batch_size",)
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    def __init__(self, batch_size: _Optional[int] = ...) -> None: ...
+
+class SessionPart(_message.Message):
+    __slots__ = ("options", "context")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    options: SessionOptions
+    context: _tensor_pb2.Chunk
+    def __init__(self, options: _Optional[_Union[SessionOptions, _Mapping]] = ..., context: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("session_id", "context_bytes", "slot_count", "setup_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SETUP_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    context_bytes: int
+    slot_count: int
+    setup_s: float
+    def __init__(self, session_id: _Optional[str] = ..., context_bytes: _Optional[int] = ..., slot_count: _Optional[int] = ..., setup_s: _Optional[float] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("session_id", "query_id", "ciphertext")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    query_id: int
+    ciphertext: bytes
+    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class InferReply(_message.Message):
+    __slots__ = ("query_id", "ciphertext", "server_s")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
+    query_id: int
+    ciphertext: bytes
+    server_s: float
+    def __init__(self, query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., server_s: _Optional[float] = ...) -> None: ...
+
+class BatchPart(_message.Message):
+    __slots__ = ("session_id", "query_id", "num_inputs", "index", "count", "ciphertext")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    query_id: int
+    num_inputs: int
+    index: int
+    count: int
+    ciphertext: bytes
+    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., num_inputs: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class BatchReply(_message.Message):
+    __slots__ = ("query_id", "ciphertexts", "server_s")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
+    query_id: int
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    server_s: float
+    def __init__(self, query_id: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., server_s: _Optional[float] = ...) -> None: ...
+
+class CloseRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlainRequest(_message.Message):
+    __slots__ = ("inputs",)
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _tensor_pb2.Tensor
+    def __init__(self, inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PlainReply(_message.Message):
+    __slots__ = ("logits", "server_s")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
+    logits: _tensor_pb2.Tensor
+    server_s: float
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., server_s: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,265 @@
+"""Plans: the public recipe of a protocol run (model, data, partition, schedule), as frozen dataclasses.
+
+A plan is what every party of a run is told (clients receive it when they
+join), so it is also public knowledge for the attacks. Plans share their
+common fields and their JSON form through two small bases; each protocol's
+plan adds only its own fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from securecollab.data import Dataset, load_dataset, partition
+from securecollab.models import UpdateVector, build_model, load_arrays, parameters_to_arrays
+from securecollab.training import TrainConfig, train_local
+
+
+class JsonPlan:
+    """JSON round trip for a (possibly nested) frozen dataclass plan."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        nested = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                  if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory, type)
+                  and issubclass(f.default_factory, JsonPlan)}
+        return cls(**{k: nested[k].from_dict(v) if k in nested else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class ModelPlan(JsonPlan):
+    """Which model is trained on which data, and how (the fields every plan has)."""
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    dataset_path: str | None = None
+    activation: str = "relu"
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 32
+    seed: int = 0
+
+    def load_data(self) -> Dataset:
+        return load_dataset(self.dataset, seed=self.seed, path=self.dataset_path)
+
+    def build_model(self, ds: Dataset | None = None):
+        """The plan's model, initialised from the seed."""
+        ds = ds or self.load_data()
+        return build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class ShardedPlan(ModelPlan):
+    """A plan whose training data is partitioned over `num_clients` clients."""
+
+    num_clients: int = 4
+    partition: str = "iid"
+    alpha: float = 0.5
+    record_transcripts: bool = True
+
+    def client_ids(self) -> list[str]:
+        return [f"client-{i}" for i in range(self.num_clients)]
+
+    def shard_indices(self, index: int, ds: Dataset | None = None) -> np.ndarray:
+        """Indices into the training split of the examples client `index` holds (a seeded partition)."""
+        ds = ds or self.load_data()
+        parts = partition(ds.y_train, self.num_clients, self.partition, seed=self.seed, alpha=self.alpha)
+        return np.sort(parts[index])
+
+
+@dataclass(frozen=True)
+class FedAvgPlan(ShardedPlan):
+    """Everything a FedAvg client needs to take part; sent to it in the Join reply."""
+
+    # Tuned so FedAvg over 4 IID clients matches centralized training of the
+    # same epochs on digits (both ~0.97).
+    rounds: int = 10
+    local_epochs: int = 3
+    # Benchmarks only: the "model" is one vector of this many floats and
+    # clients submit ready-made updates instead of training.
+    vector_length: int = 0
+    # Attack experiments: each client keeps only this many examples of its shard (0: all of it) and,
+    # with local_steps > 0, takes exactly that many mini-batch steps a round (FedSGD: batch 1, 1 step),
+    # going on through its batch order from round to round.
+    samples_per_client: int = 0
+    local_steps: int = 0
+    # DP-SGD local training (opacus) when dp_noise_multiplier > 0: per-example clipping to
+    # dp_max_grad_norm, Gaussian noise, Poisson-sampled batches; epsilon at dp_delta per client.
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+
+    def __post_init__(self):
+        if self.samples_per_client < 0 or self.local_steps < 0:
+            raise ValueError("samples_per_client and local_steps must be >= 0")
+        if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("DP-SGD needs dp_noise_multiplier >= 0, dp_max_grad_norm > 0 and 0 < dp_delta < 1")
+        if self.dp_noise_multiplier and self.local_steps:
+            raise ValueError("DP-SGD samples its batches (Poisson): it trains whole local epochs, not local_steps")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier > 0
+
+    def dp_epsilon(self, num_examples: int, rounds: int | None = None) -> float | None:
+        """A client's privacy loss after `rounds` rounds (default: all) of DP-SGD on `num_examples` examples."""
+        if not self.dp:
+            return None
+        from securecollab.dp import epsilon, sample_rate, steps_per_epoch
+        steps = (self.rounds if rounds is None else rounds) * self.local_epochs * steps_per_epoch(
+            num_examples, self.batch_size)
+        return epsilon(self.dp_noise_multiplier, sample_rate(num_examples, self.batch_size), steps, self.dp_delta)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size,
+                           momentum=self.momentum, seed=self.seed)
+
+    def shard_indices(self, index: int, ds: Dataset | None = None) -> np.ndarray:
+        idx = super().shard_indices(index, ds)
+        return idx[:self.samples_per_client] if self.samples_per_client else idx
+
+    def build_model(self, ds: Dataset | None = None):
+        if self.vector_length:
+            return UpdateVector(self.vector_length)
+        return super().build_model(ds)
+
+
+def client_shard(plan: FedAvgPlan, index: int, ds: Dataset | None = None) -> np.ndarray:
+    """Indices into the training split of the examples FedAvg client `index` holds."""
+    return plan.shard_indices(index, ds)
+
+
+def client_data(plan: FedAvgPlan, index: int):
+    """The data set and the training shard client `index` holds."""
+    ds = plan.load_data()
+    idx = client_shard(plan, index, ds)
+    return ds, ds.x_train[idx], ds.y_train[idx]
+
+
+@dataclass(frozen=True)
+class SecAggPlan(JsonPlan):
+    """How rounds are secured; the training itself is the FedAvg plan's."""
+
+    training: FedAvgPlan = field(default_factory=FedAvgPlan)
+    n_parties: int = 3
+    seed_compression: bool = True
+    min_clients: int = 2
+    upload_deadline_s: float = 120.0
+    norm_bound: float = 0.0   # 0: no bound; otherwise reject updates with a larger L2 norm, inside MPC
+    dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
+    max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
+    party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
+
+    @property
+    def needs_dealer(self) -> bool:
+        # Sums are local; norms need multiplications, hence Beaver triples from a dealer.
+        return self.norm_bound > 0
+
+
+SPLIT_MODES = ("vanilla", "ushaped")
+CLIENT_WEIGHTS = ("handoff", "per_client")
+
+
+@dataclass(frozen=True)
+class SplitPlan(ShardedPlan):
+    """Split learning: where the model is cut, who holds the labels, and the client-side defences."""
+
+    num_clients: int = 2
+    epochs: int = 30
+    cut: str | None = None           # bottom | top; default: the model's default cut
+    mode: str = "vanilla"
+    head_cut: str | None = None      # U-shaped: middle | head; default: the last cut after `cut`
+    client_weights: str = "handoff"
+    noise_sigma: float = 0.0         # Gaussian noise on the activations sent
+    nopeek_alpha: float = 0.0        # weight of the distance-correlation penalty
+
+    def __post_init__(self):
+        if self.mode not in SPLIT_MODES:
+            raise ValueError(f"mode must be one of {SPLIT_MODES}, got {self.mode!r}")
+        if self.client_weights not in CLIENT_WEIGHTS:
+            raise ValueError(f"client_weights must be one of {CLIENT_WEIGHTS}, got {self.client_weights!r}")
+        if self.noise_sigma < 0 or self.nopeek_alpha < 0:
+            raise ValueError("noise_sigma and nopeek_alpha must be >= 0")
+
+    @property
+    def hands_off(self) -> bool:
+        """Client-side weights pass between clients (a single client simply keeps them)."""
+        return self.client_weights == "handoff" and self.num_clients > 1
+
+    def parts(self, model):
+        """(bottom, server part, head or None) sharing ``model``'s modules."""
+        from torch import nn
+        cut = self.cut or model.default_cut
+        if cut not in model.cut_points:
+            raise ValueError(f"unknown cut {cut!r}; choose one of {', '.join(model.cut_points)}")
+        layers = list(model.children())
+        i = model.cut_points[cut]
+        if self.mode == "vanilla":
+            return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:]), None
+        later = [name for name, j in model.cut_points.items() if j > i]
+        head_cut = self.head_cut or (max(later, key=model.cut_points.get) if later else None)
+        if head_cut is None or model.cut_points.get(head_cut, -1) <= i:
+            raise ValueError(f"U-shaped mode needs a head cut after {cut!r}; choose one of {later or 'none'}")
+        j = model.cut_points[head_cut]
+        return nn.Sequential(*layers[:i]), nn.Sequential(*layers[i:j]), nn.Sequential(*layers[j:])
+
+    def shard(self, index: int, ds: Dataset | None = None):
+        """(x, y) of client ``index``: a seeded partition of the training set, in index order."""
+        ds = ds or self.load_data()
+        idx = self.shard_indices(index, ds)
+        return ds.x_train[idx], ds.y_train[idx]
+
+
+def split_plan_of(plan: FedAvgPlan, **overrides) -> SplitPlan:
+    """The split-learning plan matching a FedAvg plan: same model, data, seed and total epochs."""
+    return SplitPlan(**{"model": plan.model, "dataset": plan.dataset, "dataset_path": plan.dataset_path,
+                        "activation": plan.activation, "num_clients": plan.num_clients,
+                        "epochs": plan.rounds * plan.local_epochs, "lr": plan.lr, "momentum": plan.momentum,
+                        "batch_size": plan.batch_size, "seed": plan.seed, "partition": plan.partition,
+                        "alpha": plan.alpha, **overrides})
+
+
+@dataclass(frozen=True)
+class HEModelPlan(ModelPlan):
+    """Which model the HE server serves and how it is trained (square activations keep it polynomial)."""
+
+    model: str = "convnet"
+    activation: str = "square"
+    # x^2 networks diverge at the ReLU models' lr 0.1; 0.01 and 30 epochs reach ~0.98 on digits.
+    lr: float = 0.01
+    epochs: int = 30
+
+    def train(self, ds: Dataset | None = None):
+        """(model, dataset): trained in plaintext, deterministically from the seed."""
+        ds = ds or self.load_data()
+        model = self.build_model(ds)
+        train_local(model, ds.x_train, ds.y_train, TrainConfig(
+            epochs=self.epochs, lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, seed=self.seed))
+        if not all(np.isfinite(a).all() for _, a in parameters_to_arrays(model)):
+            raise ValueError("training diverged (non-finite weights); lower the learning rate")
+        return model, ds
+
+    def load(self, weights: Path, ds: Dataset | None = None):
+        """(model, dataset) with weights from an .npz (numpy only, no pickle)."""
+        ds = ds or self.load_data()
+        model = self.build_model(ds)
+        with np.load(weights, allow_pickle=False) as f:
+            load_arrays(model, [(k, f[k]) for k in f.files])
+        return model, ds
+
+
+def save_weights(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **dict(parameters_to_arrays(model)))

@@ -1,0 +1,32 @@
+"""Update vectors: what a secure-aggregation client secret-shares, and how the revealed sum moves the model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from securecollab.errors import TooFewClients
+
+
+def update_vector(params, global_params) -> np.ndarray:
+    """What a client secret-shares: its model delta, then a 1 that counts it.
+
+    Deltas are averaged uniformly over the included clients (the count is
+    itself shared, so the coordinator learns only how many were included).
+    Weighting by example counts would scale a vector by ~n and push honest
+    norms past what the in-MPC norm check can handle (securecollab.secagg.mpc).
+    """
+    delta = [(p.astype(np.float64) - g).ravel() for (_, p), (_, g) in zip(params, global_params)]
+    return np.concatenate([*delta, [1.0]])
+
+
+def apply_aggregate(global_params, aggregate: np.ndarray):
+    """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count."""
+    count = round(float(aggregate[-1]))
+    if count < 1:  # every update failed the norm bound
+        raise TooFewClients(f"the aggregate counts {aggregate[-1]:.3f} clients: no update was accepted")
+    out, offset = [], 0
+    for name, g in global_params:
+        step = aggregate[offset:offset + g.size].reshape(g.shape) / count
+        out.append((name, (g + step).astype(np.float32)))
+        offset += g.size
+    return out
