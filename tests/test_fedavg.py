@@ -15,6 +15,7 @@ from securecollab.net.wire import encode_named
 from securecollab.plans import FedAvgPlan, client_data
 from securecollab.protocols.fedavg import FedAvgRounds, local_update
 from securecollab.runs import run_protocol
+from securecollab.training import one_thread
 from securecollab.transcript import load_transcript
 from services.fedavg_aggregator import serve
 
@@ -150,7 +151,8 @@ def test_aggregator_transcript_holds_each_update_as_sent(fedavg_run):
         for rec in received.of_kind("global_model"):
             if rec.meta["done"]:
                 continue
-            sent = local_update(model, plan, rec.round, list(rec.tensors.items()), x, y, i)
+            with one_thread():  # as the client processes run (OMP_NUM_THREADS=1): same summation order
+                sent = local_update(model, plan, rec.round, list(rec.tensors.items()), x, y, i)
             got = updates[(cid, rec.round)]
             assert got.meta["num_examples"] == len(x)
             for name, value in sent:
