@@ -51,7 +51,7 @@ from attacks.observed import as_dict, client_updates, global_params_at, gradient
 from attacks.registry import attack, row
 from securecollab.data import Dataset
 from securecollab.models import parameters_to_arrays
-from securecollab.plans import FedAvgPlan, SecAggPlan, client_shard
+from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.training import step_batches
 from securecollab.transcript import Kind, Transcript, load_transcript
 from securecollab.updates import apply_aggregate
@@ -75,7 +75,7 @@ def local_training(plan: FedAvgPlan, index: int, round_: int) -> LocalTraining:
 
 def images_used(plan: FedAvgPlan, index: int, round_: int) -> np.ndarray:
     """Training-split indices of the examples client ``index`` trained on in ``round_`` (scoring only)."""
-    shard = client_shard(plan, index)
+    shard = plan.shard_indices(index)
     if plan.local_steps:
         steps = step_batches(len(shard), plan.batch_size, plan.seed * 1000 + index,
                              round_ * plan.local_steps, plan.local_steps)

@@ -153,8 +153,9 @@ def run_experiments(names: Iterable[str], out: Path, *, quick: bool = True, seed
 
 def sweep(name: str, out: Path, *, quick: bool = True, seed: int = 0, progress: Progress = _quiet) -> tuple[list[dict], Path]:
     """One experiment alone, into ``out/NAME`` (its own runs); writes and returns its rows and rows.json's path."""
-    if name not in experiment_order():
-        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(sorted(experiment_order()))}")
+    known = experiment_order()
+    if name not in known:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(sorted(known))}")
     target = Path(out) / name
     rows = _experiment(name, target, name, "", quick=quick, seed=seed, runs=None, progress=progress)
     (target / "rows.json").write_text(json.dumps(rows, indent=1))

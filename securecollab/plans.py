@@ -8,12 +8,12 @@ plan adds only its own fields.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from securecollab.data import Dataset, load_dataset, partition
 from securecollab.models import UpdateVector, build_model, load_arrays, parameters_to_arrays
@@ -21,7 +21,7 @@ from securecollab.training import TrainConfig, train_local
 
 
 class JsonPlan:
-    """JSON round trip for a (possibly nested) frozen dataclass plan."""
+    """JSON round trip for a frozen dataclass plan."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -32,10 +32,7 @@ class JsonPlan:
 
     @classmethod
     def from_dict(cls, d: dict):
-        nested = {f.name: f.default_factory for f in dataclasses.fields(cls)
-                  if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory, type)
-                  and issubclass(f.default_factory, JsonPlan)}
-        return cls(**{k: nested[k].from_dict(v) if k in nested else v for k, v in d.items()})
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -136,15 +133,10 @@ class FedAvgPlan(ShardedPlan):
         return super().build_model(ds)
 
 
-def client_shard(plan: FedAvgPlan, index: int, ds: Dataset | None = None) -> np.ndarray:
-    """Indices into the training split of the examples FedAvg client `index` holds."""
-    return plan.shard_indices(index, ds)
-
-
 def client_data(plan: FedAvgPlan, index: int):
     """The data set and the training shard client `index` holds."""
     ds = plan.load_data()
-    idx = client_shard(plan, index, ds)
+    idx = plan.shard_indices(index, ds)
     return ds, ds.x_train[idx], ds.y_train[idx]
 
 
@@ -161,6 +153,10 @@ class SecAggPlan(JsonPlan):
     dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
     max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
     party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SecAggPlan:
+        return cls(**{**d, "training": FedAvgPlan.from_dict(d["training"])})
 
     @property
     def needs_dealer(self) -> bool:
@@ -200,7 +196,6 @@ class SplitPlan(ShardedPlan):
 
     def parts(self, model):
         """(bottom, server part, head or None) sharing ``model``'s modules."""
-        from torch import nn
         cut = self.cut or model.default_cut
         if cut not in model.cut_points:
             raise ValueError(f"unknown cut {cut!r}; choose one of {', '.join(model.cut_points)}")

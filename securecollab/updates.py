@@ -13,7 +13,7 @@ def update_vector(params, global_params) -> np.ndarray:
     Deltas are averaged uniformly over the included clients (the count is
     itself shared, so the coordinator learns only how many were included).
     Weighting by example counts would scale a vector by ~n and push honest
-    norms past what the in-MPC norm check can handle (securecollab.secagg.mpc).
+    norms past what the in-MPC norm check can handle (securecollab.aggregation.norm_bound).
     """
     delta = [(p.astype(np.float64) - g).ravel() for (_, p), (_, g) in zip(params, global_params)]
     return np.concatenate([*delta, [1.0]])

@@ -48,8 +48,8 @@ class FedAvgRounds(RoundState):
 
     def _aggregate(self) -> None:
         weights = np.array([n for n, _ in self._pending.values()], dtype=np.float64)
-        updates = [update_vector([(name, dict(p)[name]) for name, _ in self.params], self.params)
-                   for _, p in self._pending.values()]
+        sent = [dict(p) for _, p in self._pending.values()]
+        updates = [update_vector([(name, s[name]) for name, _ in self.params], self.params) for s in sent]
         self._pending.clear()
         self._advance(apply_aggregate(self.params, self.rule.clear(updates, weights)))
 

@@ -119,9 +119,8 @@ def _run_costs(client, t0: float, c0: float, server_rss_mb: float) -> dict:
 @register("he_inference")
 def run_he(plan, out_dir: Path, **_) -> dict:
     """Encrypted inference (CKKS) of the test set by an HE server process, beside its plain inference API."""
-    from securecollab.data import load_dataset
     from securecollab.plans import HEModelPlan
 
-    images = len(load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path).input_shape) == 3
+    images = len(plan.load_data().input_shape) == 3
     return run_he_inference(HEModelPlan(model="convnet" if images else "mlp", dataset=plan.dataset,
                                         dataset_path=plan.dataset_path, seed=plan.seed), out_dir)

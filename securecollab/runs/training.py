@@ -26,12 +26,11 @@ def run_centralized(plan: FedAvgPlan, out_dir: Path, **_) -> dict:
 
 
 def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
-    from securecollab.data import load_dataset
     from securecollab.net.costs import CostMeter
     from securecollab.training import TrainConfig, accuracy, train_local
 
     meter = CostMeter("centralized")
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    ds = plan.load_data()
     model = plan.build_model(ds)
     cfg = TrainConfig(epochs=plan.rounds * plan.local_epochs, lr=plan.lr, batch_size=plan.batch_size,
                       momentum=plan.momentum, seed=plan.seed)
@@ -54,7 +53,6 @@ def start_aggregator(group: ProcessGroup, plan: FedAvgPlan, certs: Path, out_dir
 @register("fedavg")
 def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     """Plain FedAvg over gRPC (mutual TLS): an aggregator process and one process per client."""
-    from securecollab.data import load_dataset
     from securecollab.training import accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +67,7 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     wall = time.perf_counter() - t0
     client_costs = [json.loads((out_dir / f"result_{c}.json").read_text())["costs"] for c in clients]
     agg_costs = json.loads((out_dir / "costs_aggregator.json").read_text())
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    ds = plan.load_data()
     model = plan.build_model(ds)
     with np.load(out_dir / "fedavg_model.npz", allow_pickle=False) as f:
         load_arrays(model, [(k, f[k]) for k in f.files])
@@ -160,7 +158,6 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
     """FedAvg over secure aggregation: coordinator, compute parties, (dealer), clients, each its own process.
 
     Fault injection: `drops` maps a client id to (phase, round); `boosts` to a factor on its update."""
-    from securecollab.data import load_dataset
     from securecollab.plans import SecAggPlan
     from securecollab.training import accuracy
 
@@ -183,7 +180,7 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
     client_costs = [json.loads((out_dir / f"result_{c}.json").read_text())["costs"]
                     for c in clients if (out_dir / f"result_{c}.json").exists()]
     coord_costs = json.loads((out_dir / "costs_coordinator.json").read_text())
-    ds = load_dataset(plan.dataset, seed=plan.seed, path=plan.dataset_path)
+    ds = plan.load_data()
     model = plan.build_model(ds)
     with np.load(out_dir / "secagg_model.npz", allow_pickle=False) as f:
         load_arrays(model, [(k, f[k]) for k in f.files])

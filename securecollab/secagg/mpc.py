@@ -3,11 +3,11 @@
 Each compute party holds, for every client of a round, one additive share of
 that client's update: int64 in CrypTen's fixed-point encoding (scale 2^16,
 ring Z_2^64). :func:`aggregate_round` turns those shares into MPCTensors
-without re-encoding, computes the (optionally norm-bounded, optionally
-noised) sum, and returns only this party's share of the result. Nothing is
-revealed here: not the updates, not their norms, not which clients passed.
+without re-encoding, computes an aggregation rule on them, and returns only
+this party's share of the result. Nothing is revealed here: not the updates,
+not their norms, not which clients passed.
 
-Worlds. ``n`` compute parties take ranks ``0..n-1``. When the spec needs
+Worlds. ``n`` compute parties take ranks ``0..n-1``. When the rule needs
 multiplications (a norm bound), Beaver triples come from a separate dealer
 process running CrypTen's ``TTPServer`` (provider "TTP"), never from
 CrypTen's default trusted-first-party provider, in which party 0 would know
