@@ -16,7 +16,6 @@ data. Ground-truth images are looked up only to score the reconstructions.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,15 +109,48 @@ class AdversaryView:
     ds: Dataset
     model: nn.Module                       # the architecture; its own weights are not used
     initial: list[tuple[str, np.ndarray]]  # the global model of round 0
+    secagg: SecAggPlan | None = None       # the coordinator's: how rounds were secured
 
 
 def load_view(run_dir: Path, party: str) -> AdversaryView:
     """The view of ``party`` (:data:`AGGREGATOR` or :data:`COORDINATOR`) from its transcript in ``run_dir``."""
     transcript = load_transcript(Path(run_dir) / "transcripts" / f"{party}.jsonl")
-    plan = _plan_from(transcript, SecAggPlan).training if party == COORDINATOR else \
-        _plan_from(transcript, FedAvgPlan)
+    secagg = _plan_from(transcript, SecAggPlan) if party == COORDINATOR else None
+    plan = secagg.training if secagg else _plan_from(transcript, FedAvgPlan)
     ds = plan.load_data()
-    return AdversaryView(transcript, plan, ds, plan.build_model(ds), parameters_to_arrays(plan.build_model(ds)))
+    return AdversaryView(transcript, plan, ds, plan.build_model(ds), parameters_to_arrays(plan.build_model(ds)),
+                         secagg)
+
+
+# What the optimizer assumes of an image beyond fitting the observation: total variation (smoothness).
+PRIOR = "tv"
+
+
+def local_steps_of(plan: FedAvgPlan, num_examples: int) -> int:
+    """SGD steps one client took in a round on ``num_examples`` examples (DP-SGD's Poisson batches count as
+    many steps as plain batches would)."""
+    return plan.local_steps or local_training(plan, 0, 0).num_steps(num_examples)
+
+
+def defence_of(view: AdversaryView) -> str:
+    """The defences the observed updates went through, as the plan that the adversary holds declares them."""
+    plan, secagg, parts = view.plan, view.secagg, []
+    if plan.dp:
+        parts.append(f"dp_sgd(noise={plan.dp_noise_multiplier:g},clip={plan.dp_max_grad_norm:g})")
+    if secagg and secagg.norm_bound:
+        parts.append(f"norm_bound({secagg.norm_bound:g})")
+    if secagg and secagg.dp_sigma:
+        parts.append(f"mpc_dp_noise({secagg.dp_sigma:g})")
+    return "+".join(parts) or "none"
+
+
+def observation_fields(observed: list[tuple[int, int]]) -> dict:
+    """``samples_per_update`` and ``local_steps`` of a row's observations, which must all agree: a row
+    describes one kind of observation."""
+    if len(set(observed)) != 1:
+        raise ValueError(f"a row's observations differ in (samples, local steps): {sorted(set(observed))}")
+    samples, steps = observed[0]
+    return {"samples_per_update": int(samples), "local_steps": int(steps)}
 
 
 def observed_updates(view: AdversaryView):
@@ -187,30 +219,25 @@ def gradient_inversion(run_dir: Path, *, quick: bool = False, iterations: int | 
 
 
 def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
-                      max_observations: int | None = None, regime: str = "") -> list[dict]:
+                      max_observations: int | None = None) -> list[dict]:
     """Invert each client's update alone (N = 1): what plain FedAvg shows its aggregator."""
     view = load_view(run_dir, AGGREGATOR)
     plan, ds, model = view.plan, view.ds, view.model
     config = _config(quick, iterations)
-    scores, observations = [], 0
+    scores, observed = [], []
     for round_, sender, global_params, new in observed_updates(view):
-        if max_observations is not None and observations >= max_observations:
+        if max_observations is not None and len(scores) >= max_observations:
             continue  # past the budget: the remaining updates are skipped
         index = client_index(sender)
         truth = images_used(plan, index, round_)
-        training = local_training(plan, index, round_)
-        if plan.local_steps:
-            training = dataclasses.replace(training, batch_size=plan.batch_size)
-        inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth),
-                            ds.input_shape, ds.num_classes, training, auxiliary_images=ds.x_test, config=config)
+        inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth), ds.input_shape,
+                            ds.num_classes, local_training(plan, index, round_), auxiliary_images=ds.x_test,
+                            config=config)
         scores.append(_score(inv.images, inv.labels, truth, ds, plan))
-        observations += 1
-    return [_row("fedavg", AGGREGATOR, scores, plan, n_clients=1, regime=regime or _regime(plan),
-                 observations=observations, iterations=config.iterations)]
-
-
-def _regime(plan: FedAvgPlan) -> str:
-    return "fedsgd" if plan.local_steps == 1 and plan.batch_size == 1 else "fedavg"
+        observed.append((len(truth), local_steps_of(plan, len(truth))))
+    return [_row("fedavg", AGGREGATOR, scores, plan, n_clients=1, observations=len(scores),
+                 iterations=config.iterations, **observation_fields(observed), defence=defence_of(view),
+                 prior=PRIOR)]
 
 
 def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **params) -> dict:
@@ -225,26 +252,33 @@ def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **
 def analytic_fc(run_dir: Path, **_) -> list[dict]:
     view = load_view(run_dir, AGGREGATOR)
     plan, ds, model = view.plan, view.ds, view.model
-    recon, truth = [], []
+    recon, truth, observed = [], [], []
     for round_, sender, global_params, new in observed_updates(view):
         used = images_used(plan, client_index(sender), round_)
         if len(used) != 1:
             continue  # the closed form needs one image per update
         recon.append(analytic_fc_attack(model, list(global_params.items()), list(new.items()), ds.input_shape))
         truth.append(used[0])
+        observed.append((1, local_steps_of(plan, 1)))
     if not recon:
         raise ValueError("no one-image update in this transcript: the analytic attack needs batch-1 updates")
     truth = np.array(truth)
     s = score_with_baselines(np.stack(recon), ds.x_train[truth], ds.x_test, pool=ds.x_train,
                              source_indices=truth, match=False)
     err = float(np.max(np.abs(np.stack(recon) - ds.x_train[truth])))
-    return [row("analytic_fc", "fedavg", "aggregator", {**_metrics_of(s["metrics"]), "max_abs_error": err,
-                                                      "images": len(truth), "n_clients": 1},
-                _metrics_of(s["baseline"]))]
+    return [row("analytic_fc", "fedavg", "aggregator",
+                {**_metrics_of(s["metrics"], len(truth)), "max_abs_error": err, "images": len(truth),
+                 "observations": len(truth), "n_clients": 1, **observation_fields(observed),
+                 "defence": defence_of(view)},
+                _metrics_of(s["baseline"], len(truth)))]
 
 
-def _metrics_of(score: dict) -> dict:
-    return {k: v for k, v in score.items() if isinstance(v, (int, float))}
+def _metrics_of(score: dict, n: int) -> dict:
+    """The numbers of a score, with the 95% interval of its re-identification rate over ``n`` images."""
+    out = {k: v for k, v in score.items() if isinstance(v, (int, float))}
+    if "reid_rate" in out:
+        out["reid_rate_ci"] = list(rate_ci(round(out["reid_rate"] * n), n))
+    return out
 
 
 # -- secure aggregation: the coordinator's view --------------------------------------------------------
@@ -305,12 +339,13 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
 
 
 def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
-                      max_observations: int | None = None, regime: str = "") -> list[dict]:
+                      max_observations: int | None = None) -> list[dict]:
     """One row per number of included clients N: the revealed aggregates of N clients, inverted."""
     view = load_view(run_dir, COORDINATOR)
     plan, ds, model, params = view.plan, view.ds, view.model, view.initial
     config = _config(quick, iterations)
     by_n: dict[int, list[dict]] = {}
+    observed: dict[int, list[tuple[int, int]]] = {}
     seen: set[int] = set()
     observations = 0
     for rec in view.transcript.of_kind(Kind.AGGREGATE):
@@ -320,13 +355,19 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
         included = list(rec.meta["included"])
         aggregate = rec.tensors["aggregate"]
         if max_observations is None or observations < max_observations:
-            truth = np.concatenate([images_used(plan, client_index(c), rec.round) for c in included])
+            used = [images_used(plan, client_index(c), rec.round) for c in included]
+            truth = np.concatenate(used)
             inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config)
             by_n.setdefault(len(included), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            steps = {local_steps_of(plan, len(u)) for u in used}
+            if len(steps) != 1:
+                raise ValueError(f"round {rec.round}: included clients took different numbers of steps {steps}")
+            observed.setdefault(len(included), []).append((len(truth), steps.pop()))
             observations += 1
         params = apply_aggregate(params, aggregate)
-    return [_row("secagg", COORDINATOR, scores, plan, n_clients=n, regime=regime or _regime(plan),
-                 observations=len(scores), iterations=config.iterations)
+    return [_row("secagg", COORDINATOR, scores, plan, n_clients=n, observations=len(scores),
+                 iterations=config.iterations, **observation_fields(observed[n]), defence=defence_of(view),
+                 prior=PRIOR)
             for n, scores in sorted(by_n.items())]
 
 

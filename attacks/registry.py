@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from securecollab.vocabulary import regime_of
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -55,9 +57,17 @@ def discover() -> None:
 
 
 def row(attack: str, protocol: str, adversary: str, metrics: dict, baseline: dict, **extra) -> dict:
-    """One scorecard row; ``extra`` (e.g. ``figure``, ``notes``) rides along."""
+    """One scorecard row; ``extra`` (e.g. ``figure``, ``notes``) rides along.
+
+    A row that says how many local steps its observed updates took gets its ``regime`` from them here
+    (:func:`securecollab.vocabulary.regime_of`); nobody sets a regime by hand."""
+    metrics = dict(metrics)
+    if "regime" in metrics:
+        raise ValueError("a row's regime is derived from its local_steps, not given")
+    if "local_steps" in metrics:
+        metrics["regime"] = regime_of(metrics["local_steps"])
     return {"attack": attack, "protocol": protocol, "adversary": adversary,
-            "metrics": dict(metrics), "baseline": dict(baseline), **extra}
+            "metrics": metrics, "baseline": dict(baseline), **extra}
 
 
 def run_attack(name: str, run_dir: Path, **options) -> list[dict]:

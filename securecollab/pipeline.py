@@ -144,6 +144,7 @@ def run_experiments(names: Iterable[str], out: Path, *, quick: bool = True, seed
                            "traceback": traceback.format_exc(limit=5)})
             continue
         for r in got:
+            r.setdefault("experiment", name)  # which sweep measured it: two sweeps may share a setting
             if r.get("figure"):
                 r["figure"] = str((target / r["figure"]).relative_to(out))
         rows += got

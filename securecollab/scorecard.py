@@ -66,9 +66,10 @@ ATTACK_HEADERS = ["attack", "protocol", "adversary", "setting", "result", "basel
 # Shown in the table (all metrics are in scorecard.json), in this order when present.
 MAIN_METRICS = ("psnr_db", "ssim", "reid_rate", "label_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr",
                 "fidelity", "max_abs_error")
-SETTINGS = (("n_clients", "N={}"), ("regime", "{}"), ("setting", "{}"), ("cut", "cut {}"), ("head_cut", "head {}"),
+SETTINGS = (("n_clients", "N={}"), ("regime", "{}"), ("samples_per_update", "{} samples/update"),
+            ("local_steps", "{} local steps"), ("setting", "{}"), ("cut", "cut {}"), ("head_cut", "head {}"),
             ("mode", "{}"), ("defence", "defence {}"), ("noise_multiplier", "σ={:g}"), ("epsilon", "ε={:.3g}"),
-            ("method", "{}"), ("score", "{} score"), ("variant", "{}"), ("target", "{}"), ("model", "{}"),
+            ("prior", "prior {}"), ("method", "{}"), ("score", "{} score"), ("variant", "{}"), ("target", "{}"), ("model", "{}"),
             ("logits", "{} logits"), ("output", "{} output"), ("source", "{} inputs"), ("queries", "{} queries"),
             ("images", "{} images"))
 SHORT = {"psnr_db": "PSNR", "ssim": "SSIM", "reid_rate": "re-id", "label_accuracy": "label acc",

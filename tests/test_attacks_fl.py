@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from attacks.fl_inversion import images_used, invert_aggregate, local_training
 from attacks.gradient_inversion import InversionConfig
 from attacks.registry import run_attack
-from experiments.gradient_inversion import dropout_schedule, fedsgd_plan
+from experiments.dp import dp_plan
+from experiments.gradient_inversion import dropout_schedule, fedavg_plan, fedsgd_plan
 from securecollab.cli import app
 from securecollab.data import load_dataset
 from securecollab.models import parameters_to_arrays
@@ -18,6 +19,7 @@ from securecollab.plans import FedAvgPlan, client_data
 from securecollab.protocols.fedavg import local_update
 from securecollab.scorecard import attack_cells, to_markdown
 from securecollab.transcript import Kind, TranscriptRecorder
+from securecollab.vocabulary import row_problems
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,9 @@ def test_analytic_and_optimization_attacks_on_a_real_aggregator_transcript(fedsg
     (gi,) = run_attack("gradient_inversion", run_dir, iterations=120)
     m, b = gi["metrics"], gi["baseline"]
     assert m["n_clients"] == 1 and m["images"] == 6 and m["regime"] == "fedsgd"
+    assert (m["samples_per_update"], m["local_steps"], m["defence"], m["prior"]) == (1, 1, "none", "tv")
+    assert (fc["metrics"]["samples_per_update"], fc["metrics"]["local_steps"]) == (1, 1)
+    assert row_problems([fc, gi]) == []
     assert m["psnr_db"] > 25 and m["label_accuracy"] == 1.0 and m["reid_rate"] == 1.0
     assert b["psnr_db"] < 15 and b["reid_rate"] < 0.5
     # the CLI runs the same attack on the saved run and writes the rows
@@ -80,6 +85,31 @@ def test_control_random_updates_in_the_transcript_score_at_baseline(fedsgd_run, 
     (gi,) = run_attack("gradient_inversion", fake, iterations=60)
     assert gi["metrics"]["psnr_db"] < gi["baseline"]["psnr_db"] + 3
     assert gi["metrics"]["reid_rate"] <= 0.5
+
+
+def with_plan(run_dir, plan, out):
+    """The aggregator's transcript of ``run_dir`` as if it had written ``plan``: only the labels are under test."""
+    from securecollab.transcript import load_transcript
+    rec = TranscriptRecorder(out / "transcripts" / "aggregator.jsonl", party="aggregator", role="aggregator")
+    for r in load_transcript(run_dir / "transcripts" / "aggregator.jsonl").records:
+        meta = {**r.meta, "plan": json.loads(plan.to_json())} if r.kind == Kind.PLAN else r.meta
+        rec.record(r.kind, round=r.round, sender=r.sender, meta=meta, tensors=r.tensors)
+    return out
+
+
+@pytest.mark.parametrize("plan, want", [
+    # one DP-SGD step on one image (the DP sweep): FedSGD, whatever the plan calls its local training
+    (dp_plan(0.03, 3, seed=0), (1, 1, "fedsgd", "dp_sgd(noise=0.03,clip=1)")),
+    (dp_plan(0.0, 3, seed=0), (1, 1, "fedsgd", "none")),
+    # 32 images in batches of 8, one epoch: four local steps
+    (fedavg_plan(2, 3, seed=0), (32, 4, "fedavg", "none")),
+])
+def test_rows_say_what_each_observed_update_aggregated(fedsgd_run, tmp_path, plan, want):
+    from attacks.fl_inversion import invert_fedavg_run
+    (gi,) = invert_fedavg_run(with_plan(fedsgd_run[0], plan, tmp_path), iterations=2, max_observations=1)
+    m = gi["metrics"]
+    assert (m["samples_per_update"], m["local_steps"], m["regime"], m["defence"]) == want
+    assert m["images"] == m["samples_per_update"] * m["observations"] and row_problems([gi]) == []
 
 
 def test_aggregate_of_two_fedsgd_updates_is_inverted_and_a_random_aggregate_is_not():
