@@ -140,6 +140,9 @@ def client_data(plan: FedAvgPlan, index: int):
     return ds, ds.x_train[idx], ds.y_train[idx]
 
 
+MPC_TRANSPORTS = ("grpc", "gloo")
+
+
 @dataclass(frozen=True)
 class SecAggPlan(JsonPlan):
     """How rounds are secured; the training itself is the FedAvg plan's."""
@@ -153,6 +156,13 @@ class SecAggPlan(JsonPlan):
     dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
     max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
     party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
+    # grpc: the parties' MPC over mutual TLS. gloo: CrypTen's plaintext torch.distributed world, INSECURE
+    # (anyone on the link sees the opened values; anyone reaching the rendezvous can join): comparison only.
+    mpc_transport: str = "grpc"
+
+    def __post_init__(self):
+        if self.mpc_transport not in MPC_TRANSPORTS:
+            raise ValueError(f"mpc_transport must be one of {MPC_TRANSPORTS}, not {self.mpc_transport!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> SecAggPlan:

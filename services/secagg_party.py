@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -23,7 +24,8 @@ from securecollab.net.transport import make_server
 from securecollab.net.wire import WireError, assemble_chunks, iter_chunks
 from securecollab.plans import SecAggPlan
 from securecollab.protocols.secagg import ShareStore
-from securecollab.secagg.mpc import aggregate_round, setup_party, shutdown
+from securecollab.secagg.mpc import aggregate_round, mpc_stats, setup_party, setup_party_grpc, shutdown
+from securecollab.secagg.mpc_net import MpcError, start_endpoint
 from securecollab.secagg.sharing import SEED_BYTES, Share
 from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import require_role, rpc_errors, write_port_file
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["ComputeParty"].full_name
 MAX_SHARE_LENGTH = 1 << 27  # 1 GiB of int64
 EXIT_REJOIN = 75  # EX_TEMPFAIL: "start me again"
+_mpc_endpoint = None
 
 
 class ComputePartyServicer(pb_grpc.ComputePartyServicer):
@@ -122,9 +125,34 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         return pb.RejoinReply(rejoining=True)
 
 
-def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_port: int,
+def join_grpc_world(plan: SecAggPlan, index: int, tls: TlsFiles, peers: list[str] | None, dealer: str | None,
+                    host: str, meter: CostMeter) -> str:
+    """Serve this party's MPC endpoint and form the world over it; a party that cannot (a peer or the
+    dealer missing or refusing) exits asking to be started again."""
+    if not peers or len(peers) != plan.n_parties:
+        raise ValueError(f"give the MPC endpoint of each of the {plan.n_parties} compute parties, in index order")
+    if plan.needs_dealer and not dealer:
+        raise ValueError("this plan needs the dealer (norm bound): give its address")
+    port = int(peers[index].rsplit(":", 1)[1])
+    global _mpc_endpoint  # serves as long as the process lives (one world per process: crash-only)
+    _mpc_endpoint, servicer = start_endpoint(index, plan.n_parties, plan.needs_dealer, tls, port=port, host=host,
+                                             meter=meter)
+    try:
+        setup_party_grpc(servicer, peers, tls, dealer_target=dealer if plan.needs_dealer else None, meter=meter)
+    except MpcError as e:
+        log.error("compute party %d could not form its MPC world: %s; exiting to be started again", index, e)
+        os._exit(EXIT_REJOIN)
+    return f"MPC over mutual TLS on {host}:{port}"
+
+
+def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0.0.1", mpc_port: int = 29500,
+          mpc_peers: list[str] | None = None, dealer: str | None = None, mpc_host: str | None = None,
           port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None) -> None:
-    """Run compute party `index` until SIGTERM; the CrypTen world runs on this (main) thread."""
+    """Run compute party `index` until SIGTERM; the CrypTen world runs on this (main) thread.
+
+    Over ``grpc`` the party serves its MPC endpoint at the port of ``mpc_peers[index]`` (every party's MPC
+    endpoint, by index) and reaches the ``dealer`` service when the plan needs one; over ``gloo``
+    (insecure) it joins CrypTen's rendezvous at ``mpc_addr:mpc_port``."""
     party_id = f"party-{index}"
     meter = CostMeter(party_id)
     store = ShareStore(index, plan.training.client_ids(), min_clients=plan.min_clients)
@@ -159,10 +187,14 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Join the CrypTen world first: a party that cannot reach its peers must not accept shares.
-    setup_party(index, plan.n_parties, mpc_addr, mpc_port, dealer=plan.needs_dealer)
+    if plan.mpc_transport == "grpc":
+        where = join_grpc_world(plan, index, tls, mpc_peers, dealer, mpc_host or host, meter)
+    else:
+        setup_party(index, plan.n_parties, mpc_addr, mpc_port, dealer=plan.needs_dealer)
+        where = f"INSECURE gloo world at {mpc_addr}:{mpc_port}"
     server.start()
     write_port_file(port_file, server.port)
-    log.info("compute party %d on port %d (MPC world at %s:%d)", index, server.port, mpc_addr, mpc_port)
+    log.info("compute party %d on port %d (%s)", index, server.port, where)
     while not stop.is_set():
         item = jobs.get()
         if item is None:
@@ -175,6 +207,7 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str, mpc_por
             job.set_result(e)
         if out_dir:
             meter.write(out_dir / f"costs_{party_id}.json")
+            (out_dir / f"mpc_stats_{party_id}.json").write_text(json.dumps(mpc_stats()))
     server.stop(grace=2.0)
     if out_dir:
         meter.write(out_dir / f"costs_{party_id}.json")

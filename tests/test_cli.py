@@ -47,7 +47,9 @@ def test_certs_refuses_a_bad_party_spec_with_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_bench_secagg_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"
-    out = securecollab("bench", "secagg", "--clients", "3", "--params", "20000", "--rounds", "2", "--warmup", "0", "--out", str(path))
+    # a norm bound (every update passes: norms ~7), so the parties talk in the MPC; both transports
+    out = securecollab("bench", "secagg", "--clients", "3", "--params", "20000", "--rounds", "2", "--warmup", "0",
+                       "--norm-bound", "1000", "--out", str(path))
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(path.read_text())
     for side in ("plain", "secure"):
@@ -56,6 +58,14 @@ def test_bench_secagg_writes_the_documented_json(tmp_path):
     assert 1.95 <= r["ratio"]["upload_bytes"] <= 2.1
     assert r["ratio"]["round_wall"] == pytest.approx(r["secure"]["round_wall_s"] / r["plain"]["round_wall_s"])
     assert 0 < r["max_abs_error"] <= 3 * 2 ** -16
+    assert r["secure"]["mpc_transport"] == "grpc" and set(r["by_transport"]) == {"grpc", "gloo"}
+    for t, side in r["by_transport"].items():
+        assert side["mpc_phase_s"] > 0 and 0 < side["max_abs_error"] <= 3 * 2 ** -16
+        for party in side["mpc_traffic"].values():
+            # the squared norms of 3 x 20,001 values need at least one opened 60,003-element tensor each
+            assert party["payload_bytes_per_round"] >= 60_003 * 8
+            # over grpc the gRPC bytes hold that payload; gloo is not gRPC
+            assert (party["grpc_bytes_per_round"] > party["payload_bytes_per_round"]) == (t == "grpc")
 
 
 def test_demo_refuses_an_unknown_attack_experiment_before_running_anything(tmp_path):

@@ -142,6 +142,9 @@ def test_probes_are_mtls_health_execs():
             continue
         serve = _argv(c)
         assert serve[1] == "serve", where
+        # the server's own port (the control port 50051; the dealer's 29700), one of its containerPorts
+        port = int(_value(serve, "--port"))
+        assert port in {p["containerPort"] for p in c.get("ports", [])}, where
         certs = _value(serve, "--certs")
         # The server's own certificate; a party's pod name is its id (party-N).
         own_id = "$POD_NAME" if w["kind"] == "StatefulSet" else _value(serve, "--id") or serve[2]
@@ -150,7 +153,7 @@ def test_probes_are_mtls_health_execs():
             assert set(probe) & {"grpc", "httpGet", "tcpSocket"} == set(), where
             words = _tokens(probe["exec"]["command"])
             assert words[:2] == ["securecollab", "health"], where
-            assert _value(words, "--target") == f"localhost:{GRPC_PORT}", where
+            assert _value(words, "--target") == f"localhost:{port}", where
             assert _value(words, "--certs") == certs, where
             assert _value(words, "--id") == own_id, where
             assert probe.get("timeoutSeconds", 1) >= 5, f"{where}: one probe starts a Python process"
@@ -173,16 +176,172 @@ def test_parties_have_stable_names_and_indices():
     assert _value(words, "--id") is None  # default party-<index>, the certificate id
 
 
-def test_mpc_rendezvous_is_party_0():
+def _party_names(svc: dict, port: int | str) -> list[str]:
+    """What a target may be for each party: party-<i>.<svc>, optionally fully qualified, at `port`."""
+    name = re.escape(svc["metadata"]["name"])
+    return [rf"party-{i}\.{name}(\.securecollab(\.svc(\.[a-z0-9.-]+)?)?)?:{port}" for i in range(3)]
+
+
+def _dealer() -> tuple[dict, dict, dict]:
+    """(Deployment, its container, the Service in front of it)."""
+    dep = _one("Deployment", "dealer")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    (svc,) = [s for s in _find("Service") if s["spec"]["selector"].items() <= labels.items()]
+    return dep, c, svc
+
+
+def test_mpc_is_grpc_with_mutual_tls_not_gloo():
+    """Every MPC role runs the grpc transport (the default; one value for all): no gloo rendezvous flags."""
+    transports = set()
+    for w, _, c in _all_containers():
+        words = _argv(c)
+        for flag in ("--mpc-addr", "--mpc-port"):  # gloo only (insecure)
+            assert _value(words, flag) is None, f"{w['metadata']['name']}: {flag} is the insecure gloo transport"
+        if words[1] == "serve" and words[2] in ("party", "dealer", "coordinator"):
+            transports.add(_value(words, "--mpc-transport") or "grpc")
+    assert transports == {"grpc"}
+
+
+def test_every_party_reaches_every_peers_mpc_endpoint():
     sts, svc = _headless()
     (party,) = sts["spec"]["template"]["spec"]["containers"]
     mpc_port = {p["name"]: p["containerPort"] for p in party["ports"]}["mpc"]
-    users = [c for _, _, c in _all_containers() if _value(_argv(c), "--mpc-addr")]
-    assert {_role(_argv(c)) for c in users} == {"party", "dealer"}
-    for c in users:
-        words = _argv(c)
-        assert _value(words, "--mpc-addr") == f"party-0.{svc['metadata']['name']}"
-        assert _value(words, "--mpc-port") == str(mpc_port)
+    assert mpc_port != GRPC_PORT
+    svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert svc_ports["mpc"] == mpc_port and svc_ports["grpc"] == GRPC_PORT
+    words = _argv(party)
+    peers = _values(words, "--mpc-peer")
+    replicas = sts["spec"]["replicas"]
+    assert len(peers) == replicas == int(_value(words, "--compute-parties") or 3)
+    # in index order; a party serves its endpoint at its own entry's port, checked as party-<i>
+    for pattern, peer in zip(_party_names(svc, mpc_port), peers):
+        assert re.fullmatch(pattern, peer), peer
+
+
+def test_parties_reach_the_dealer_service():
+    sts, _svc = _headless()
+    (party,) = sts["spec"]["template"]["spec"]["containers"]
+    words = _argv(party)
+    dep, dealer, svc = _dealer()
+    serve = _argv(dealer)
+    assert serve[:3] == ["securecollab", "serve", "dealer"]
+    assert _value(serve, "--port") == "29700"
+    assert _value(serve, "--id") is None  # default: dealer, the certificate id the parties check
+    assert {p["name"]: p["containerPort"] for p in dealer["ports"]} == {"dealer": 29700}
+    # the Service name is the dealer's certificate id: parties check the TLS name `dealer`
+    assert svc["metadata"]["name"] == "dealer"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [29700]
+    assert dep["spec"]["replicas"] == 1  # one dealer: each party's seed for a world is dealt once
+    if float(_value(words, "--norm-bound") or 0) > 0:
+        assert _value(words, "--dealer") == "dealer:29700"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions; {} selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+ANYONE = "<outside the namespace or any pod>"
+
+
+def _covers(rule_port: dict, port: int, container_ports: dict) -> bool:
+    """Whether a NetworkPolicy port entry admits TCP `port` (a named port is the container's)."""
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port:
+        return True  # every port
+    first = container_ports.get(rule_port["port"], rule_port["port"])
+    return first <= port <= rule_port.get("endPort", first)
+
+
+def _admitted(template: dict, port: int) -> set[str]:
+    """Who the NetworkPolicies let connect to `port` of a pod made from `template`: the
+    app.kubernetes.io/name of each workload, or ANYONE."""
+    labels = template["metadata"]["labels"]
+    container_ports = {p.get("name"): p["containerPort"] for c in _containers(template) for p in c.get("ports", [])}
+    policies = [p["spec"] for p in _find("NetworkPolicy")
+                if _selects(p["spec"]["podSelector"], labels) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return {ANYONE}
+    pods = {t["metadata"]["labels"]["app.kubernetes.io/name"]: t["metadata"]["labels"] for _, t in _workloads()}
+    admitted: set[str] = set()
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(_covers(p, port, container_ports) for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return {ANYONE}
+            for peer in peers:
+                if set(peer) != {"podSelector"}:  # namespaceSelector or ipBlock: beyond this namespace
+                    return {ANYONE}
+                admitted |= {name for name, pod_labels in pods.items() if _selects(peer["podSelector"], pod_labels)}
+    return admitted
+
+
+def test_network_policy_keeps_mpc_ports_to_parties_and_dealer():
+    """Only compute parties and the dealer may connect to the parties' MPC endpoints (29600) and the
+    dealer (29700); coordinator and clients reach only the parties' control port."""
+    party = _one("StatefulSet", "party")["spec"]["template"]
+    dealer = _one("Deployment", "dealer")["spec"]["template"]
+    mpc = {"party", "dealer"}
+    for template, port in ((party, 29600), (dealer, 29700)):
+        who = _admitted(template, port)
+        assert ANYONE not in who and who <= mpc, f"port {port}: admits {who}"
+        assert "party" in who, f"port {port}: the parties must reach it"
+    assert {"coordinator", "client"} <= _admitted(party, GRPC_PORT)
+    assert not _admitted(dealer, GRPC_PORT)  # nothing but its own port
+
+
+def test_no_pod_admits_traffic_from_outside_the_namespace():
+    for w, t in _workloads():
+        for port in {p["containerPort"] for c in _containers(t) for p in c.get("ports", [])}:
+            assert ANYONE not in _admitted(t, port), f"{w['metadata']['name']}:{port}"
+
+
+def test_compose_runs_mpc_over_grpc_on_its_own_network():
+    """deploy/docker-compose.yml: the same transport, with MPC traffic on an internal network that only
+    the parties and the dealer join (the dealer on nothing else)."""
+    compose = yaml.safe_load((K8S_DIR.parent / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    def networks(name: str) -> set[str]:
+        nets = services[name].get("networks", ["default"])
+        return set(nets)
+
+    (mpc_net,) = [n for n, spec in compose["networks"].items() if (spec or {}).get("internal")]
+    assert {n for n in services if mpc_net in networks(n)} == {"party-0", "party-1", "party-2", "dealer"}
+    assert networks("dealer") == {mpc_net}
+    aliases = {}
+    for i in range(3):
+        name = f"party-{i}"
+        assert "default" in networks(name)  # coordinator and clients
+        nets = services[name]["networks"]
+        aliases[i] = {name, *((nets.get(mpc_net) or {}).get("aliases", []) if isinstance(nets, dict) else [])}
+    dealer_words = shlex.split(services["dealer"]["command"])
+    assert dealer_words[:2] == ["serve", "dealer"] and _value(dealer_words, "--port") == "29700"
+    for i in range(3):
+        words = shlex.split(services[f"party-{i}"]["command"])
+        assert _value(words, "--mpc-addr") is None and _value(words, "--mpc-port") is None
+        assert (_value(words, "--mpc-transport") or "grpc") == "grpc"
+        peers = _values(words, "--mpc-peer")
+        assert len(peers) == 3
+        for j, peer in enumerate(peers):
+            host, port = peer.rsplit(":", 1)
+            assert host in aliases[j] and port == "29600", peer
+        assert _value(words, "--dealer") == "dealer:29700"
+    health = services["dealer"]["healthcheck"]["test"]
+    assert health[1:3] == ["securecollab", "health"] and _value(health, "--target") == "localhost:29700"
 
 
 def test_coordinator_targets_every_party_in_order():

@@ -48,14 +48,26 @@ def _reconstruct(result_shares: list[np.ndarray]) -> np.ndarray:
 
 
 
+TRANSPORTS = pytest.mark.parametrize("transport", ["grpc", "gloo"])  # gloo: the insecure comparison mode
+GRPC_ONLY = pytest.mark.parametrize("transport", ["grpc"])
+
+
 def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_bound=None, dp_sigma=None,
-               check_refusal=False, seed=0) -> list[np.ndarray]:
+               check_refusal=False, seed=0, transport="grpc", before_start=None) -> list[np.ndarray]:
     """Share `updates`, run aggregate_round on n party processes (+ dealer), return their result shares."""
     rng = np.random.default_rng(seed)
     for rank, share in enumerate(_split(updates, n_parties, rng)):
         np.save(tmp_path / f"in{rank}.npy", share)
     dealer = norm_bound is not None
-    common = [str(n_parties), str(free_port()), str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal)]
+    if transport == "grpc":
+        from securecollab.net.certs import make_certs
+        make_certs(tmp_path / "certs", [f"party-{i}" for i in range(n_parties)] + ["dealer"])
+        port = ",".join(str(free_port()) for _ in range(n_parties + 1))  # each party's endpoint, the dealer's
+    else:
+        port = str(free_port())
+    common = [str(n_parties), port, str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal), transport]
+    if before_start:
+        before_start([int(p) for p in port.split(",")])
     roles = [("party", rank) for rank in range(n_parties)] + ([("dealer", n_parties)] if dealer else [])
     procs = []
     try:
@@ -93,12 +105,18 @@ def _process_main(argv: list[str]) -> None:
     from securecollab.aggregation import secure_rule
     from securecollab.secagg import mpc
 
-    role, rank, n_parties, port, workdir = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4])
+    role, rank, n_parties, workdir = argv[0], int(argv[1]), int(argv[2]), Path(argv[4])
     rule = secure_rule(norm_bound=literal_eval(argv[5]), dp_sigma=literal_eval(argv[6]))
-    if role == "dealer":
-        mpc.run_dealer(n_parties, "127.0.0.1", port)
+    if argv[8] == "grpc":
+        _grpc_main(role, rank, n_parties, [int(p) for p in argv[3].split(",")], workdir, rule)
+    elif role == "dealer":
+        mpc.run_dealer(n_parties, "127.0.0.1", int(argv[3]))
         return
-    mpc.setup_party(rank, n_parties, "127.0.0.1", port, dealer=rule.needs_dealer)
+    else:
+        mpc.setup_party(rank, n_parties, "127.0.0.1", int(argv[3]), dealer=rule.needs_dealer)
+    if role == "dealer":
+        return
+    sent = _record_sent() if (workdir / "record").exists() else None
     shares = list(np.load(workdir / f"in{rank}.npy"))  # this party's share of each client
     if argv[7] == "True":
         # Without the dealer, multiplications must be refused, not done with CrypTen's TFP.
@@ -110,8 +128,57 @@ def _process_main(argv: list[str]) -> None:
             raise AssertionError("norm bound ran without a dealer")
     result = mpc.aggregate_round(shares, rule)
     assert result.dtype == np.int64 and result.shape == shares[0].shape
+    if sent is not None:
+        np.save(workdir / f"sent{rank}.npy", np.concatenate(sent) if sent else np.zeros(0, np.int64))
     np.save(workdir / f"out{rank}.npy", result)
     mpc.shutdown()
+
+
+def _record_sent() -> list:
+    """Wrap this party's communicator so every int64 tensor it hands to the network is kept (wire tests)."""
+    import torch
+
+    from securecollab.secagg.crypten_compat import load_crypten
+    comm, sent = load_crypten().communicator.get(), []
+    for name in ("send", "isend", "all_reduce", "reduce", "gather", "all_gather"):
+        original = getattr(comm, name)
+
+        def recording(tensor, *args, _original=original, **kwargs):
+            for t in tensor if isinstance(tensor, list) else [tensor]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.long:
+                    sent.append(t.detach().reshape(-1).numpy().copy())
+            return _original(tensor, *args, **kwargs)
+
+        setattr(comm, name, recording)
+    return sent
+
+
+def _grpc_main(role, rank, n_parties, ports, workdir, rule):
+    """Join over mutual TLS; the dealer serves until the parties are done (they leave a file each)."""
+    from securecollab.net.certs import TlsFiles
+    from securecollab.secagg import mpc
+    from securecollab.secagg.mpc_net import start_endpoint
+    tls = TlsFiles.for_party(workdir / "certs", "dealer" if role == "dealer" else f"party-{rank}")
+    if role == "dealer":
+        import threading
+
+        from securecollab.net.transport import make_server
+        from securecollab.generated.v1 import mpc_pb2_grpc
+        from services.secagg_dealer import SERVICE, DealerServicer
+        server = make_server(tls=tls, port=ports[-1], host="127.0.0.1")
+        server.add(mpc_pb2_grpc.add_DealerServicer_to_server, DealerServicer(n_parties), SERVICE)
+        server.start()
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not all((workdir / f"out{r}.npy").exists() for r in range(n_parties)) and time.monotonic() < deadline:
+            threading.Event().wait(0.2)
+        server.stop(grace=1.0)
+        return
+    global _endpoint
+    _endpoint, servicer = start_endpoint(rank, n_parties, rule.needs_dealer, tls, port=ports[rank], host="127.0.0.1")
+    override = workdir / f"peers{rank}.txt"  # a wire test routes some links through its proxy
+    targets = override.read_text().split(",") if override.exists() else [f"localhost:{p}" for p in ports[:n_parties]]
+    mpc.setup_party_grpc(servicer, targets, tls,
+                         dealer_target=f"localhost:{ports[-1]}" if rule.needs_dealer else None)
 
 
 def _updates_with_norms(norms, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -145,10 +212,11 @@ def test_spec_validation_and_dealer_need():
 
 
 @pytest.mark.timeout(90)
-def test_three_party_sum_without_dealer(tmp_path):
+@TRANSPORTS
+def test_three_party_sum_without_dealer(tmp_path, transport):
     rng = np.random.default_rng(1)
     updates = rng.normal(0.0, 3.0, size=(10, 1000))
-    out = _run_round(tmp_path, updates, 3, check_refusal=True)
+    out = _run_round(tmp_path, updates, 3, check_refusal=True, transport=transport)
     np.testing.assert_allclose(_reconstruct(out), updates.sum(0), rtol=0, atol=10 / SCALE)
     # No single party's result share is the aggregate: each looks uniformly random.
     for share in out:
@@ -156,13 +224,14 @@ def test_three_party_sum_without_dealer(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path):
+@TRANSPORTS
+def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path, transport):
     rng = np.random.default_rng(2)
     bound = 1.0
     norms = rng.uniform(0.2, 0.95, size=10) * bound  # honest clients, all under the bound
     norms[4] = 100 * bound  # one oversized (e.g. poisoned) update
     updates = _updates_with_norms(norms, 1000, rng)
-    out = _run_round(tmp_path, updates, 3, norm_bound=bound)
+    out = _run_round(tmp_path, updates, 3, norm_bound=bound, transport=transport)
     honest = np.delete(updates, 4, axis=0).sum(0)
     np.testing.assert_allclose(_reconstruct(out), honest, rtol=0, atol=10 / SCALE)
     # The same rule computed in the clear (what a plaintext aggregator would do) agrees.
@@ -172,31 +241,34 @@ def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_distributed_dp_noise_has_requested_sigma(tmp_path):
+@GRPC_ONLY
+def test_distributed_dp_noise_has_requested_sigma(tmp_path, transport):
     rng = np.random.default_rng(3)
     sigma = 0.5
     updates = rng.normal(0.0, 1.0, size=(3, 20000))
-    out = _run_round(tmp_path, updates, 3, dp_sigma=sigma)
+    out = _run_round(tmp_path, updates, 3, dp_sigma=sigma, transport=transport)
     noise = _reconstruct(out) - updates.sum(0)
     assert abs(noise.std() / sigma - 1) < 0.10
     assert abs(noise.mean()) < 5 * sigma / np.sqrt(noise.size)
 
 
 @pytest.mark.timeout(90)
-def test_two_party_sum(tmp_path):
+@GRPC_ONLY
+def test_two_party_sum(tmp_path, transport):
     rng = np.random.default_rng(4)
     updates = rng.normal(0.0, 3.0, size=(10, 1000))
-    out = _run_round(tmp_path, updates, 2)
+    out = _run_round(tmp_path, updates, 2, transport=transport)
     np.testing.assert_allclose(_reconstruct(out), updates.sum(0), rtol=0, atol=10 / SCALE)
 
 
 @pytest.mark.timeout(90)
-def test_two_party_norm_bound_with_dealer(tmp_path):
-    # With two parties CrypTen's dealer is rank 2 in a world it still calls size 2.
+@GRPC_ONLY
+def test_two_party_norm_bound_with_dealer(tmp_path, transport):
+    # Two parties and the dealer service (over gloo the dealer would be rank 2 of a world CrypTen calls size 2).
     rng = np.random.default_rng(5)
     norms = np.array([0.5, 3.0, 0.9, 1.5])  # bound 1.0: clients 1 and 3 are dropped
     updates = _updates_with_norms(norms, 500, rng)
-    out = _run_round(tmp_path, updates, 2, norm_bound=1.0)
+    out = _run_round(tmp_path, updates, 2, norm_bound=1.0, transport=transport)
     np.testing.assert_allclose(_reconstruct(out), updates[[0, 2]].sum(0), rtol=0, atol=10 / SCALE)
 
 

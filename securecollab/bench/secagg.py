@@ -7,6 +7,7 @@ interpreter; on a 2-core machine they still share the CPU with the servers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -135,14 +136,43 @@ def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, 
     return walls, costs, [rec.tensors["aggregate"] for rec in records], phases
 
 
+MPC_METHODS = ("/securecollab.v1.MpcPeer/Deliver", "/securecollab.v1.MpcPeer/Hello",
+               "/securecollab.v1.Dealer/Seed", "/securecollab.v1.Dealer/Correlated")
+
+
+def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
+    """Per compute party and measured round: CrypTen's count of what it sent in the MPC (payload; both
+    transports) and, over grpc, the gRPC bytes its MPC endpoint and channels sent and received."""
+    out = {}
+    for i in range(parties):
+        name = f"party-{i}"
+        stats = json.loads((work / f"mpc_stats_{name}.json").read_text())
+        costs = json.loads((work / f"costs_{name}.json").read_text())
+        out[name] = {"payload_bytes_per_round": stats.get("bytes", 0) / measured,
+                     "messages_per_round": stats.get("rounds", 0) / measured,
+                     "grpc_bytes_per_round": method_bytes(costs, *MPC_METHODS) / measured}
+    return out
+
+
+def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan):
+    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec)
+    mpc = [p["shares_received"] - p["aggregate_requested"] for p in phases]
+    return {"round_wall_s": statistics.median(walls[warmup:]), "round_wall_s_all": walls,
+            "mpc_phase_s": statistics.median(mpc[warmup:]), "mpc_phase_s_all": mpc,
+            "mpc_traffic": _mpc_traffic(work, spec.n_parties, rounds),
+            "costs": costs, "revealed": revealed, "phases_s": phases}
+
+
 def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
                  seed_compression: bool = True, norm_bound: float = 0.0, work_dir: Path, seed: int = 0,
-                 log=print) -> dict:
-    """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation.
+                 transports=("grpc", "gloo"), log=print) -> dict:
+    """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation
+    over each MPC transport (the first is reported as ``secure``, every one under ``by_transport``).
 
-    Both run `warmup + rounds` rounds; the first `warmup` (allocator growth, lazy
+    All run `warmup + rounds` rounds; the first `warmup` (allocator growth, lazy
     initialisation in every process) are kept in `round_wall_s_all` but left
-    out of the median."""
+    out of the median. The MPC phase runs from the coordinator asking the parties to aggregate to their
+    result shares being back."""
     measured, rounds = rounds, warmup + rounds
     ids = [f"client-{i}" for i in range(clients)]
     certs = ensure_certs(work_dir / "certs", ["aggregator", "coordinator",
@@ -153,28 +183,32 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
                                           record_transcripts=False),
                       n_parties=parties, seed_compression=seed_compression, min_clients=clients,
                       norm_bound=norm_bound)
-    log(f"secure: coordinator + {parties} compute parties{' + dealer' if spec.needs_dealer else ''} "
-        f"+ {clients} clients ...")
-    secure_walls, secure_costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed,
-                                                                       work_dir / "secure", certs, spec)
     expected = np.sum([_ready_update(i, params, seed).astype(np.float64) for i in range(clients)], axis=0)
-    max_err = max(float(np.abs(a[:-1] - expected).max()) for a in revealed)
 
     def upload_per_client(costs, method):
         return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
 
     plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
              "upload_bytes_per_client": upload_per_client(plain_costs, "/SubmitUpdate")}
-    secure = {"round_wall_s": statistics.median(secure_walls[warmup:]), "round_wall_s_all": secure_walls,
-              "upload_bytes_per_client": upload_per_client(secure_costs, "/SubmitShare"),
-              "compute_parties": parties, "seed_compression": seed_compression, "norm_bound": norm_bound,
-              # seconds from the round's first upload: when uploads closed, MPC asked, shares back, revealed
-              "phases_s": phases}
+    by_transport = {}
+    for transport in transports:
+        run = dataclasses.replace(spec, mpc_transport=transport)
+        log(f"secure over {transport}{' (INSECURE, for comparison)' if transport == 'gloo' else ''}: coordinator + "
+            f"{parties} compute parties{' + dealer' if spec.needs_dealer else ''} + {clients} clients ...")
+        side = _secure_side(clients, params, rounds, warmup, seed, work_dir / f"secure_{transport}", certs, run)
+        costs, revealed = side.pop("costs"), side.pop("revealed")
+        by_transport[transport] = {
+            **side, "upload_bytes_per_client": upload_per_client(costs, "/SubmitShare"),
+            "compute_parties": parties, "seed_compression": seed_compression, "norm_bound": norm_bound,
+            "mpc_transport": transport,
+            "ratio_round_wall": side["round_wall_s"] / plain["round_wall_s"],
+            "max_abs_error": max(float(np.abs(a[:-1] - expected).max()) for a in revealed)}
+    secure = by_transport[transports[0]]
     return {
         "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,
         "tls": "mutual",
-        "plain": plain, "secure": secure,
+        "plain": plain, "secure": secure, "by_transport": by_transport,
         "ratio": {"round_wall": secure["round_wall_s"] / plain["round_wall_s"],
                   "upload_bytes": secure["upload_bytes_per_client"] / plain["upload_bytes_per_client"]},
-        "max_abs_error": max_err,
+        "max_abs_error": secure["max_abs_error"],
     }

@@ -62,10 +62,17 @@ def secagg_options(
     dp_sigma: Annotated[float, typer.Option(
         min=0.0, help="Std of distributed Gaussian noise on the aggregate (0: off).")] = 0.0,
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
+    mpc_transport: Annotated[str, typer.Option(
+        help="grpc: the compute parties' MPC over mutual TLS (default). gloo: CrypTen's own plaintext world, "
+             "INSECURE (a link observer sees every opened value; anyone reaching the rendezvous can join): "
+             "only to compare.")] = "grpc",
 ) -> dict:
     """Group: the secure-aggregation side of the plan; gives SecAggPlan's keywords."""
+    if mpc_transport not in ("grpc", "gloo"):
+        raise typer.BadParameter(f"--mpc-transport is grpc or gloo, not {mpc_transport!r}")
     return {"n_parties": compute_parties, "seed_compression": seed_compression, "min_clients": min_clients,
-            "upload_deadline_s": upload_deadline, "norm_bound": norm_bound, "dp_sigma": dp_sigma}
+            "upload_deadline_s": upload_deadline, "norm_bound": norm_bound, "dp_sigma": dp_sigma,
+            "mpc_transport": mpc_transport}
 
 
 @uses(training=training_options, dp=dp_options, secagg=secagg_options)
@@ -78,8 +85,8 @@ def secagg_plan(training, dp, secagg):
     return plan
 
 
-MpcAddr = Annotated[str, typer.Option(help="Address of compute party 0's MPC rendezvous (CrypTen, gloo).")]
-MpcPort = Annotated[int, typer.Option(help="Port of the MPC rendezvous.")]
+MpcAddr = Annotated[str, typer.Option(help="gloo only: address of compute party 0's MPC rendezvous.")]
+MpcPort = Annotated[int, typer.Option(help="gloo only: port of the MPC rendezvous.")]
 
 
 @app.command("aggregator")
@@ -124,23 +131,42 @@ def coordinator(
 def party(
     s=None,
     index: Annotated[int, typer.Option(min=0, help="This compute party's index (rank in the MPC world).")] = 0,
+    mpc_peer: Annotated[Optional[list[str]], typer.Option(
+        help="grpc: host:port of each compute party's MPC endpoint, in index order (repeat); this party "
+             "serves its own at that port.")] = None,
+    dealer: Annotated[Optional[str], typer.Option(help="grpc: host:port of the dealer (plans with a norm bound).")] = None,
+    mpc_host: Annotated[Optional[str], typer.Option(
+        help="grpc: address the MPC endpoint binds (default: --host), e.g. an address on a network only the "
+             "parties and the dealer share.")] = None,
     mpc_addr: MpcAddr = "127.0.0.1", mpc_port: MpcPort = 29500,
     plan=None,
 ):
     """Secure-aggregation compute party: stores shares of the updates, aggregates them inside MPC."""
     from services.secagg_party import serve
-    tls = s.tls(f"party-{index}")
-    serve(plan(s.plan_json), index, tls=tls, mpc_addr=mpc_addr, mpc_port=mpc_port, **s.bind())
+    tls, spec = s.tls(f"party-{index}"), plan(s.plan_json)
+    if spec.mpc_transport == "grpc" and (not mpc_peer or len(mpc_peer) != spec.n_parties):
+        raise typer.BadParameter(f"give --mpc-peer once per compute party ({spec.n_parties}), in index order")
+    if spec.mpc_transport == "grpc" and spec.needs_dealer and not dealer:
+        raise typer.BadParameter("a norm bound needs the dealer: give --dealer host:port")
+    serve(spec, index, tls=tls, mpc_addr=mpc_addr, mpc_port=mpc_port, mpc_peers=mpc_peer, dealer=dealer,
+          mpc_host=mpc_host, **s.bind())
 
 
 @app.command("dealer")
 @uses(s=serving_options, plan=secagg_plan)
 def dealer(s=None, mpc_addr: MpcAddr = "127.0.0.1", mpc_port: MpcPort = 29500, plan=None):
-    """CrypTen's trusted third party for one MPC world (Beaver triples, for --norm-bound); exits when it ends."""
+    """The dealer of correlated randomness (Beaver triples, for --norm-bound). grpc: a mutual-TLS service on
+    --port for world after world. gloo (insecure): CrypTen's trusted third party for one world; exits when
+    it ends."""
     from securecollab.secagg.mpc import run_dealer
     from services.secagg_party import EXIT_REJOIN
-    s.tls("dealer")  # checks --id
-    n_parties = plan(s.plan_json).n_parties
+    tls = s.tls("dealer")  # checks --id
+    spec = plan(s.plan_json)
+    n_parties = spec.n_parties
+    if spec.mpc_transport == "grpc":
+        from services.secagg_dealer import serve
+        serve(n_parties, tls=tls, **s.bind())
+        return
     try:
         run_dealer(n_parties, mpc_addr, mpc_port)
         console.print("dealer: the parties closed this MPC world")

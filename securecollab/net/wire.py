@@ -40,6 +40,22 @@ class WireError(ValueError):
     """A message that does not decode to what it claims to be."""
 
 
+def dtype_code(dtype) -> int:
+    """The wire code of a numpy dtype (little-endian); WireError if it has none."""
+    dtype = np.dtype(dtype)
+    code = _CODES.get(dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
+    if code is None:
+        raise WireError(f"unsupported dtype {dtype}")
+    return code
+
+
+def code_dtype(code: int) -> np.dtype:
+    """The (little-endian) numpy dtype of a wire code; WireError if unknown."""
+    if code not in _DTYPES:
+        raise WireError(f"unknown dtype code {code}")
+    return _DTYPES[code]
+
+
 def encode_tensor(array) -> pb.Tensor:
     """Encode a numpy array or torch tensor (any supported dtype, any shape)."""
     if not isinstance(array, np.ndarray):

@@ -128,18 +128,27 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
     from services.secagg_party import EXIT_REJOIN
     parties = [f"party-{i}" for i in range(spec.n_parties)]
     common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
-    mpc_port = free_port()
+    if spec.needs_dealer:
+        ensure_certs(certs, ["dealer"])
+    if spec.mpc_transport == "grpc":
+        # every party's MPC endpoint and the dealer's port, fixed: a restarted one is where its peers look
+        endpoints = [f"localhost:{free_port()}" for _ in parties]
+        dealer = f"localhost:{free_port()}"
+        mpc = [*[a for e in endpoints for a in ("--mpc-peer", e)], *(("--dealer", dealer) if spec.needs_dealer else ())]
+        dealer_args = ["--host", "127.0.0.1", "--port", dealer.rsplit(":", 1)[1]]
+    else:
+        mpc_port = free_port()
+        mpc = dealer_args = ["--mpc-port", str(mpc_port)]
     # Parties serve only once their MPC world (and dealer) is up, so start them all before waiting.
     for i, name in enumerate(parties):
         # A fixed port: a party restarted after a failure must be where the coordinator looks.
         port_file = group.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         group.start(name, securecollab_cmd(
-            "serve", "party", "--index", str(i), "--host", "127.0.0.1", "--mpc-port", str(mpc_port), *common,
+            "serve", "party", "--index", str(i), "--host", "127.0.0.1", *mpc, *common,
             "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     if spec.needs_dealer:
-        group.start("dealer", securecollab_cmd("serve", "dealer", "--mpc-port", str(mpc_port), *common),
-                    restart_on=(EXIT_REJOIN,))
+        group.start("dealer", securecollab_cmd("serve", "dealer", *dealer_args, *common), restart_on=(EXIT_REJOIN,))
     ports = [group.wait_port(name, timeout=300) for name in parties]
     port_file = group.log_dir / "coordinator.port"
     port_file.unlink(missing_ok=True)
@@ -165,7 +174,7 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
     out_dir.mkdir(parents=True, exist_ok=True)
     clients = plan.client_ids()
     parties = [f"party-{i}" for i in range(spec.n_parties)]
-    certs = ensure_certs(out_dir.parent / "certs", ["coordinator", *parties, *clients])
+    certs = ensure_certs(out_dir.parent / "certs", ["coordinator", *parties, "dealer", *clients])
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
         port = start_secagg_servers(group, spec, certs, out_dir)

@@ -7,7 +7,13 @@ without re-encoding, computes an aggregation rule on them, and returns only
 this party's share of the result. Nothing is revealed here: not the updates,
 not their norms, not which clients passed.
 
-Worlds. ``n`` compute parties take ranks ``0..n-1``. When the rule needs
+Transports. ``grpc`` (the default): the parties' MPC traffic runs over mutual TLS between
+their own endpoints (securecollab.secagg.mpc_net, grpc_comm), and the dealer is a mutual-TLS
+service (services/secagg_dealer.py); nothing a peer sends is unpickled. ``gloo`` (INSECURE,
+kept only to compare): CrypTen's own torch.distributed world, plaintext TCP with pickled
+objects and a rendezvous store anyone reaching its port can write to; described below.
+
+Worlds (gloo). ``n`` compute parties take ranks ``0..n-1``. When the rule needs
 multiplications (a norm bound), Beaver triples come from a separate dealer
 process running CrypTen's ``TTPServer`` (provider "TTP"), never from
 CrypTen's default trusted-first-party provider, in which party 0 would know
@@ -87,6 +93,7 @@ def setup_party(rank: int, n_parties: int, master_addr: str, master_port: int, *
     # The provider decides the world size at init (n, or n + 1 with a dealer),
     # so it must be set before joining.
     crypten.cfg.mpc.provider = "TTP" if dealer else "TFP"
+    crypten.cfg.communicator.verbose = True  # CrypTen counts what it sends (mpc_stats): cheap at these sizes
     if rank != 0:
         wait_for_fresh_rendezvous(master_addr, master_port)
     crypten = init_party(rank, n_parties, master_addr, master_port)
@@ -113,11 +120,43 @@ def run_dealer(n_parties: int, master_addr: str, master_port: int) -> None:
     crypten.uninit()
 
 
+def setup_party_grpc(servicer, targets: list[str], tls, *, dealer_target: str | None, meter=None,
+                     step_timeout_s: float | None = None) -> ModuleType:
+    """Form the MPC world over mutual TLS (``servicer``: this party's serving MpcPeer endpoint; ``targets``:
+    every party's endpoint by rank) and start CrypTen on it; with ``dealer_target`` triples come from
+    the dealer service. Raises MpcError when a peer or the dealer is missing or refuses."""
+    from securecollab.secagg import dealer_client, grpc_comm
+    from securecollab.secagg.mpc_net import STEP_TIMEOUT_S, form_world
+    crypten = load_crypten()
+    grpc_comm.install()
+    dealer_client.install()
+    step = step_timeout_s or STEP_TIMEOUT_S
+    world = form_world(servicer, targets, tls, meter=meter, step_timeout_s=step)
+    crypten.cfg.mpc.provider = "TTP" if dealer_target else "TFP"
+    crypten.cfg.communicator.verbose = True  # CrypTen counts what it sends (mpc_stats): cheap at these sizes
+    grpc_comm.GrpcCommunicator.pending = world
+    if dealer_target:
+        dealer_client.DealerClient.pending = dict(target=dealer_target, tls=tls, world_id=world.world_id,
+                                                  world_size=world.world_size, rank=world.rank,
+                                                  timeout_s=step, meter=meter)
+    crypten.init()
+    crypten.communicator.get().barrier()  # every party has its seeds (and the dealer's): the world is up
+    return crypten
+
+
 def shutdown() -> None:
-    """Leave the MPC world; party 0 also tells the dealer (if any) to stop."""
+    """Leave the MPC world; over gloo party 0 also tells the dealer (if any) to stop."""
     crypten = load_crypten()
     if crypten.is_initialized():
         crypten.uninit()
+    from securecollab.secagg.dealer_client import DealerClient
+    DealerClient.uninit()
+
+
+def mpc_stats() -> dict:
+    """CrypTen's own count of this party's MPC traffic so far (elements x 8 bytes, whichever transport)."""
+    crypten = load_crypten()
+    return crypten.communicator.get().get_communication_stats() if crypten.is_initialized() else {}
 
 
 def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np.ndarray:
