@@ -81,35 +81,38 @@ def found_in(capture: bytes, words: np.ndarray) -> np.ndarray:
 
 
 class Intruder:
-    """Keeps calling every MPC endpoint and the dealer with a client's certificate and with another CA's."""
+    """Keeps calling every MPC endpoint and the dealer with a client's certificate and with another CA's.
+
+    A fresh channel for every call: a channel that failed to connect (an endpoint not up yet) backs off
+    for longer and longer, and could miss the whole round."""
 
     def __init__(self, certs, other, ports):
-        from securecollab.generated.v1 import mpc_pb2 as pb
-        from securecollab.generated.v1 import mpc_pb2_grpc as pb_grpc
         from securecollab.net.certs import TlsFiles
-        from securecollab.net.transport import make_channel
         self.codes, self.stop = {"client-0": [], "other-ca": []}, threading.Event()
         self.calls = []
         for base, who in ((certs, "client-0"), (other, "other-ca")):
             tls = TlsFiles.for_party(base, "party-1" if who == "other-ca" else who)
             for i, port in enumerate(ports):
                 dealer = i == len(ports) - 1
-                channel = make_channel(f"localhost:{port}", tls=tls, server_name="dealer" if dealer else f"party-{i}")
-                if dealer:
-                    stub = pb_grpc.DealerStub(channel)
-                    self.calls.append((who, lambda s=stub: s.Seed(pb.SeedRequest(world=bytes(32), world_size=3),
-                                                                  timeout=2)))
-                else:
-                    stub = pb_grpc.MpcPeerStub(channel)
-                    self.calls.append((who, lambda s=stub: s.Hello(pb.MpcHello(world_size=3, nonce=bytes(32)),
-                                                                   timeout=2)))
+                self.calls.append((who, tls, f"localhost:{port}", "dealer" if dealer else f"party-{i}", dealer))
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _call(tls, target, name, dealer):
+        from securecollab.generated.v1 import mpc_pb2 as pb
+        from securecollab.generated.v1 import mpc_pb2_grpc as pb_grpc
+        from securecollab.net.transport import make_channel
+        with make_channel(target, tls=tls, server_name=name) as channel:
+            if dealer:
+                pb_grpc.DealerStub(channel).Seed(pb.SeedRequest(world=bytes(32), world_size=3), timeout=2)
+            else:
+                pb_grpc.MpcPeerStub(channel).Hello(pb.MpcHello(world_size=3, nonce=bytes(32)), timeout=2)
 
     def _run(self):
         while not self.stop.wait(0.2):
-            for who, call in self.calls:
+            for who, *call in self.calls:
                 try:
-                    call()
+                    self._call(*call)
                     self.codes[who].append("OK")
                 except grpc.RpcError as e:
                     self.codes[who].append(e.code().name)
