@@ -95,7 +95,16 @@ class Intruder:
             for i, port in enumerate(ports):
                 dealer = i == len(ports) - 1
                 self.calls.append((who, tls, f"localhost:{port}", "dealer" if dealer else f"party-{i}", dealer))
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        # one thread per (identity, endpoint): a call left unanswered by one must not starve the others
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in self.calls]
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float):
+        for t in self.threads:
+            t.join(timeout)
 
     @staticmethod
     def _call(tls, target, name, dealer):
@@ -104,18 +113,18 @@ class Intruder:
         from securecollab.net.transport import make_channel
         with make_channel(target, tls=tls, server_name=name) as channel:
             if dealer:
-                pb_grpc.DealerStub(channel).Seed(pb.SeedRequest(world=bytes(32), world_size=3), timeout=2)
+                pb_grpc.DealerStub(channel).Seed(pb.SeedRequest(world=bytes(32), world_size=3), timeout=1)
             else:
-                pb_grpc.MpcPeerStub(channel).Hello(pb.MpcHello(world_size=3, nonce=bytes(32)), timeout=2)
+                pb_grpc.MpcPeerStub(channel).Hello(pb.MpcHello(world_size=3, nonce=bytes(32)), timeout=1)
 
-    def _run(self):
-        while not self.stop.wait(0.2):
-            for who, *call in self.calls:
-                try:
-                    self._call(*call)
-                    self.codes[who].append("OK")
-                except grpc.RpcError as e:
-                    self.codes[who].append(e.code().name)
+    def _run(self, call):
+        who, *args = call
+        while not self.stop.wait(0.1):
+            try:
+                self._call(*args)
+                self.codes[who].append("OK")
+            except grpc.RpcError as e:
+                self.codes[who].append(e.code().name)
 
 
 def test_the_tls_link_between_two_parties_shows_no_word_of_the_mpc_and_intruders_are_refused(tmp_path):
@@ -135,7 +144,7 @@ def test_the_tls_link_between_two_parties_shows_no_word_of_the_mpc_and_intruders
         make_certs(tmp_path / "certs", ["client-0"])
         make_certs(tmp_path / "other-ca", ["party-1"])
         intruder.append(Intruder(tmp_path / "certs", tmp_path / "other-ca", ports))
-        intruder[0].thread.start()
+        intruder[0].start()
 
     try:
         out = _run_round(tmp_path, updates, 3, norm_bound=1.0, transport="grpc", before_start=route_0_1_through_proxies)
@@ -144,7 +153,7 @@ def test_the_tls_link_between_two_parties_shows_no_word_of_the_mpc_and_intruders
             p.close()
         if intruder:
             intruder[0].stop.set()
-            intruder[0].thread.join(10)
+            intruder[0].join(10)
     np.testing.assert_allclose(_reconstruct(out), np.delete(updates, 3, axis=0).sum(0), rtol=0, atol=10 / SCALE)
     capture = proxies[0].data + proxies[1].data
     assert len(capture) > 200_000, "the MPC did not go through the proxies"
