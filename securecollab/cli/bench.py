@@ -40,9 +40,10 @@ def secagg(
     """Aggregation rounds only, plain aggregator vs secure aggregation over each MPC transport, mutual TLS between
     clients and servers, on loopback."""
     from securecollab.bench.secagg import bench_secagg
-    transports = tuple(mpc_transport or ("grpc", "gloo"))
-    if set(transports) - {"grpc", "gloo"}:
-        raise typer.BadParameter(f"--mpc-transport is grpc or gloo, not {transports}")
+    from securecollab.plans import MPC_TRANSPORTS
+    transports = tuple(mpc_transport or MPC_TRANSPORTS)
+    if set(transports) - set(MPC_TRANSPORTS):
+        raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
                  seed_compression=seed_compression, norm_bound=norm_bound, transports=transports,
                  prefix="bench-secagg-", out=out)

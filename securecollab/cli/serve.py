@@ -68,8 +68,9 @@ def secagg_options(
              "only to compare.")] = "grpc",
 ) -> dict:
     """Group: the secure-aggregation side of the plan; gives SecAggPlan's keywords."""
-    if mpc_transport not in ("grpc", "gloo"):
-        raise typer.BadParameter(f"--mpc-transport is grpc or gloo, not {mpc_transport!r}")
+    from securecollab.plans import MPC_TRANSPORTS
+    if mpc_transport not in MPC_TRANSPORTS:
+        raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {mpc_transport!r}")
     return {"n_parties": compute_parties, "seed_compression": seed_compression, "min_clients": min_clients,
             "upload_deadline_s": upload_deadline, "norm_bound": norm_bound, "dp_sigma": dp_sigma,
             "mpc_transport": mpc_transport}

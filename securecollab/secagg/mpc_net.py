@@ -72,7 +72,7 @@ def caller_rank(context, world_size: int, own: int) -> int:
 def tensor_frames(world: bytes, seq: int, tensor: torch.Tensor):
     """A tensor as MpcFrames of at most CHUNK_BYTES of data each (one copy: the array's own bytes)."""
     array = tensor.detach().cpu().contiguous().numpy()
-    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    data = memoryview(array).cast("B")
     header = tensor_pb2.Tensor(dtype=dtype_code(array.dtype), shape=list(array.shape),
                                data=bytes(data[:CHUNK_BYTES]))
     parts = math.ceil(len(data) / CHUNK_BYTES) if len(data) else 1
