@@ -212,3 +212,5 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0
     if out_dir:
         meter.write(out_dir / f"costs_{party_id}.json")
     shutdown()
+    if _mpc_endpoint is not None:  # stopped before exit: a late peer call during atexit would hang the exit
+        _mpc_endpoint.stop(grace=None)

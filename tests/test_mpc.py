@@ -132,6 +132,13 @@ def _process_main(argv: list[str]) -> None:
         np.save(workdir / f"sent{rank}.npy", np.concatenate(sent) if sent else np.zeros(0, np.int64))
     np.save(workdir / f"out{rank}.npy", result)
     mpc.shutdown()
+    if _endpoint is not None:
+        # Stop serving before the interpreter exits: a call still arriving (the wire test's intruder) while
+        # atexit tears down the server's thread pool kills gRPC's serving thread and hangs the exit.
+        _endpoint.stop(grace=None)
+
+
+_endpoint = None
 
 
 def _record_sent() -> list:
