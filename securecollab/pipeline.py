@@ -22,7 +22,7 @@ from pathlib import Path
 from securecollab.plans import FedAvgPlan
 
 # The scorecard reads from training-time leakage to inference-time leakage.
-DEMO_ORDER = ("gradient_inversion", "split_attacks", "membership", "extraction", "dp")
+DEMO_ORDER = ("gradient_inversion", "split_attacks", "membership", "extraction", "dp", "backdoor")
 # The demo's protocol runs, baselines first (the scorecard measures each protocol against its baseline).
 DEMO_PROTOCOLS = ("centralized", "fedavg", "secagg", "split", "he_inference")
 

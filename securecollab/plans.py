@@ -97,8 +97,13 @@ class FedAvgPlan(ShardedPlan):
     dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Plain FedAvg only: the aggregator drops updates whose delta's L2 norm is above this (0: none), in the
+    # clear (update analysis: it sees every update). Secure aggregation's bound is SecAggPlan.norm_bound.
+    norm_bound: float = 0.0
 
     def __post_init__(self):
+        if self.norm_bound < 0:
+            raise ValueError("norm_bound must be >= 0")
         if self.samples_per_client < 0 or self.local_steps < 0:
             raise ValueError("samples_per_client and local_steps must be >= 0")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
@@ -161,6 +166,8 @@ class SecAggPlan(JsonPlan):
     mpc_transport: str = "grpc"
 
     def __post_init__(self):
+        if self.training.norm_bound:
+            raise ValueError("secure aggregation bounds norms inside MPC: set SecAggPlan.norm_bound, not the training plan's")
         if self.mpc_transport not in MPC_TRANSPORTS:
             raise ValueError(f"mpc_transport must be one of {MPC_TRANSPORTS}, not {self.mpc_transport!r}")
 

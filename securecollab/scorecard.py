@@ -65,16 +65,17 @@ def _mb(n: float) -> str:
 ATTACK_HEADERS = ["attack", "protocol", "adversary", "setting", "result", "baseline"]
 # Shown in the table (all metrics are in scorecard.json), in this order when present.
 MAIN_METRICS = ("psnr_db", "ssim", "reid_rate", "label_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr",
-                "fidelity", "max_abs_error")
+                "fidelity", "max_abs_error", "attack_success_rate", "main_accuracy")
 SETTINGS = (("n_clients", "N={}"), ("regime", "{}"), ("samples_per_update", "{} samples/update"),
             ("local_steps", "{} local steps"), ("setting", "{}"), ("cut", "cut {}"), ("head_cut", "head {}"),
             ("mode", "{}"), ("defence", "defence {}"), ("noise_multiplier", "σ={:g}"), ("epsilon", "ε={:.3g}"),
             ("prior", "prior {}"), ("method", "{}"), ("score", "{} score"), ("variant", "{}"), ("target", "{}"), ("model", "{}"),
             ("logits", "{} logits"), ("output", "{} output"), ("source", "{} inputs"), ("queries", "{} queries"),
-            ("images", "{} images"))
+            ("images", "{} images"), ("behaviour", "{}"), ("malicious_fraction", "{:g} malicious"),
+            ("target_class", "target class {}"))
 SHORT = {"psnr_db": "PSNR", "ssim": "SSIM", "reid_rate": "re-id", "label_accuracy": "label acc",
          "auc": "AUC", "tpr_at_1pct_fpr": "TPR@1%", "tpr_at_0p1pct_fpr": "TPR@0.1%", "fidelity": "fidelity",
-         "max_abs_error": "max err"}
+         "max_abs_error": "max err", "attack_success_rate": "ASR", "main_accuracy": "main acc"}
 
 
 def _metric(name: str, values: dict) -> str | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 REGIMES = ("fedsgd", "fedavg")
 
 # Rates carry a 95% interval beside them (`<name>_ci` = [low, high]).
-RATES = ("reid_rate", "label_accuracy", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr", "fidelity")
+RATES = ("reid_rate", "label_accuracy", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr", "fidelity", "attack_success_rate",
+         "main_accuracy")
 
 # What an inversion row observed: the examples behind one observed update (all included clients' for an
 # aggregate) and the SGD steps each contributing client took in the round.
@@ -29,6 +30,11 @@ READ_FIELDS = {
     "membership_loss": ("members", "non_members", "auc", "tpr_at_1pct_fpr"),
     "membership_lira": ("members", "non_members", "variant", "shadow_models", "auc", "tpr_at_1pct_fpr"),
     "extraction": ("queries", "output", "model", "source", "method", "fidelity"),
+    # a malicious client's effect: `behaviour` (securecollab.poisoning), the `defence` it met, the share of
+    # malicious clients; backdoor success on triggered images of the other classes, and the main task
+    "backdoor": ("n_clients", "rounds", "behaviour", "defence", "malicious_fraction", "attack_success_rate",
+                 "main_accuracy", "asr_by_round"),
+    "model_poisoning": ("n_clients", "rounds", "behaviour", "defence", "malicious_fraction", "main_accuracy"),
 }
 
 

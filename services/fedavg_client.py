@@ -14,7 +14,8 @@ from securecollab.net.costs import CostMeter
 from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
 from securecollab.net.wire import encode_named
 from securecollab.plans import FedAvgPlan, client_data
-from securecollab.protocols.fedavg import local_update
+from securecollab.poisoning import Malice, behaviour
+from securecollab.protocols.fedavg import client_delta, local_update, params_of
 from securecollab.training import accuracy
 from securecollab.transcript import TranscriptRecorder
 from services.common import receive_global_model
@@ -25,8 +26,9 @@ ROUND_WAIT_S = 600.0
 
 
 def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
-               out_dir: Path | None = None) -> dict:
-    """Take part in every round; returns (and writes) this client's result and costs."""
+               out_dir: Path | None = None, malice: Malice | None = None) -> dict:
+    """Take part in every round; returns (and writes) this client's result and costs. With `malice` the client
+    is malicious (securecollab.poisoning)."""
     meter = CostMeter(client_id)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{client_id}.jsonl" if out_dir else None,
                                     party=client_id, role="client")
@@ -38,6 +40,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
         ds, x, y = client_data(plan, index)
         model = plan.build_model(ds)
         shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        acts = behaviour(malice, plan.num_clients) if malice else None
         round_ = 0
         while True:
             m = stub.GetModel(pb.ModelRequest(client_id=client_id, round=round_), timeout=ROUND_WAIT_S)
@@ -46,7 +49,11 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
                 load_arrays(model, params)
                 break
             round_ = m.round
-            update = local_update(model, plan, round_, params, x, y, index)
+            if acts is None:
+                update = local_update(model, plan, round_, params, x, y, index)
+            else:
+                update = params_of(params, client_delta(model, plan, round_, params, x, y, index, acts,
+                                                        malice.from_round))
             stub.SubmitUpdate(pb.ClientUpdate(client_id=client_id, round=round_, num_examples=len(x),
                                               params=encode_named(update)), timeout=DEFAULT_DEADLINE_S)
             log.info("%s: round %d submitted", client_id, round_)

@@ -19,11 +19,11 @@ from securecollab.net.costs import CostMeter
 from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
 from securecollab.net.wire import iter_chunks
 from securecollab.plans import SecAggPlan, client_data
-from securecollab.protocols.fedavg import local_update
+from securecollab.poisoning import Malice, behaviour
+from securecollab.protocols.fedavg import client_delta
 from securecollab.secagg.sharing import Share, client_shares
 from securecollab.training import accuracy
 from securecollab.transcript import Kind, TranscriptRecorder
-from securecollab.updates import update_vector
 from services.common import receive_global_model
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, p
 
 def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
                out_dir: Path | None = None, drop: str | None = None, drop_round: int = 0,
-               boost: float = 1.0) -> dict:
-    """Take part until training is done; `drop`/`boost` inject faults (vanish; send a boosted, malicious update)."""
+               boost: float = 1.0, malice: Malice | None = None) -> dict:
+    """Take part until training is done; `drop`/`boost` inject faults (vanish; send a boosted update); with
+    `malice` the client is malicious (securecollab.poisoning)."""
     meter = CostMeter(client_id)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{client_id}.jsonl" if out_dir else None,
                                     party=client_id, role="client")
@@ -90,6 +91,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
     ds, x, y = client_data(plan.training, index)
     model = plan.training.build_model(ds)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    acts = behaviour(malice, plan.training.num_clients) if malice else None
     round_ = 0
     while True:
         info = call_coordinator(coord.GetRound, pb.RoundRequest(client_id=client_id, round=round_), timeout=3600,
@@ -99,12 +101,12 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
             load_arrays(model, params)
             break
         round_ = info.round
-        new = local_update(model, plan.training, round_, params, x, y, index)
+        delta = client_delta(model, plan.training, round_, params, x, y, index, acts,
+                             malice.from_round if malice else 0)
         dropping = drop if drop and round_ == drop_round else None
         if dropping == "before_upload":
             os._exit(3)
-        vector = update_vector(new, params)
-        vector[:-1] *= boost
+        vector = np.append(delta * boost, 1.0)
         try:
             upload(client_id, round_, vector, parties, plan, dropping)
             if dropping == "after_upload":

@@ -53,8 +53,9 @@ GRPC_ONLY = pytest.mark.parametrize("transport", ["grpc"])
 
 
 def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_bound=None, dp_sigma=None,
-               check_refusal=False, seed=0, transport="grpc", before_start=None) -> list[np.ndarray]:
-    """Share `updates`, run aggregate_round on n party processes (+ dealer), return their result shares."""
+               check_refusal=False, seed=0, transport="grpc", before_start=None, **rule_options) -> list[np.ndarray]:
+    """Share `updates`, run aggregate_round on n party processes (+ dealer), return their result shares.
+    `norm_bound`, `dp_sigma` and `rule_options` configure securecollab.aggregation.secure_rule."""
     rng = np.random.default_rng(seed)
     for rank, share in enumerate(_split(updates, n_parties, rng)):
         np.save(tmp_path / f"in{rank}.npy", share)
@@ -65,7 +66,8 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
         port = ",".join(str(free_port()) for _ in range(n_parties + 1))  # each party's endpoint, the dealer's
     else:
         port = str(free_port())
-    common = [str(n_parties), port, str(tmp_path), repr(norm_bound), repr(dp_sigma), str(check_refusal), transport]
+    rule = {"norm_bound": norm_bound, "dp_sigma": dp_sigma, **rule_options}
+    common = [str(n_parties), port, str(tmp_path), repr(rule), str(check_refusal), transport]
     if before_start:
         before_start([int(p) for p in port.split(",")])
     roles = [("party", rank) for rank in range(n_parties)] + ([("dealer", n_parties)] if dealer else [])
@@ -101,13 +103,13 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
 
 
 def _process_main(argv: list[str]) -> None:
-    """Body of one party/dealer process: `role rank n port dir norm_bound dp_sigma check_refusal`."""
+    """Body of one party/dealer process: `role rank n port dir rule_options check_refusal transport`."""
     from securecollab.aggregation import secure_rule
     from securecollab.secagg import mpc
 
     role, rank, n_parties, workdir = argv[0], int(argv[1]), int(argv[2]), Path(argv[4])
-    rule = secure_rule(norm_bound=literal_eval(argv[5]), dp_sigma=literal_eval(argv[6]))
-    if argv[8] == "grpc":
+    rule = secure_rule(**literal_eval(argv[5]))
+    if argv[7] == "grpc":
         _grpc_main(role, rank, n_parties, [int(p) for p in argv[3].split(",")], workdir, rule)
     elif role == "dealer":
         mpc.run_dealer(n_parties, "127.0.0.1", int(argv[3]))
@@ -118,7 +120,7 @@ def _process_main(argv: list[str]) -> None:
         return
     sent = _record_sent() if (workdir / "record").exists() else None
     shares = list(np.load(workdir / f"in{rank}.npy"))  # this party's share of each client
-    if argv[7] == "True":
+    if argv[6] == "True":
         # Without the dealer, multiplications must be refused, not done with CrypTen's TFP.
         try:
             mpc.aggregate_round(shares, secure_rule(norm_bound=1.0))
@@ -189,8 +191,10 @@ def _grpc_main(role, rank, n_parties, ports, workdir, rule):
 
 
 def _updates_with_norms(norms, dim: int, rng: np.random.Generator) -> np.ndarray:
-    directions = rng.normal(size=(len(norms), dim))
-    return directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.asarray(norms)[:, None]
+    """Update vectors as clients send them: a delta of each given L2 norm (dim - 1 long), then the counting 1."""
+    directions = rng.normal(size=(len(norms), dim - 1))
+    deltas = directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.asarray(norms)[:, None]
+    return np.hstack([deltas, np.ones((len(norms), 1))])
 
 
 # --------------------------------------------------------------------------- #
@@ -245,6 +249,46 @@ def test_norm_bound_rejects_oversized_update_inside_mpc(tmp_path, transport):
     from securecollab.aggregation import secure_rule
     clear = secure_rule(norm_bound=bound).clear(list(updates), np.ones(len(updates)))
     np.testing.assert_allclose(_reconstruct(out), clear, rtol=0, atol=10 / SCALE)
+
+
+def _malformed_round(rng: np.random.Generator, bound: float, dim: int):
+    """Updates around the bound, plus what a malicious client can send: the crafted wrap-around update (every
+    delta coordinate +-65536: each squares to 2^64 = 0 in the ring, so the bare norm check sees norm 0), an
+    update counting itself 5 times, and a huge one. Returns (updates, which the sound check must accept)."""
+    from securecollab.poisoning.wraparound import wraparound_vector
+    honest = _updates_with_norms([0.5 * bound, 0.99 * bound, 1.01 * bound, 100 * bound], dim, rng)
+    recount = _updates_with_norms([0.5 * bound], dim, rng)
+    recount[0, -1] = 5.0
+    wrap = np.append(wraparound_vector(rng.normal(size=dim - 1)), 1.0)[None, :]
+    return np.vstack([honest, recount, wrap]), np.array([True, True, False, False, False, False])
+
+
+@pytest.mark.timeout(120)
+@GRPC_ONLY
+def test_sound_norm_bound_rejects_wraparound_and_recounting_and_holds_the_boundary(tmp_path, transport):
+    from securecollab.aggregation import secure_rule
+    from securecollab.aggregation.norm_bound import clear_accepts
+    rng = np.random.default_rng(6)
+    bound = 1.0
+    updates, accepted = _malformed_round(rng, bound, 800)
+    assert [clear_accepts(u, bound) for u in updates] == list(accepted)  # the rule in the clear agrees
+    out = _run_round(tmp_path, updates, 3, norm_bound=bound, transport=transport)
+    np.testing.assert_allclose(_reconstruct(out), updates[accepted].sum(0), rtol=0, atol=10 / SCALE)
+    clear = secure_rule(norm_bound=bound).clear(list(updates), np.ones(len(updates)))
+    np.testing.assert_allclose(_reconstruct(out), clear, rtol=0, atol=10 / SCALE)
+
+
+@pytest.mark.timeout(120)
+@GRPC_ONLY
+def test_positive_control_the_bare_norm_check_lets_the_wraparound_update_through(tmp_path, transport):
+    # The check of earlier versions (no range check): the crafted update counts with "norm" 0.
+    rng = np.random.default_rng(6)
+    updates, _ = _malformed_round(rng, 1.0, 800)
+    updates = updates[[0, 5]]  # an honest update and the wrap-around one
+    out = _run_round(tmp_path, updates, 3, norm_bound=1.0, range_check=False, transport=transport)
+    total = _reconstruct(out)
+    assert total[-1] == pytest.approx(2.0)  # both counted
+    assert np.abs(total[:-1]).max() >= 65535  # the model is wrecked
 
 
 @pytest.mark.timeout(90)

@@ -70,7 +70,9 @@ def rule(name: str, **options) -> AggregationRule:
     return RULES[name](**options)
 
 
-def secure_rule(norm_bound: float | None = None, dp_sigma: float | None = None) -> AggregationRule:
-    """The rule secure aggregation runs inside MPC: the sum, optionally norm-bounded, optionally noised."""
-    base = rule("norm_bound", bound=norm_bound) if norm_bound is not None else rule("mean")
+def secure_rule(norm_bound: float | None = None, dp_sigma: float | None = None, *,
+                range_check: bool = True) -> AggregationRule:
+    """The rule secure aggregation runs inside MPC: the sum, optionally norm-bounded, optionally noised.
+    ``range_check=False`` only to demonstrate the unsound bare norm check (securecollab.aggregation.norm_bound)."""
+    base = rule("norm_bound", bound=norm_bound, range_check=range_check) if norm_bound is not None else rule("mean")
     return rule("dp_noise", inner=base, sigma=dp_sigma) if dp_sigma else base

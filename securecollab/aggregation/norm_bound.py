@@ -1,15 +1,28 @@
-"""Norm bound ("reject"): an update whose L2 norm exceeds the bound is dropped from the aggregate.
+"""Norm bound ("reject"): an update whose model delta has an L2 norm above the bound is dropped.
 
-Inside MPC the squared norm is computed exactly on the integer encodings,
-sum_j (2^16 u_j)^2 = 2^32 ||u||^2, with no truncation. That saves a round over
-all K*D squares, and avoids CrypTen's 3-party truncation, which is off by 2^48
-with probability ~|x|/2^64 per element (large for squares kept at scale
-2^32). The sum must stay below 2^63, so the bound test is only meaningful for
-||u|| < 2^15.5 (about 46341): a larger norm wraps around the ring and may
-pass. Honest updates are far below that; stopping a malicious client that
-picks wrapping inputs needs range proofs, out of scope here. Nothing is
-revealed: not the norms, not which clients passed (only the accepted count,
-through the counting entry of the revealed sum).
+An update vector is the model delta followed by a counting 1 (securecollab.updates). It is accepted iff
+
+* its counting entry is exactly 1 (a client may not count twice, or negatively),
+* every delta coordinate lies in [-R, R], the *coordinate bound* (see below), and
+* ||delta|| <= B, the norm bound.
+
+Inside MPC all three are computed on the shares and only their conjunction exists, as a secret bit per
+client: nothing is revealed, neither the norms nor which clients passed (only the accepted count, through
+the counting entry of the revealed sum).
+
+Why the coordinate bound. The squared norm is computed exactly on the integer encodings,
+sum_j (2^16 u_j)^2 = 2^32 ||u||^2 (no truncation, which would cost a round over all K*D squares and which
+CrypTen's 3-party protocol gets wrong by 2^48 with probability ~|x|/2^64 per element). But the ring is
+Z_2^64: a malicious client choosing its encodings can make the sum wrap around, e.g. any coordinate equal to
++-65536 squares to 2^64 = 0, so a vector of such coordinates passes a bare norm check with "norm" 0 and
+wrecks the model (attacks/poisoning.py, ``wraparound``). Checking first that every coordinate lies in
+[-R, R] with D * (2^16 R)^2 < 2^63 makes the sum exact, so the norm test is sound. The range check is two
+exact comparisons per coordinate (CrypTen's arithmetic-to-binary conversion and a sign bit, batched). R is
+min(B, 2^15.5 / sqrt(D)): honest deltas are far inside it (a coordinate bigger than the whole norm bound
+cannot occur, and at D = 10^6 R is still 46), so only updates no honest client sends are refused.
+
+``range_check=False`` keeps the unsound check of earlier versions, only to show that the wrap-around
+update passes it (tests, the poisoning sweep).
 """
 
 from __future__ import annotations
@@ -25,21 +38,38 @@ from securecollab.secagg.sharing import FRAC_BITS, SCALE
 
 # Squared norms live at scale 2^32 in a signed 64-bit ring: bound^2 * 2^32 < 2^63.
 MAX_NORM_BOUND = 2.0 ** ((63 - 2 * FRAC_BITS) / 2) - 1.0
+# Comparisons are done this many elements at a time (CrypTen's binary circuits hold ~10 copies).
+COMPARE_CHUNK = 1 << 20
+
+
+def coordinate_bound(bound: float, dim: int) -> float:
+    """R: the largest |coordinate| accepted, so that dim coordinates of at most R cannot wrap the squared norm."""
+    return min(bound, math.sqrt((2.0 ** 63 - 1) / max(dim, 1)) / SCALE)
+
+
+def clear_accepts(u: np.ndarray, bound: float, range_check: bool = True) -> bool:
+    """The accept rule on one update vector (delta, then its counting entry), in the clear."""
+    delta = u[:-1]
+    if u[-1] != 1.0:
+        return False
+    if range_check and np.abs(delta).max(initial=0.0) > coordinate_bound(bound, delta.size):
+        return False
+    return bool(np.linalg.norm(delta) <= bound)
 
 
 @register_rule("norm_bound")
 class NormBound(AggregationRule):
-    needs_dealer = True  # squares multiply secrets: Beaver pairs from the dealer
+    needs_dealer = True  # squares and comparisons multiply secrets: Beaver triples from the dealer
 
-    def __init__(self, bound: float):
+    def __init__(self, bound: float, range_check: bool = True):
         if not 0 < bound <= MAX_NORM_BOUND:
             raise ValueError(f"norm_bound must be in (0, {MAX_NORM_BOUND:.0f}], got {bound}")
-        self.bound = bound
+        self.bound, self.range_check = bound, range_check
 
     def clear(self, updates, weights):
         total = np.zeros_like(updates[0], dtype=np.float64)
         for w, u in zip(weights, updates):
-            if np.linalg.norm(u) <= self.bound:
+            if clear_accepts(u, self.bound, self.range_check):
                 total += w * u
         return total
 
@@ -50,16 +80,43 @@ class NormBound(AggregationRule):
         return accept.unsqueeze(0).matmul(x).squeeze(0)
 
     def accept_bits(self, x):
-        """Secret bits [||x_i|| <= bound] for the rows of the (K, D) MPCTensor x."""
-        crypten = load_crypten()
-        from crypten.mpc.primitives import beaver
-
-        MPCTensor = crypten.mpc.MPCTensor
-
-        # Same shares read as plain integers (scale 1): squaring them needs no
-        # truncation, which CrypTen would otherwise do per element.
-        as_ints = MPCTensor.from_shares(x.share, precision=0)
-        squares = beaver.square(as_ints._tensor)  # uses the dealer's (r, r^2) pairs
-        norm_sq = MPCTensor.from_shares(squares.share.sum(1), precision=0)  # 2^32 ||x_i||^2
+        """Secret bits [update i is accepted] for the rows of the (K, D) MPCTensor x (last column: the count)."""
+        as_ints = _as_ints(x)
+        delta = as_ints[:, :-1]
         bound_sq = torch.tensor(math.floor(self.bound * self.bound * SCALE * SCALE), dtype=torch.long)
-        return norm_sq.le(bound_sq)
+        within = squared_norms(delta).le(bound_sq)
+        if not self.range_check:
+            return within
+        radius = math.floor(coordinate_bound(self.bound, delta.size(1)) * SCALE)
+        return within * well_formed(as_ints, radius)
+
+
+def _as_ints(x):
+    """The same shares read as plain integers (scale 1): products of them need no truncation."""
+    return load_crypten().mpc.MPCTensor.from_shares(x.share, precision=0)
+
+
+def squared_norms(delta):
+    """2^32 ||delta_i||^2 per row, exact as long as no coordinate exceeds the coordinate bound."""
+    from crypten.mpc.primitives import beaver
+
+    squares = beaver.square(delta._tensor)  # the dealer's (r, r^2) pairs
+    return load_crypten().mpc.MPCTensor.from_shares(squares.share.sum(1), precision=0)
+
+
+def well_formed(as_ints, radius: int):
+    """Secret bits per row: the counting entry is exactly 2^16 (a 1) and every other entry is in [-radius, radius].
+
+    Each condition is a sign: x <= r  iff  x - r - 1 < 0, and x >= -r  iff  -x - r - 1 < 0, exact for any
+    ring element (a wrapped value lands on the wrong side). Rows of bits are summed locally; a row is well
+    formed iff all 2D of its conditions hold."""
+    crypten = load_crypten()
+    k, d = as_ints.size()
+    delta, count = as_ints[:, :-1], as_ints[:, -1:]
+    conditions = [(delta - (radius + 1)), (-delta - (radius + 1)), (count - (SCALE + 1)), (-count + (SCALE - 1))]
+    flat = crypten.cat([c.flatten() for c in conditions])  # row i's conditions are at i*(d-1)..., then counts
+    bits = crypten.cat([flat[i:i + COMPARE_CHUNK]._ltz() for i in range(0, flat.numel(), COMPARE_CHUNK)])
+    n_delta = k * (d - 1)
+    held = (bits[:n_delta].view(k, d - 1).sum(1) + bits[n_delta:2 * n_delta].view(k, d - 1).sum(1)
+            + bits[2 * n_delta:2 * n_delta + k] + bits[2 * n_delta + k:])
+    return held.ge(2 * d)  # 2(d-1) coordinate conditions + 2 on the count

@@ -13,6 +13,21 @@ from securecollab.cli.options import CertsDir, ServerName, Verbose, setup_loggin
 
 app = typer.Typer(help="Run one client of a protocol against running services.", no_args_is_help=True)
 
+MaliceJson = Annotated[Optional[str], typer.Option(
+    "--malice", help='Make this client malicious (securecollab.poisoning), e.g. \'{"behaviour": "model_replacement", '
+                     '"target": 0, "poison_fraction": 0.5, "from_round": 9}\'. Behaviours: sign_flip, scale, random, '
+                     'backdoor, model_replacement, adaptive (needs "bound"), wraparound.')]
+
+
+def parse_malice(text: str | None):
+    if not text:
+        return None
+    from securecollab.poisoning import Malice
+    try:
+        return Malice.from_json(text)
+    except (ValueError, TypeError) as e:  # bad JSON, unknown behaviour or field, out-of-range value
+        raise typer.BadParameter(f"--malice: {e}") from None
+
 
 @dataclass(frozen=True)
 class Client:
@@ -49,10 +64,10 @@ def client_options(
 
 @app.command("fedavg")
 @uses(client=client_options)
-def fedavg(client=None):
+def fedavg(client=None, malice: MaliceJson = None):
     """Take part in plain FedAvg rounds until the aggregator says training is done."""
     from services.fedavg_client import run_client
-    client.run(run_client)
+    client.run(run_client, malice=parse_malice(malice))
 
 
 @app.command("split")
@@ -72,9 +87,10 @@ def secagg(
     drop_round: Annotated[int, typer.Option(help="Round in which --drop happens.")] = 0,
     boost: Annotated[float, typer.Option(
         help="Fault injection: multiply this client's update (a malicious client).")] = 1.0,
+    malice: MaliceJson = None,
 ):
     """Take part in FedAvg over secure aggregation: each round's update leaves only as secret shares."""
     from services.secagg_client import DROP_PHASES, run_client
     if drop and drop not in DROP_PHASES:
         raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
-    client.run(run_client, drop=drop, drop_round=drop_round, boost=boost)
+    client.run(run_client, drop=drop, drop_round=drop_round, boost=boost, malice=parse_malice(malice))

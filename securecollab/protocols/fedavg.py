@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from securecollab.aggregation import AggregationRule
@@ -9,6 +11,7 @@ from securecollab.aggregation import rule as aggregation_rule
 from securecollab.errors import ProtocolError
 from securecollab.models import load_arrays, parameters_to_arrays
 from securecollab.plans import FedAvgPlan
+from securecollab.poisoning import Behaviour
 from securecollab.protocols.rounds import RoundState
 from securecollab.training import TrainConfig, train_local
 from securecollab.updates import apply_aggregate, update_vector
@@ -22,7 +25,8 @@ class FedAvgRounds(RoundState):
                  rule: AggregationRule | None = None):
         super().__init__(plan.rounds, plan.client_ids(), [(n, a.astype(np.float32)) for n, a in initial])
         self.plan = plan
-        rule = rule or aggregation_rule("mean")
+        rule = rule or (aggregation_rule("norm_bound", bound=plan.norm_bound) if plan.norm_bound
+                        else aggregation_rule("mean"))
         self.shapes = {n: a.shape for n, a in initial}
         self._pending: dict[str, tuple[int, list[tuple[str, np.ndarray]]]] = {}
         self.rule = rule  # weighted by examples: the count entry of the result is the examples' total
@@ -70,3 +74,22 @@ def local_update(model, plan: FedAvgPlan, round_: int, global_params, x, y, clie
     else:
         train_local(model, x, y, cfg, epoch_offset=round_ * plan.local_epochs)
     return parameters_to_arrays(model)
+
+
+def client_delta(model, plan: FedAvgPlan, round_: int, global_params, x, y, client_index: int,
+                 malice: Behaviour | None = None, from_round: int = 0) -> np.ndarray:
+    """The model delta a client sends this round (flat float64). A malicious client (from `from_round` on)
+    trains on the data its behaviour chooses, then sends the delta its behaviour crafts."""
+    acting = malice is not None and round_ >= from_round
+    rng = np.random.default_rng([plan.seed, client_index, round_])  # the attacker's own randomness
+    if acting:
+        x, y = malice.data(x, y, rng)
+        plan = dataclasses.replace(plan, **malice.training)
+    new = local_update(model, plan, round_, global_params, x, y, client_index)
+    delta = update_vector(new, global_params)[:-1]
+    return malice.update(delta, rng) if acting else delta
+
+
+def params_of(global_params, delta: np.ndarray):
+    """The weights global + delta, as a FedAvg client submits them."""
+    return apply_aggregate(global_params, np.append(delta, 1.0))

@@ -51,8 +51,9 @@ def start_aggregator(group: ProcessGroup, plan: FedAvgPlan, certs: Path, out_dir
 
 
 @register("fedavg")
-def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
-    """Plain FedAvg over gRPC (mutual TLS): an aggregator process and one process per client."""
+def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, malicious: dict | None = None, progress=None, **_) -> dict:
+    """Plain FedAvg over gRPC (mutual TLS): an aggregator process and one process per client.
+    `malicious` maps a client id to its securecollab.poisoning.Malice."""
     from securecollab.training import accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     t0 = time.perf_counter()
     with ProcessGroup(out_dir / "logs") as group:
         port = start_aggregator(group, plan, certs, out_dir)
-        start_clients(group, "fedavg", clients, port, certs, out_dir)
+        start_clients(group, "fedavg", clients, port, certs, out_dir, malice_args(malicious))
         wait_clients(group, clients, progress)
         group.wait("aggregator", timeout=120)
     wall = time.perf_counter() - t0
@@ -75,6 +76,10 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, progress=None, **_) -> dict:
     result = {"accuracy": accuracy(model, ds.x_test, ds.y_test), "costs": costs}
     (out_dir / "result_fedavg.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def malice_args(malicious: dict | None) -> dict[str, list[str]]:
+    return {cid: ["--malice", m.to_json()] for cid, m in (malicious or {}).items()}
 
 
 def start_clients(group: ProcessGroup, kind: str, clients: list[str], port: int, certs: Path, out_dir: Path,
@@ -163,7 +168,7 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
 
 @register("secagg")
 def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | None = None,
-               boosts: dict | None = None, progress=None, **_) -> dict:
+               boosts: dict | None = None, malicious: dict | None = None, progress=None, **_) -> dict:
     """FedAvg over secure aggregation: coordinator, compute parties, (dealer), clients, each its own process.
 
     Fault injection: `drops` maps a client id to (phase, round); `boosts` to a factor on its update."""
@@ -181,6 +186,8 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
         extra = {cid: ["--drop", phase, "--drop-round", str(round_)] for cid, (phase, round_) in (drops or {}).items()}
         for cid, factor in (boosts or {}).items():
             extra.setdefault(cid, []).extend(["--boost", str(factor)])
+        for cid, args in malice_args(malicious).items():
+            extra.setdefault(cid, []).extend(args)
         start_clients(group, "secagg", clients, port, certs, out_dir, extra)
         wait_clients(group, clients, progress, may_fail=drops or {})
         group.wait("coordinator", timeout=300)
