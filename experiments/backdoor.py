@@ -1,5 +1,6 @@
 """Experiment ``backdoor``: malicious clients against plain FedAvg and secure aggregation, with and without
-a norm bound (in the clear at the FedAvg aggregator: update analysis; inside MPC under secure aggregation).
+a defence: a norm bound that rejects or clips, or FLTrust's trust scores (in the clear at the FedAvg
+aggregator: update analysis; inside MPC under secure aggregation).
 
 Real runs: 10 client processes on digits (the default MLP, 10 rounds), the first `k` of them malicious
 (securecollab.poisoning). A model-replacement backdoor acts in the last round (Bagdasaryan et al. 2020:
@@ -8,7 +9,7 @@ knows; the wrap-around update is the one crafted against a bare in-MPC norm chec
 malicious client's own transcript (attacks/poisoning.py) beside the clean run (no malicious client).
 
 The bound, 4.0, is above every honest delta's norm in these runs (1.0 to 3.2 over the rounds) and far
-below a boosted one's (~30).
+below a boosted one's (~30). FLTrust's root data set: 100 training examples the coordinator holds.
 """
 
 from __future__ import annotations
@@ -36,30 +37,42 @@ def malice(behaviour: str, k: int) -> Malice:
     return Malice(behaviour, target=TARGET, poison_fraction=POISON_FRACTION, from_round=ROUNDS - 1)
 
 
-def cases(quick: bool) -> list[tuple[str, str, float, int]]:
-    """(protocol, behaviour, norm bound, malicious clients): each one real run."""
-    quick_cases = [("fedavg", "model_replacement", 0.0, 1), ("fedavg", "model_replacement", BOUND, 1),
-                   ("secagg", "none", BOUND, 0), ("secagg", "model_replacement", BOUND, 1),
-                   ("secagg", "adaptive", BOUND, 1), ("fedavg", "wraparound", 0.0, 1)]
+DEFENCES = ("none", "reject", "clip", "fltrust")
+
+
+def cases(quick: bool) -> list[tuple[str, str, str, int]]:
+    """(protocol, behaviour, defence, malicious clients): each one real run."""
+    quick_cases = [("fedavg", "model_replacement", "none", 1), ("fedavg", "model_replacement", "reject", 1),
+                   ("secagg", "none", "reject", 0), ("secagg", "model_replacement", "reject", 1),
+                   ("secagg", "adaptive", "reject", 1), ("fedavg", "wraparound", "none", 1),
+                   ("secagg", "model_replacement", "clip", 1), ("secagg", "model_replacement", "fltrust", 1)]
     if quick:
         return quick_cases
-    more = [("secagg", "wraparound", BOUND, 1), ("secagg", "model_replacement", 0.0, 1)]
-    more += [(p, b, bound, 1) for b in ("sign_flip", "scale", "random") for p, bound in
-             (("fedavg", 0.0), ("secagg", BOUND))]
-    more += [(p, "model_replacement", bound, k) for k in (2, 3) for p, bound in (("fedavg", 0.0), ("secagg", BOUND))]
+    more = [("secagg", "wraparound", "reject", 1), ("secagg", "model_replacement", "none", 1),
+            ("fedavg", "model_replacement", "clip", 1), ("fedavg", "model_replacement", "fltrust", 1),
+            ("secagg", "none", "fltrust", 0), ("secagg", "adaptive", "clip", 1)]
+    more += [(p, b, defence, 1) for b in ("sign_flip", "scale", "random") for p, defence in
+             (("fedavg", "none"), ("secagg", "reject"), ("secagg", "fltrust"))]
+    more += [(p, "model_replacement", defence, k) for k in (2, 3)
+             for p, defence in (("fedavg", "none"), ("secagg", "reject"), ("secagg", "fltrust"))]
     return quick_cases + more
 
 
-def run_case(out_dir: Path, protocol: str, behaviour: str, bound: float, k: int, seed: int) -> tuple[Path, Malice | None]:
+def defence_label(defence: str) -> str:
+    return {"none": "none", "reject": f"norm_bound({BOUND:g})", "clip": f"clip({BOUND:g})", "fltrust": "fltrust"}[defence]
+
+
+def run_case(out_dir: Path, protocol: str, behaviour: str, defence: str, k: int, seed: int) -> tuple[Path, Malice | None]:
     from securecollab.runs import run_protocol
 
     m = malice(behaviour, k) if k else None
-    plan = FedAvgPlan(num_clients=N_CLIENTS, rounds=ROUNDS, seed=seed,
-                      norm_bound=bound if protocol == "fedavg" else 0.0)
-    run_dir = out_dir / f"{protocol}_{behaviour}_k{k}_bound{bound:g}"
+    rule = {"norm_bound": BOUND if defence in ("reject", "clip") else 0.0,
+            "norm_mode": "clip" if defence == "clip" else "reject", "robust": "fltrust" if defence == "fltrust" else ""}
+    plan = FedAvgPlan(num_clients=N_CLIENTS, rounds=ROUNDS, seed=seed, **(rule if protocol == "fedavg" else {}))
+    run_dir = out_dir / f"{protocol}_{behaviour}_k{k}_{defence}"
     options = {"malicious": {f"client-{i}": m for i in range(k)}} if k else {}
     if protocol == "secagg":
-        options["secagg"] = SecAggPlan(training=plan, norm_bound=bound)
+        options["secagg"] = SecAggPlan(training=plan, **rule)
     run_protocol(protocol, plan, run_dir, **options)
     return run_dir, m
 
@@ -92,9 +105,9 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-@experiment("backdoor", minutes=(9.0, 25.0), attacks=("backdoor", "model_poisoning"),
+@experiment("backdoor", minutes=(11.0, 40.0), attacks=("backdoor", "model_poisoning"),
             summary="malicious clients (backdoors, model poisoning, wrap-around) vs FedAvg and secure aggregation, "
-                    "with a norm bound in the clear or inside MPC")
+                    "with a norm bound (reject or clip) or FLTrust, in the clear or inside MPC")
 def sweep(out_dir: Path, *, quick: bool, seed: int, progress, runs=None) -> list[dict]:
     from securecollab.runs import run_protocol
 
@@ -103,13 +116,12 @@ def sweep(out_dir: Path, *, quick: bool, seed: int, progress, runs=None) -> list
     clean = out_dir / "fedavg_clean"
     run_protocol("fedavg", FedAvgPlan(num_clients=N_CLIENTS, rounds=ROUNDS, seed=seed), clean)
     rows = []
-    for protocol, behaviour, bound, k in cases(quick):
-        progress(f"{protocol}, {k} malicious ({behaviour}), norm bound {bound:g}")
-        run_dir, m = run_case(out_dir, protocol, behaviour, bound, k, seed)
+    for protocol, behaviour, defence, k in cases(quick):
+        progress(f"{protocol}, {k} malicious ({behaviour}), defence {defence_label(defence)}")
+        run_dir, m = run_case(out_dir, protocol, behaviour, defence, k, seed)
         kind = BEHAVIOURS[behaviour].kind if m else "backdoor"  # no malicious client: the backdoor control
         evaluate = backdoor if kind == "backdoor" else model_poisoning
-        defence = f"norm_bound({bound:g})" if bound else "none"
-        rows += evaluate(run_dir, protocol=protocol, malice=m, target=TARGET, defence=defence,
+        rows += evaluate(run_dir, protocol=protocol, malice=m, target=TARGET, defence=defence_label(defence),
                          malicious_fraction=k / N_CLIENTS, baseline_run=clean)
     for r in rows:
         r["figure"] = "backdoor_vs_defence.png"

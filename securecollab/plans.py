@@ -97,13 +97,22 @@ class FedAvgPlan(ShardedPlan):
     dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
-    # Plain FedAvg only: the aggregator drops updates whose delta's L2 norm is above this (0: none), in the
-    # clear (update analysis: it sees every update). Secure aggregation's bound is SecAggPlan.norm_bound.
+    # Plain FedAvg only: the aggregator drops (norm_mode "reject") or clips ("clip") updates whose delta's
+    # L2 norm is above this (0: none), or weighs them with a robust rule ("fltrust"), in the clear (update
+    # analysis: it sees every update). Secure aggregation's are SecAggPlan.norm_bound/norm_mode/robust.
     norm_bound: float = 0.0
+    norm_mode: str = "reject"
+    robust: str = ""
+    # FLTrust's root data set: this many training examples the aggregator (the coordinator) holds itself,
+    # drawn uniformly from the training split as in the paper; its own update sets the trust direction.
+    root_samples: int = 100
 
     def __post_init__(self):
         if self.norm_bound < 0:
             raise ValueError("norm_bound must be >= 0")
+        check_robustness(self.norm_bound, self.norm_mode, self.robust)
+        if self.root_samples < 1:
+            raise ValueError("root_samples must be >= 1")
         if self.samples_per_client < 0 or self.local_steps < 0:
             raise ValueError("samples_per_client and local_steps must be >= 0")
         if self.dp_noise_multiplier < 0 or self.dp_max_grad_norm <= 0 or not 0 < self.dp_delta < 1:
@@ -138,6 +147,26 @@ class FedAvgPlan(ShardedPlan):
         return super().build_model(ds)
 
 
+def root_data(plan: FedAvgPlan):
+    """The aggregator's FLTrust root data set: `root_samples` training examples, a seeded uniform draw."""
+    ds = plan.load_data()
+    idx = np.sort(np.random.default_rng([plan.seed, 7]).choice(len(ds.y_train), plan.root_samples, replace=False))
+    return ds, ds.x_train[idx], ds.y_train[idx]
+
+
+NORM_MODES = ("reject", "clip")
+ROBUST_RULES = ("", "fltrust")
+
+
+def check_robustness(norm_bound: float, norm_mode: str, robust: str) -> None:
+    if norm_mode not in NORM_MODES:
+        raise ValueError(f"norm_mode must be one of {NORM_MODES}, not {norm_mode!r}")
+    if robust not in ROBUST_RULES:
+        raise ValueError(f"robust must be one of {ROBUST_RULES[1:]} (or empty), not {robust!r}")
+    if robust and norm_bound:
+        raise ValueError(f"{robust} normalises every update itself: do not combine it with a norm bound")
+
+
 def client_data(plan: FedAvgPlan, index: int):
     """The data set and the training shard client `index` holds."""
     ds = plan.load_data()
@@ -157,7 +186,9 @@ class SecAggPlan(JsonPlan):
     seed_compression: bool = True
     min_clients: int = 2
     upload_deadline_s: float = 120.0
-    norm_bound: float = 0.0   # 0: no bound; otherwise reject updates with a larger L2 norm, inside MPC
+    norm_bound: float = 0.0   # 0: no bound; otherwise reject (or clip) updates with a larger L2 norm, inside MPC
+    norm_mode: str = "reject"  # reject | clip: what the bound does to an update above it
+    robust: str = ""          # "" | fltrust: trust scores against the coordinator's root update, inside MPC
     dp_sigma: float = 0.0     # 0: no noise; otherwise distributed Gaussian noise on the aggregate
     max_aborted_rounds: int = 3      # rounds a failed compute party may cost before training stops
     party_recovery_s: float = 600.0  # how long an aborted round waits for its parties to serve again
@@ -166,8 +197,10 @@ class SecAggPlan(JsonPlan):
     mpc_transport: str = "grpc"
 
     def __post_init__(self):
-        if self.training.norm_bound:
-            raise ValueError("secure aggregation bounds norms inside MPC: set SecAggPlan.norm_bound, not the training plan's")
+        if self.training.norm_bound or self.training.robust or self.training.norm_mode != "reject":
+            raise ValueError("secure aggregation bounds norms and weighs updates inside MPC: set SecAggPlan's "
+                             "norm_bound, norm_mode and robust, not the training plan's")
+        check_robustness(self.norm_bound, self.norm_mode, self.robust)
         if self.mpc_transport not in MPC_TRANSPORTS:
             raise ValueError(f"mpc_transport must be one of {MPC_TRANSPORTS}, not {self.mpc_transport!r}")
 
@@ -178,7 +211,7 @@ class SecAggPlan(JsonPlan):
     @property
     def needs_dealer(self) -> bool:
         # Sums are local; norms need multiplications, hence Beaver triples from a dealer.
-        return self.norm_bound > 0
+        return self.norm_bound > 0 or bool(self.robust)
 
 
 SPLIT_MODES = ("vanilla", "ushaped")

@@ -19,10 +19,18 @@ def update_vector(params, global_params) -> np.ndarray:
     return np.concatenate([*delta, [1.0]])
 
 
-def apply_aggregate(global_params, aggregate: np.ndarray):
-    """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count."""
-    count = round(float(aggregate[-1]))
-    if count < 1:  # every update failed the norm bound
+def ready_update(index: int, params: int, seed: int) -> np.ndarray:
+    """Benchmarks: party `index`'s ready-made update of `params` floats (clients index < K; the coordinator's
+    FLTrust root update is index K), the same wherever it is computed."""
+    return np.random.default_rng([seed, index]).normal(0, 0.05, params).astype(np.float32)
+
+
+def apply_aggregate(global_params, aggregate: np.ndarray, real_weights: bool = False):
+    """New global model from the revealed sum of update vectors: θ + Σ Δᵢ / count. The count is a whole
+    number of clients (rounded: fixed-point and DP noise), or with `real_weights` a total weight such as
+    FLTrust's total trust."""
+    count = float(aggregate[-1]) if real_weights else round(float(aggregate[-1]))
+    if count < (1e-3 if real_weights else 1):  # every update failed the norm bound, or none was trusted
         raise TooFewClients(f"the aggregate counts {aggregate[-1]:.3f} clients: no update was accepted")
     out, offset = [], 0
     for name, g in global_params:

@@ -15,13 +15,14 @@ import grpc
 import numpy as np
 
 from securecollab.aggregation import secure_rule
+from securecollab.aggregation.fltrust import check_reference
 from securecollab.errors import ProtocolError
 from securecollab.generated.v1 import secagg_pb2 as pb
 from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter
 from securecollab.net.transport import make_server
-from securecollab.net.wire import WireError, assemble_chunks, iter_chunks
+from securecollab.net.wire import WireError, assemble_chunks, decode_tensor, iter_chunks
 from securecollab.plans import SecAggPlan
 from securecollab.protocols.secagg import ShareStore
 from securecollab.secagg.mpc import aggregate_round, mpc_stats, setup_party, setup_party_grpc, shutdown
@@ -96,7 +97,9 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
 
     def _job_for(self, request) -> Future:
         """The MPC job of this aggregation: a new one, or the one already run for the same request."""
-        key = (tuple(request.client_ids), request.norm_bound, request.dp_sigma)
+        reference = self._reference(request)
+        key = (tuple(request.client_ids), request.norm_bound, request.dp_sigma, request.norm_mode, request.robust,
+               None if reference is None else reference.tobytes())
         with self._answer_lock:
             if request.round in self.answered:
                 asked, job = self.answered[request.round]
@@ -105,14 +108,33 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
                                         f"{list(asked[0])}; another aggregation could reveal the difference")
                 log.info("round %d: aggregate asked again (coordinator restarted?): same result", request.round)
                 return job
+            try:
+                rule = secure_rule(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None,
+                                   norm_mode=request.norm_mode or "reject", robust=request.robust or None,
+                                   reference=reference)
+            except ValueError as e:
+                raise ProtocolError("INVALID_ARGUMENT", f"aggregation rule: {e}") from None
+            if reference is not None and self.store.lengths(request.round) - {reference.size + 1}:
+                raise ProtocolError("INVALID_ARGUMENT", f"the root update has {reference.size} coordinates, "
+                                    f"the updates {sorted(n - 1 for n in self.store.lengths(request.round))}")
             shares = self.store.take(request.round, list(request.client_ids))
-            rule = secure_rule(norm_bound=request.norm_bound or None, dp_sigma=request.dp_sigma or None)
             job = Future()
             self.jobs.put((shares, rule, job))
             self.answered[request.round] = (key, job)
             for old in sorted(self.answered)[:-4]:  # a coordinator resumes only its open round
                 del self.answered[old]
             return job
+
+    @staticmethod
+    def _reference(request) -> np.ndarray | None:
+        """FLTrust's root update from the request: a finite float64 vector with a norm the rule can carry."""
+        if not request.robust:
+            return None
+        try:
+            g0 = decode_tensor(request.reference, expect_dtype=np.float64, finite=True)
+            return check_reference(g0, g0.size)
+        except (WireError, ValueError) as e:
+            raise ProtocolError("INVALID_ARGUMENT", f"root update: {e}") from None
 
     @rpc_errors
     def Rejoin(self, request, context):

@@ -49,3 +49,40 @@ def test_a_new_rule_is_one_class_and_its_registration():
         assert rule("first_only").clear([np.ones(2), 5 * np.ones(2)], np.array([2.0, 1.0])).tolist() == [2.0, 2.0]
     finally:
         del RULES["first_only"]
+
+
+def test_clip_scales_updates_over_the_bound_and_keeps_their_count():
+    u = [np.array([0.6, 0.0, 1.0]), np.array([1.8, 1.8, 1.0]), np.array([0.0, 0.0, 1.0])]
+    total = secure_rule(norm_bound=2.0, norm_mode="clip").clear(u, np.ones(3))
+    r = np.sqrt(2)  # (1.8, 1.8) clipped to norm 2; a zero delta counts
+    np.testing.assert_allclose(total, [0.6 + r, r, 3.0])
+    # a coordinate over the coordinate bound (here the bound itself) is refused, not clipped
+    assert secure_rule(norm_bound=2.0, norm_mode="clip").clear([np.array([2.5, 0.0, 1.0])], np.ones(1))[-1] == 0
+
+
+def test_fltrust_weighs_by_cosine_to_the_root_update_and_normalises_norms():
+    g0 = np.array([2.0, 0.0])
+    u = [np.array([1.0, 1.0, 1.0]),      # cos 1/sqrt(2)
+         np.array([-3.0, 0.1, 1.0]),     # points away: no trust
+         np.array([300.0, 0.0, 1.0]),    # boosted, aligned: trust 1, normalised to ||g0||
+         np.array([1.0, 0.0, 5.0])]      # counts itself 5 times: not well formed, no weight
+    fltrust = rule("fltrust", reference=g0)
+    assert fltrust.real_weights
+    total = fltrust.clear(u, np.array([10.0, 10.0, 10.0, 10.0]))  # example counts do not matter to FLTrust
+    c = 1 / np.sqrt(2)
+    np.testing.assert_allclose(total, [c * np.sqrt(2) + 2.0, c * np.sqrt(2), c + 1.0])
+    g = [("w", np.zeros(2, np.float32))]
+    step = dict(apply_aggregate(g, total, real_weights=True))["w"]
+    assert np.linalg.norm(step) <= 2.0 and step[0] > step[1] > 0
+    with pytest.raises(ValueError, match="coordinates"):
+        fltrust.clear([np.ones(4)], np.ones(1))
+    with pytest.raises(ValueError, match="norm"):
+        rule("fltrust", reference=np.full(2, 1e-6)).clear(u, np.ones(4))
+
+
+def test_a_total_weight_rounds_only_when_it_counts_clients():
+    g = [("w", np.zeros(1, np.float32))]
+    assert dict(apply_aggregate(g, np.array([3.0, 2.9999])))["w"] == pytest.approx(1.0)  # fixed point: 3 clients
+    assert dict(apply_aggregate(g, np.array([0.5, 0.25]), real_weights=True))["w"] == pytest.approx(2.0)
+    with pytest.raises(Exception, match="no update was accepted"):
+        apply_aggregate(g, np.array([0.0, 0.0]), real_weights=True)

@@ -59,7 +59,8 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
     rng = np.random.default_rng(seed)
     for rank, share in enumerate(_split(updates, n_parties, rng)):
         np.save(tmp_path / f"in{rank}.npy", share)
-    dealer = norm_bound is not None
+    from securecollab.aggregation import secure_rule
+    dealer = secure_rule(norm_bound=norm_bound, **rule_options).needs_dealer
     if transport == "grpc":
         from securecollab.net.certs import make_certs
         make_certs(tmp_path / "certs", [f"party-{i}" for i in range(n_parties)] + ["dealer"])
@@ -213,6 +214,13 @@ def test_spec_validation_and_dealer_need():
     for bad in (0.0, -1.0, MAX_NORM_BOUND * 2, float("nan")):
         with pytest.raises(ValueError):
             secure_rule(norm_bound=bad)
+    assert secure_rule(robust="fltrust", reference=[1.0]).needs_dealer
+    assert secure_rule(robust="fltrust", reference=[1.0], dp_sigma=0.1).real_weights
+    for bad in ({"norm_bound": 1.0, "norm_mode": "shrink"}, {"norm_bound": 1.0, "norm_mode": "clip", "range_check": False},
+                {"robust": "fltrust"}, {"robust": "krum", "reference": [1.0]},
+                {"robust": "fltrust", "reference": [1.0], "norm_bound": 1.0}):
+        with pytest.raises(ValueError):
+            secure_rule(**bad)
     with pytest.raises(ValueError):
         secure_rule(dp_sigma=-0.1)
 
@@ -289,6 +297,62 @@ def test_positive_control_the_bare_norm_check_lets_the_wraparound_update_through
     total = _reconstruct(out)
     assert total[-1] == pytest.approx(2.0)  # both counted
     assert np.abs(total[:-1]).max() >= 65535  # the model is wrecked
+
+
+def _flat_updates(norms, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Like _updates_with_norms, but every coordinate of a delta has the same magnitude (random signs), so
+    a norm far above a bound still passes its coordinate bound."""
+    signs = rng.choice([-1.0, 1.0], size=(len(norms), dim - 1))
+    return np.hstack([signs * (np.asarray(norms)[:, None] / np.sqrt(dim - 1)), np.ones((len(norms), 1))])
+
+
+@pytest.mark.timeout(120)
+@GRPC_ONLY
+def test_clipping_inside_mpc_equals_clipping_in_the_clear(tmp_path, transport):
+    from securecollab.aggregation import secure_rule
+    from securecollab.poisoning.wraparound import wraparound_vector
+    rng = np.random.default_rng(7)
+    bound, dim = 4.0, 401
+    updates = _flat_updates([0.5, 3.9, 4.1, 12.0, 70.0], dim, rng)  # the last: 17.5 times the bound
+    wrap = np.append(wraparound_vector(rng.normal(size=dim - 1)), 1.0)[None, :]
+    updates = np.vstack([updates, wrap])
+    out = _reconstruct(_run_round(tmp_path, updates, 3, norm_bound=bound, norm_mode="clip", transport=transport))
+    clear = secure_rule(norm_bound=bound, norm_mode="clip").clear(list(updates), np.ones(len(updates)))
+    want = updates[:2, :-1].sum(0) + (updates[2:5, :-1] * (bound / np.array([4.1, 12.0, 70.0]))[:, None]).sum(0)
+    np.testing.assert_allclose(clear[:-1], want, atol=1e-9)
+    assert clear[-1] == out[-1] == 5.0  # the wrap-around update is not counted, the clipped ones are
+    np.testing.assert_allclose(out[:-1], clear[:-1], rtol=0, atol=2e-3)  # 16-bit fixed point, ~1e-4 relative
+    assert np.linalg.norm(out[:-1] - clear[:-1]) < 1e-3 * np.linalg.norm(clear[:-1])
+
+
+@pytest.mark.timeout(120)
+@GRPC_ONLY
+def test_fltrust_inside_mpc_equals_fltrust_in_the_clear(tmp_path, transport):
+    from securecollab.aggregation import secure_rule
+    rng = np.random.default_rng(8)
+    dim = 401
+    g0 = rng.normal(size=dim - 1)
+    g0 *= 2.0 / np.linalg.norm(g0)
+    noise = rng.normal(size=(4, dim - 1)) / np.sqrt(dim - 1)  # norm ~1 against ‖g0‖ = 2
+    deltas = np.vstack([
+        g0 + 0.5 * noise[0],           # honest, aligned
+        0.3 * g0 + 0.5 * noise[1],     # weakly aligned, shorter
+        -g0 + 0.2 * noise[2],          # opposite: no trust
+        50 * (g0 + 0.5 * noise[3]),    # boosted (model replacement): normalised back to ||g0||
+        0.001 * g0,                    # tiny: normalised as if ||g0|| / 8 long
+    ])
+    updates = np.hstack([deltas, np.ones((len(deltas), 1))])
+    rule = secure_rule(robust="fltrust", reference=g0)
+    clear = rule.clear(list(updates), np.ones(len(updates)))
+    norms = np.linalg.norm(deltas, axis=1)
+    trust = np.maximum(deltas @ g0, 0) / (np.maximum(norms, 2.0 / 8) * 2.0)  # relu(cos); the tiny one damped
+    assert trust[2] == 0 and trust[4] == pytest.approx(0.008) and clear[-1] == pytest.approx(trust.sum())
+    out = _reconstruct(_run_round(tmp_path, updates, 3, robust="fltrust", reference=g0.tolist(), transport=transport))
+    assert out[-1] == pytest.approx(clear[-1], abs=2e-3)  # the total trust, the only per-round scalar revealed
+    np.testing.assert_allclose(out[:-1], clear[:-1], rtol=0, atol=5e-3)
+    assert np.linalg.norm(out[:-1] - clear[:-1]) < 2e-3 * np.linalg.norm(clear[:-1])
+    step = out[:-1] / out[-1]  # the FLTrust update: close to g0's direction, norm at most ||g0||
+    assert step @ g0 / (np.linalg.norm(step) * 2.0) > 0.8 and np.linalg.norm(step) <= 2.0 + 1e-2
 
 
 @pytest.mark.timeout(90)

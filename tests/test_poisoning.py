@@ -84,6 +84,37 @@ def test_plain_aggregator_applies_its_plans_norm_bound():
         SecAggPlan(training=plan)
 
 
+def test_plain_aggregator_clips_or_weighs_by_trust_as_its_plan_says():
+    from securecollab.protocols.fedavg import FedAvgRounds, RootUpdates
+    ds = FedAvgPlan().load_data()
+    plan = FedAvgPlan(num_clients=2, rounds=1, robust="fltrust", root_samples=50)
+    model = plan.build_model(ds)
+    from securecollab.models import parameters_to_arrays
+    g = parameters_to_arrays(model)
+    g0 = RootUpdates(plan).delta(0, g)
+    assert np.linalg.norm(g0) > 0.1  # the root data moves the model
+    rounds = FedAvgRounds(plan, g)
+    flat = [0]
+    def shifted(direction):  # a client's weights: global + direction (shaped like the model)
+        out, offset = [], 0
+        for name, a in g:
+            out.append((name, (a + direction[offset:offset + a.size].reshape(a.shape)).astype(np.float32)))
+            offset += a.size
+        return out
+    rounds.submit("client-0", 0, 10, shifted(g0))          # the root update itself: trust 1
+    rounds.submit("client-1", 0, 10, shifted(-100 * g0))   # boosted and reversed: trust 0
+    new = np.concatenate([a.ravel() for _, a in rounds.params]) - np.concatenate([a.ravel() for _, a in g])
+    np.testing.assert_allclose(new, g0, atol=1e-5)
+    clip = FedAvgRounds(FedAvgPlan(num_clients=2, rounds=1, norm_bound=4.0, norm_mode="clip"), [("w", np.zeros(4, np.float32))])
+    clip.submit("client-0", 0, 1, [("w", np.array([0.5, 0, 0, 0], np.float32))])
+    clip.submit("client-1", 0, 1, [("w", np.full(4, 3.0, np.float32))])  # norm 6: clipped to 4
+    np.testing.assert_allclose(dict(clip.params)["w"], [1.25, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="norm bound"):
+        FedAvgPlan(norm_bound=1.0, robust="fltrust")
+    with pytest.raises(ValueError, match="inside MPC"):
+        SecAggPlan(training=FedAvgPlan(robust="fltrust"))
+
+
 def test_cli_refuses_a_bad_malice():
     from typer.testing import CliRunner
 

@@ -22,7 +22,7 @@ from securecollab.generated.v1 import tensor_pb2 as tensor_pb
 from securecollab.launch import ProcessGroup, ensure_certs
 from securecollab.net.certs import TlsFiles
 from securecollab.net.transport import check_health, make_channel
-from securecollab.net.wire import decode_named, iter_chunks
+from securecollab.net.wire import decode_named, encode_tensor, iter_chunks
 from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.runs.training import start_secagg_servers
 from securecollab.secagg.sharing import Share, encode_fixed, split_shares
@@ -184,6 +184,23 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     for name, (method, req, want) in coordinator_cases.items():
         code, details = code_of(method, req, timeout=3)
         assert code == want and details, (name, code, details)
+
+    # the coordinator's own aggregation request, malformed: refused before any share is used
+    as_coordinator = fed.party("coordinator", 0)
+    both = ["client-0", "client-1"]
+    bad_requests = {
+        "unknown robust rule": pb.AggregateRequest(round=0, client_ids=both, robust="krum"),
+        "unknown norm mode": pb.AggregateRequest(round=0, client_ids=both, norm_bound=1.0, norm_mode="shrink"),
+        "root update with NaN": pb.AggregateRequest(round=0, client_ids=both, robust="fltrust",
+                                                    reference=encode_tensor(np.full(length - 1, np.nan))),
+        "root update of the wrong length": pb.AggregateRequest(round=0, client_ids=both, robust="fltrust",
+                                                               reference=encode_tensor(np.ones(length - 2))),
+        "root update as int64": pb.AggregateRequest(round=0, client_ids=both, robust="fltrust",
+                                                    reference=encode_tensor(np.ones(length - 1, np.int64))),
+    }
+    for name, req in bad_requests.items():
+        code, details = code_of(lambda: list(as_coordinator.Aggregate(req, timeout=30)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details, (name, code, details)
 
     # nothing accepted was lost: every party still holds exactly the two honest shares
     for i in range(3):

@@ -6,7 +6,8 @@ combination sum_i c_i * w_i * u_i, where w_i is the weight the protocol gives
 client i (its example count in plain FedAvg, 1 in secure aggregation) and
 c_i the rule's own coefficient (1 for the mean, 0/1 for a norm bound, ...).
 Because the counting 1 is combined too, the last entry of the result is the
-total weight, and `securecollab.updates.apply_aggregate` turns the result
+total weight (a count of clients, or with `real_weights` a total such as
+FLTrust's trust), and `securecollab.updates.apply_aggregate` turns the result
 into the next global model.
 
 A rule says how to compute this twice:
@@ -38,6 +39,7 @@ RULES: dict[str, type[AggregationRule]] = {}
 class AggregationRule(ABC):
     name: ClassVar[str] = ""
     needs_dealer: ClassVar[bool] = False
+    real_weights: ClassVar[bool] = False  # the counting entry is a real total weight, not a whole count
 
     @abstractmethod
     def clear(self, updates: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
@@ -70,9 +72,21 @@ def rule(name: str, **options) -> AggregationRule:
     return RULES[name](**options)
 
 
-def secure_rule(norm_bound: float | None = None, dp_sigma: float | None = None, *,
-                range_check: bool = True) -> AggregationRule:
-    """The rule secure aggregation runs inside MPC: the sum, optionally norm-bounded, optionally noised.
-    ``range_check=False`` only to demonstrate the unsound bare norm check (securecollab.aggregation.norm_bound)."""
-    base = rule("norm_bound", bound=norm_bound, range_check=range_check) if norm_bound is not None else rule("mean")
+def secure_rule(norm_bound: float | None = None, dp_sigma: float | None = None, *, norm_mode: str = "reject",
+                robust: str | None = None, reference=None, range_check: bool = True) -> AggregationRule:
+    """The rule secure aggregation runs inside MPC: the sum, norm-bounded (rejected or clipped) or a robust
+    rule (FLTrust against the coordinator's `reference` update), optionally noised. ``range_check=False``
+    only to demonstrate the unsound bare norm check (securecollab.aggregation.norm_bound)."""
+    if robust:
+        if norm_bound is not None:
+            raise ValueError(f"{robust} normalises every update itself: it does not combine with a norm bound")
+        if robust != "fltrust":
+            raise ValueError(f"unknown robust rule {robust!r}; choose fltrust")
+        if reference is None:
+            raise ValueError("fltrust needs the coordinator's root update")
+        base = rule("fltrust", reference=reference)
+    elif norm_bound is not None:
+        base = rule("norm_bound", bound=norm_bound, range_check=range_check, mode=norm_mode)
+    else:
+        base = rule("mean")
     return rule("dp_noise", inner=base, sigma=dp_sigma) if dp_sigma else base

@@ -27,6 +27,10 @@ class DistributedNoise(AggregationRule):
     def needs_dealer(self) -> bool:
         return self.inner.needs_dealer  # the noise itself is linear
 
+    @property
+    def real_weights(self) -> bool:
+        return self.inner.real_weights
+
     def clear(self, updates, weights):
         total = self.inner.clear(updates, weights)
         return total + np.random.default_rng().standard_normal(total.shape) * self.sigma

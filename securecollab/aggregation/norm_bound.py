@@ -1,14 +1,18 @@
-"""Norm bound ("reject"): an update whose model delta has an L2 norm above the bound is dropped.
+"""Norm bound: an update whose model delta has an L2 norm above the bound is dropped ("reject") or scaled
+down to the bound ("clip", u * min(1, B / ||u||), as in DP-FedAvg and most robust-FL baselines).
 
 An update vector is the model delta followed by a counting 1 (securecollab.updates). It is accepted iff
 
 * its counting entry is exactly 1 (a client may not count twice, or negatively),
 * every delta coordinate lies in [-R, R], the *coordinate bound* (see below), and
-* ||delta|| <= B, the norm bound.
+* ||delta|| <= B, the norm bound (reject mode only; clip mode scales the delta instead and still counts it).
 
 Inside MPC all three are computed on the shares and only their conjunction exists, as a secret bit per
 client: nothing is revealed, neither the norms nor which clients passed (only the accepted count, through
-the counting entry of the revealed sum).
+the counting entry of the revealed sum). Clipping computes min(1, B / ||delta||) on the shares as well
+(securecollab.aggregation.fixed_point: a range-reduced inverse square root, one value per client), so
+nothing but the sum of the clipped deltas is revealed; its precision is the 16-bit fixed point's (the
+clipped norm is B to within ~1e-5 B relative for updates near the bound, ~1% for one 1000 times above it).
 
 Why the coordinate bound. The squared norm is computed exactly on the integer encodings,
 sum_j (2^16 u_j)^2 = 2^32 ||u||^2 (no truncation, which would cost a round over all K*D squares and which
@@ -33,6 +37,8 @@ import numpy as np
 import torch
 
 from securecollab.aggregation import AggregationRule, register_rule
+from securecollab.aggregation.fixed_point import exponent_range, inv_sqrt, ratio, weighted_sum
+from securecollab.plans import NORM_MODES
 from securecollab.secagg.crypten_compat import load_crypten
 from securecollab.secagg.sharing import FRAC_BITS, SCALE
 
@@ -47,37 +53,70 @@ def coordinate_bound(bound: float, dim: int) -> float:
     return min(bound, math.sqrt((2.0 ** 63 - 1) / max(dim, 1)) / SCALE)
 
 
+def clear_well_formed(u: np.ndarray, bound: float) -> bool:
+    """The counting entry is 1 and no delta coordinate exceeds the coordinate bound (in the clear)."""
+    return bool(u[-1] == 1.0 and np.abs(u[:-1]).max(initial=0.0) <= coordinate_bound(bound, u.size - 1))
+
+
 def clear_accepts(u: np.ndarray, bound: float, range_check: bool = True) -> bool:
-    """The accept rule on one update vector (delta, then its counting entry), in the clear."""
-    delta = u[:-1]
-    if u[-1] != 1.0:
+    """The reject-mode accept rule on one update vector (delta, then its counting entry), in the clear."""
+    if u[-1] != 1.0 or (range_check and not clear_well_formed(u, bound)):
         return False
-    if range_check and np.abs(delta).max(initial=0.0) > coordinate_bound(bound, delta.size):
-        return False
-    return bool(np.linalg.norm(delta) <= bound)
+    return bool(np.linalg.norm(u[:-1]) <= bound)
+
+
+def clear_clipped(u: np.ndarray, bound: float) -> np.ndarray | None:
+    """Clip mode in the clear: the update with its delta scaled to norm <= bound, or None if ill formed."""
+    if not clear_well_formed(u, bound):
+        return None
+    norm = np.linalg.norm(u[:-1])
+    return np.append(u[:-1] * min(1.0, bound / norm if norm else 1.0), 1.0)
 
 
 @register_rule("norm_bound")
 class NormBound(AggregationRule):
     needs_dealer = True  # squares and comparisons multiply secrets: Beaver triples from the dealer
 
-    def __init__(self, bound: float, range_check: bool = True):
+    def __init__(self, bound: float, range_check: bool = True, mode: str = "reject"):
         if not 0 < bound <= MAX_NORM_BOUND:
             raise ValueError(f"norm_bound must be in (0, {MAX_NORM_BOUND:.0f}], got {bound}")
-        self.bound, self.range_check = bound, range_check
+        if mode not in NORM_MODES:
+            raise ValueError(f"norm mode must be one of {NORM_MODES}, not {mode!r}")
+        if mode == "clip" and not range_check:
+            raise ValueError("clipping needs the range check (its norms would wrap around the ring without it)")
+        self.bound, self.range_check, self.mode = bound, range_check, mode
 
     def clear(self, updates, weights):
         total = np.zeros_like(updates[0], dtype=np.float64)
         for w, u in zip(weights, updates):
-            if clear_accepts(u, self.bound, self.range_check):
+            if self.mode == "clip":
+                clipped = clear_clipped(u, self.bound)
+                total += 0.0 if clipped is None else w * clipped
+            elif clear_accepts(u, self.bound, self.range_check):
                 total += w * u
         return total
 
     def in_mpc(self, x):
+        if self.mode == "clip":
+            return self.clipped_sum(x)
         accept = self.accept_bits(x)  # (K,) secret 0/1 at scale 1
         # One Beaver matmul (1,K) @ (K,D): the triple's product is only D long,
         # and a scale-1 bit times a scale-2^16 value needs no truncation.
         return accept.unsqueeze(0).matmul(x).squeeze(0)
+
+    def clipped_sum(self, x):
+        """sum_i ok_i * [min(1, B/||delta_i||) delta_i, 1] with ok_i the well-formedness bit, on the shares."""
+        crypten = load_crypten()
+        as_ints = _as_ints(x)
+        delta = as_ints[:, :-1]
+        dim = delta.size(1)
+        radius = coordinate_bound(self.bound, dim)
+        ok = well_formed(as_ints, math.floor(radius * SCALE))  # (K,) scale 1
+        relative = ratio(squared_norms(delta), self.bound ** 2)  # ||delta_i||^2 / B^2
+        factor = inv_sqrt(relative, 0, exponent_range(dim * (radius / self.bound) ** 2))
+        scaled = weighted_sum(factor * ok, x[:, :-1])
+        count = ok.unsqueeze(0).matmul(x[:, -1:]).squeeze(0)
+        return crypten.cat([scaled, count])
 
     def accept_bits(self, x):
         """Secret bits [update i is accepted] for the rows of the (K, D) MPCTensor x (last column: the count)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from securecollab.aggregation import secure_rule
 from securecollab.launch import ProcessGroup, ensure_certs
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter, method_bytes
@@ -24,11 +25,7 @@ from securecollab.net.transport import make_channel, wait_ready
 from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.runs.training import start_aggregator, start_secagg_servers
 from securecollab.transcript import Kind, load_transcript
-
-
-def _ready_update(index: int, params: int, seed: int) -> np.ndarray:
-    """Client `index`'s ready-made update (the same in the client process and in the checker)."""
-    return np.random.default_rng([seed, index]).normal(0, 0.05, params).astype(np.float32)
+from securecollab.updates import ready_update
 
 
 def _run_clients(n: int, rounds: int, body, *args) -> tuple[list[float], list[dict]]:
@@ -74,7 +71,7 @@ def _plain_client(i, barrier, starts, meter, port, certs, params, rounds, seed):
     from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
     from securecollab.net.wire import encode_named
 
-    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    cid, update = f"client-{i}", ready_update(i, params, seed)
     with make_channel(f"localhost:{port}", tls=TlsFiles.for_party(certs, cid), meter=meter) as ch:
         wait_ready(ch)
         stub = pb_grpc.FedAvgAggregatorStub(ch)
@@ -94,7 +91,7 @@ def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed,
     from services.secagg_client import upload
 
     spec = SecAggPlan.from_json(spec_json)
-    cid, update = f"client-{i}", _ready_update(i, params, seed)
+    cid, update = f"client-{i}", ready_update(i, params, seed)
     tls = TlsFiles.for_party(certs, cid)
     with make_channel(f"localhost:{port}", tls=tls, meter=meter) as ch:
         wait_ready(ch)
@@ -164,7 +161,8 @@ def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path,
 
 
 def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
-                 seed_compression: bool = True, norm_bound: float = 0.0, work_dir: Path, seed: int = 0,
+                 seed_compression: bool = True, norm_bound: float = 0.0, norm_mode: str = "reject", robust: str = "",
+                 work_dir: Path, seed: int = 0,
                  transports=("grpc", "gloo"), log=print) -> dict:
     """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation
     over each MPC transport (the first is reported as ``secure``, every one under ``by_transport``).
@@ -182,8 +180,12 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
                                           record_transcripts=False),
                       n_parties=parties, seed_compression=seed_compression, min_clients=clients,
-                      norm_bound=norm_bound)
-    expected = np.sum([_ready_update(i, params, seed).astype(np.float64) for i in range(clients)], axis=0)
+                      norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
+    # The oracle: the same rule in the clear over the same ready-made updates (FLTrust's root update: index K).
+    vectors = [np.append(ready_update(i, params, seed).astype(np.float64), 1.0) for i in range(clients)]
+    rule = secure_rule(norm_bound=norm_bound or None, norm_mode=norm_mode, robust=robust or None,
+                       reference=ready_update(clients, params, seed) if robust else None)
+    expected = rule.clear(vectors, np.ones(clients))
 
     def upload_per_client(costs, method):
         return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
@@ -200,9 +202,9 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
         by_transport[transport] = {
             **side, "upload_bytes_per_client": upload_per_client(costs, "/SubmitShare"),
             "compute_parties": parties, "seed_compression": seed_compression, "norm_bound": norm_bound,
-            "mpc_transport": transport,
+            "norm_mode": norm_mode if norm_bound else None, "robust": robust or None, "mpc_transport": transport,
             "ratio_round_wall": side["round_wall_s"] / plain["round_wall_s"],
-            "max_abs_error": max(float(np.abs(a[:-1] - expected).max()) for a in revealed)}
+            "max_abs_error": max(float(np.abs(a - expected).max()) for a in revealed)}
     secure = by_transport[transports[0]]
     return {
         "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,

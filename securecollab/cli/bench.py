@@ -32,6 +32,9 @@ def secagg(
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
     norm_bound: Annotated[float, typer.Option(min=0.0, help="Also bound update norms inside MPC (needs the dealer).")] = 0.0,
+    norm_mode: Annotated[str, typer.Option(help="What the bound does to an update above it: reject | clip.")] = "reject",
+    robust: Annotated[str, typer.Option(help="A robust rule inside MPC instead of the bound: fltrust (against the "
+                                              "coordinator's own ready-made update).")] = "",
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,
@@ -45,7 +48,8 @@ def secagg(
     if set(transports) - set(MPC_TRANSPORTS):
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
-                 seed_compression=seed_compression, norm_bound=norm_bound, transports=transports,
+                 seed_compression=seed_compression, norm_bound=norm_bound, norm_mode=norm_mode, robust=robust,
+                 transports=transports,
                  prefix="bench-secagg-", out=out)
     rows = [["plain", f"{r['plain']['round_wall_s']:.3f}", "-", "-", f"{r['plain']['upload_bytes_per_client']:,.0f}"]]
     for t, side in r["by_transport"].items():
@@ -55,7 +59,7 @@ def secagg(
                      f"{traffic['payload_bytes_per_round']:,.0f} / {traffic['grpc_bytes_per_round']:,.0f}",
                      f"{side['upload_bytes_per_client']:,.0f}"])
     print_table(table(f"secure aggregation overhead: K={clients}, D={params:,}" + (
-        f", norm bound {norm_bound:g}" if norm_bound else ""),
+        f", norm bound {norm_bound:g} ({norm_mode})" if norm_bound else "") + (f", {robust}" if robust else ""),
         ["", "round wall s (median, x plain)", "MPC phase s", "party-0 MPC bytes/round (payload / gRPC)",
          "upload bytes / client"], rows))
     console.print(f"upload bytes ratio {r['ratio']['upload_bytes']:.3f}; max |revealed - plaintext aggregate| = "

@@ -59,6 +59,11 @@ def secagg_options(
     min_clients: Annotated[int, typer.Option(min=1, help="A round needs at least this many complete clients.")] = 2,
     norm_bound: Annotated[float, typer.Option(
         min=0.0, help="Reject updates with a larger L2 norm, inside MPC (0: off).")] = 0.0,
+    norm_mode: Annotated[str, typer.Option(
+        help="What --norm-bound does to an update above it: reject (drop it) or clip (scale it to the bound).")] = "reject",
+    robust: Annotated[str, typer.Option(
+        help="A robust rule inside MPC: fltrust (trust scores against the coordinator's own update on "
+             "the plan's root_samples training examples, default 100; replaces --norm-bound).")] = "",
     dp_sigma: Annotated[float, typer.Option(
         min=0.0, help="Std of distributed Gaussian noise on the aggregate (0: off).")] = 0.0,
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
@@ -73,7 +78,7 @@ def secagg_options(
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {mpc_transport!r}")
     return {"n_parties": compute_parties, "seed_compression": seed_compression, "min_clients": min_clients,
             "upload_deadline_s": upload_deadline, "norm_bound": norm_bound, "dp_sigma": dp_sigma,
-            "mpc_transport": mpc_transport}
+            "norm_mode": norm_mode, "robust": robust, "mpc_transport": mpc_transport}
 
 
 @uses(training=training_options, dp=dp_options, secagg=secagg_options)

@@ -10,11 +10,11 @@ from securecollab.aggregation import AggregationRule
 from securecollab.aggregation import rule as aggregation_rule
 from securecollab.errors import ProtocolError
 from securecollab.models import load_arrays, parameters_to_arrays
-from securecollab.plans import FedAvgPlan
+from securecollab.plans import FedAvgPlan, root_data
 from securecollab.poisoning import Behaviour
 from securecollab.protocols.rounds import RoundState
 from securecollab.training import TrainConfig, train_local
-from securecollab.updates import apply_aggregate, update_vector
+from securecollab.updates import apply_aggregate, ready_update, update_vector
 
 
 class FedAvgRounds(RoundState):
@@ -25,12 +25,11 @@ class FedAvgRounds(RoundState):
                  rule: AggregationRule | None = None):
         super().__init__(plan.rounds, plan.client_ids(), [(n, a.astype(np.float32)) for n, a in initial])
         self.plan = plan
-        rule = rule or (aggregation_rule("norm_bound", bound=plan.norm_bound) if plan.norm_bound
-                        else aggregation_rule("mean"))
         self.shapes = {n: a.shape for n, a in initial}
         self._pending: dict[str, tuple[int, list[tuple[str, np.ndarray]]]] = {}
-        self.rule = rule  # weighted by examples: the count entry of the result is the examples' total
-
+        # Weighted by examples: the count entry of the result is the examples' total (FLTrust: the total trust).
+        self.rule = rule or clear_rule(plan)
+        self._root = None  # FLTrust: the aggregator's own data, loaded once
     def submit(self, client_id: str, round_: int, num_examples: int, params) -> int:
         """Accept one client's update; returns how many updates this round holds now."""
         self.check_client(client_id)
@@ -55,7 +54,37 @@ class FedAvgRounds(RoundState):
         sent = [dict(p) for _, p in self._pending.values()]
         updates = [update_vector([(name, s[name]) for name, _ in self.params], self.params) for s in sent]
         self._pending.clear()
-        self._advance(apply_aggregate(self.params, self.rule.clear(updates, weights)))
+        rule = self.rule
+        if self.plan.robust:  # FLTrust: this round's direction is the aggregator's own update
+            self._root = self._root or RootUpdates(self.plan)
+            rule = aggregation_rule("fltrust", reference=self._root.delta(self.round, self.params))
+        self._advance(apply_aggregate(self.params, rule.clear(updates, weights), real_weights=rule.real_weights))
+
+
+def clear_rule(plan: FedAvgPlan) -> AggregationRule:
+    """What the plain aggregator applies by default: the mean, or the plan's norm bound (rejecting or clipping).
+    A robust rule is built each round (securecollab.protocols.fedavg.RootUpdates)."""
+    if plan.norm_bound:
+        return aggregation_rule("norm_bound", bound=plan.norm_bound, mode=plan.norm_mode)
+    return aggregation_rule("mean")
+
+
+class RootUpdates:
+    """FLTrust's server update: the aggregator trains the global model on its root data set with the clients'
+    recipe, every round (the same for plain FedAvg and for the secure-aggregation coordinator)."""
+
+    def __init__(self, plan: FedAvgPlan):
+        self.plan = plan
+        if not plan.vector_length:
+            ds, self.x, self.y = root_data(plan)
+            self.model = plan.build_model(ds)
+
+    def delta(self, round_: int, global_params) -> np.ndarray:
+        if self.plan.vector_length:  # a benchmark: the coordinator's update is ready-made, like the clients'
+            return ready_update(self.plan.num_clients, self.plan.vector_length - 1, self.plan.seed).astype(np.float64)
+        new = local_update(self.model, self.plan, round_, global_params, self.x, self.y,
+                           client_index=self.plan.num_clients)  # a shuffling stream no client uses
+        return update_vector(new, global_params)[:-1]
 
 
 def local_update(model, plan: FedAvgPlan, round_: int, global_params, x, y, client_index: int):

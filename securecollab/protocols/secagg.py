@@ -52,6 +52,11 @@ class ShareStore:
         with self._lock:
             return sorted(self._shares.get(round_, {}))
 
+    def lengths(self, round_: int) -> set[int]:
+        """The vector lengths of the shares held for `round_` (without taking them)."""
+        with self._lock:
+            return {s.length or s.dense.size for s in self._shares.get(round_, {}).values()}
+
     def take(self, round_: int, client_ids: list[str]) -> list[np.ndarray]:
         """The expanded shares of `client_ids`, in that order; closes the round.
 

@@ -25,7 +25,8 @@ from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter
 from securecollab.net.failpoints import failpoint
 from securecollab.net.transport import check_health, make_channel, wait_ready
-from securecollab.net.wire import assemble_chunks
+from securecollab.net.wire import assemble_chunks, encode_tensor
+from securecollab.protocols.fedavg import RootUpdates
 from securecollab.protocols.secagg import SecAggRounds
 from securecollab.secagg.sharing import decode_fixed, reconstruct
 from securecollab.transcript import Kind, TranscriptRecorder
@@ -72,6 +73,7 @@ class RoundDriver:
         self.parties = parties
         self.transcript = transcript
         self.pool = ThreadPoolExecutor(max_workers=len(parties))
+        self._root: RootUpdates | None = None  # FLTrust: the coordinator's root data, loaded once
 
     def _health(self, p: "PartyLink") -> str | None:
         """None when the party serves, else what is wrong."""
@@ -114,8 +116,10 @@ class RoundDriver:
             log.info("round %d: asking the parties again for its aggregate over %d clients", r,
                      len(self.rounds.closing["included"]))
         included = self.rounds.closing["included"]
-        req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound,
-                                  dp_sigma=plan.dp_sigma)
+        req = pb.AggregateRequest(round=r, client_ids=included, norm_bound=plan.norm_bound, dp_sigma=plan.dp_sigma,
+                                  norm_mode=plan.norm_mode, robust=plan.robust)
+        if plan.robust:  # FLTrust: the direction the parties score every update against, from the root data
+            req.reference.CopyFrom(encode_tensor(self._root_update(r)))
         phases["aggregate_requested"] = time.time()
         calls = []
         for p in self.parties:
@@ -149,6 +153,11 @@ class RoundDriver:
         log.info("round %d: aggregated %d clients (%s)", r, len(included), ", ".join(included))
         return aggregate, included
 
+    def _root_update(self, round_: int) -> np.ndarray:
+        if self._root is None:
+            self._root = RootUpdates(self.rounds.plan.training)
+        return self._root.delta(round_, self.rounds.params)
+
     def recover(self, round_: int, reason: str) -> None:
         """Have the parties still up re-form the MPC world; wait until all serve (or give up)."""
         for p in self.parties:
@@ -178,7 +187,8 @@ class RoundDriver:
             r = self.rounds.round
             try:
                 aggregate, included = self.close_round()
-                new_params = apply_aggregate(self.rounds.params, aggregate)  # none accepted: TooFewClients
+                # None accepted (or, FLTrust, none trusted): TooFewClients.
+                new_params = apply_aggregate(self.rounds.params, aggregate, real_weights=bool(self.rounds.plan.robust))
             except PartyFailure as e:
                 reason = str(e)
                 try:  # name the party that is down, not only the survivor whose MPC step failed with it

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from securecollab.generated.v1 import tensor_pb2 as securecollab_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csecurecollab/v1/secagg.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"&\n\x11SecAggJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"j\n\x0fSecAggJoinReply\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12\x15\n\rparty_targets\x18\x02 \x03(\t\x12\x13\n\x0bparty_names\x18\x03 \x03(\t\x12\x18\n\x10seed_compression\x18\x04 \x01(\x08\"0\n\x0cRoundRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"V\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12,\n\x06params\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"0\n\x0cUploadReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x1d\n\tUploadAck\x12\x10\n\x08reported\x18\x01 \x01(\r\"\\\n\x0bShareHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05party\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x01(\x0c\"m\n\nShareChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.securecollab.v1.ShareHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.securecollab.v1.ChunkH\x00\x42\x06\n\x04part\"\'\n\x08ShareAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04held\x18\x02 \x01(\r\"\x1c\n\x0bHeldRequest\x12\r\n\x05round\x18\x01 \x01(\r\"\x1f\n\tHeldReply\x12\x12\n\nclient_ids\x18\x01 \x03(\t\"[\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nclient_ids\x18\x02 \x03(\t\x12\x12\n\nnorm_bound\x18\x03 \x01(\x01\x12\x10\n\x08\x64p_sigma\x18\x04 \x01(\x01\".\n\rRejoinRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0bRejoinReply\x12\x11\n\trejoining\x18\x01 \x01(\x08\x32\xef\x01\n\x0b\x43oordinator\x12L\n\x04Join\x12\".securecollab.v1.SecAggJoinRequest\x1a .securecollab.v1.SecAggJoinReply\x12\x45\n\x08GetRound\x12\x1d.securecollab.v1.RoundRequest\x1a\x1a.securecollab.v1.RoundInfo\x12K\n\x0eReportUploaded\x12\x1d.securecollab.v1.UploadReport\x1a\x1a.securecollab.v1.UploadAck2\xab\x02\n\x0c\x43omputeParty\x12G\n\x0bSubmitShare\x12\x1b.securecollab.v1.ShareChunk\x1a\x19.securecollab.v1.ShareAck(\x01\x12@\n\x04Held\x12\x1c.securecollab.v1.HeldRequest\x1a\x1a.securecollab.v1.HeldReply\x12H\n\tAggregate\x12!.securecollab.v1.AggregateRequest\x1a\x16.securecollab.v1.Chunk0\x01\x12\x46\n\x06Rejoin\x12\x1e.securecollab.v1.RejoinRequest\x1a\x1c.securecollab.v1.RejoinReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csecurecollab/v1/secagg.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"&\n\x11SecAggJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"j\n\x0fSecAggJoinReply\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12\x15\n\rparty_targets\x18\x02 \x03(\t\x12\x13\n\x0bparty_names\x18\x03 \x03(\t\x12\x18\n\x10seed_compression\x18\x04 \x01(\x08\"0\n\x0cRoundRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"V\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12,\n\x06params\x18\x03 \x03(\x0b\x32\x1c.securecollab.v1.NamedTensor\"0\n\x0cUploadReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x1d\n\tUploadAck\x12\x10\n\x08reported\x18\x01 \x01(\r\"\\\n\x0bShareHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05party\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0c\n\x04seed\x18\x05 \x01(\x0c\"m\n\nShareChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.securecollab.v1.ShareHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.securecollab.v1.ChunkH\x00\x42\x06\n\x04part\"\'\n\x08ShareAck\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04held\x18\x02 \x01(\r\"\x1c\n\x0bHeldRequest\x12\r\n\x05round\x18\x01 \x01(\r\"\x1f\n\tHeldReply\x12\x12\n\nclient_ids\x18\x01 \x03(\t\"\xaa\x01\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nclient_ids\x18\x02 \x03(\t\x12\x12\n\nnorm_bound\x18\x03 \x01(\x01\x12\x10\n\x08\x64p_sigma\x18\x04 \x01(\x01\x12\x11\n\tnorm_mode\x18\x05 \x01(\t\x12\x0e\n\x06robust\x18\x06 \x01(\t\x12*\n\treference\x18\x07 \x01(\x0b\x32\x17.securecollab.v1.Tensor\".\n\rRejoinRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0bRejoinReply\x12\x11\n\trejoining\x18\x01 \x01(\x08\x32\xef\x01\n\x0b\x43oordinator\x12L\n\x04Join\x12\".securecollab.v1.SecAggJoinRequest\x1a .securecollab.v1.SecAggJoinReply\x12\x45\n\x08GetRound\x12\x1d.securecollab.v1.RoundRequest\x1a\x1a.securecollab.v1.RoundInfo\x12K\n\x0eReportUploaded\x12\x1d.securecollab.v1.UploadReport\x1a\x1a.securecollab.v1.UploadAck2\xab\x02\n\x0c\x43omputeParty\x12G\n\x0bSubmitShare\x12\x1b.securecollab.v1.ShareChunk\x1a\x19.securecollab.v1.ShareAck(\x01\x12@\n\x04Held\x12\x1c.securecollab.v1.HeldRequest\x1a\x1a.securecollab.v1.HeldReply\x12H\n\tAggregate\x12!.securecollab.v1.AggregateRequest\x1a\x16.securecollab.v1.Chunk0\x01\x12\x46\n\x06Rejoin\x12\x1e.securecollab.v1.RejoinRequest\x1a\x1c.securecollab.v1.RejoinReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,14 +54,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELDREQUEST']._serialized_end=720
   _globals['_HELDREPLY']._serialized_start=722
   _globals['_HELDREPLY']._serialized_end=753
-  _globals['_AGGREGATEREQUEST']._serialized_start=755
-  _globals['_AGGREGATEREQUEST']._serialized_end=846
-  _globals['_REJOINREQUEST']._serialized_start=848
-  _globals['_REJOINREQUEST']._serialized_end=894
-  _globals['_REJOINREPLY']._serialized_start=896
-  _globals['_REJOINREPLY']._serialized_end=928
-  _globals['_COORDINATOR']._serialized_start=931
-  _globals['_COORDINATOR']._serialized_end=1170
-  _globals['_COMPUTEPARTY']._serialized_start=1173
-  _globals['_COMPUTEPARTY']._serialized_end=1472
+  _globals['_AGGREGATEREQUEST']._serialized_start=756
+  _globals['_AGGREGATEREQUEST']._serialized_end=926
+  _globals['_REJOINREQUEST']._serialized_start=928
+  _globals['_REJOINREQUEST']._serialized_end=974
+  _globals['_REJOINREPLY']._serialized_start=976
+  _globals['_REJOINREPLY']._serialized_end=1008
+  _globals['_COORDINATOR']._serialized_start=1011
+  _globals['_COORDINATOR']._serialized_end=1250
+  _globals['_COMPUTEPARTY']._serialized_start=1253
+  _globals['_COMPUTEPARTY']._serialized_end=1552
 # @@protoc_insertion_point(module_scope)

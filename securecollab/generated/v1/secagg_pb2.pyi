@@ -100,16 +100,22 @@ class HeldReply(_message.Message):
     def __init__(self, client_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "client_ids", "norm_bound", "dp_sigma")
+    __slots__ = ("round", "client_ids", "norm_bound", "dp_sigma", "norm_mode", "robust", "reference")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
     NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
     DP_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    NORM_MODE_FIELD_NUMBER: _ClassVar[int]
+    ROBUST_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     round: int
     client_ids: _containers.RepeatedScalarFieldContainer[str]
     norm_bound: float
     dp_sigma: float
-    def __init__(self, round: _Optional[int] = ..., client_ids: _Optional[_Iterable[str]] = ..., norm_bound: _Optional[float] = ..., dp_sigma: _Optional[float] = ...) -> None: ...
+    norm_mode: str
+    robust: str
+    reference: _tensor_pb2.Tensor
+    def __init__(self, round: _Optional[int] = ..., client_ids: _Optional[_Iterable[str]] = ..., norm_bound: _Optional[float] = ..., dp_sigma: _Optional[float] = ..., norm_mode: _Optional[str] = ..., robust: _Optional[str] = ..., reference: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class RejoinRequest(_message.Message):
     __slots__ = ("round", "reason")
