@@ -27,7 +27,7 @@ demo-full: setup
 	$(BIN)/securecollab demo
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 check-protos: setup
 	scripts/check-protos

@@ -139,7 +139,7 @@ MPC_METHODS = ("/securecollab.v1.MpcPeer/Deliver", "/securecollab.v1.MpcPeer/Hel
 
 def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
     """Per compute party and measured round: CrypTen's count of what it sent in the MPC (payload; both
-    transports) and, over grpc, the gRPC bytes its MPC endpoint and channels sent and received."""
+    transports), over grpc the gRPC bytes its MPC endpoint and channels sent and received, and its peak RSS."""
     out = {}
     for i in range(parties):
         name = f"party-{i}"
@@ -147,7 +147,8 @@ def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
         costs = json.loads((work / f"costs_{name}.json").read_text())
         out[name] = {"payload_bytes_per_round": stats.get("bytes", 0) / measured,
                      "messages_per_round": stats.get("rounds", 0) / measured,
-                     "grpc_bytes_per_round": method_bytes(costs, *MPC_METHODS) / measured}
+                     "grpc_bytes_per_round": method_bytes(costs, *MPC_METHODS) / measured,
+                     "peak_rss_mb": costs["peak_rss_mb"]}
     return out
 
 

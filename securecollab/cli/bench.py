@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from securecollab.cli.options import BatchSize, Seed
+from securecollab.cli.options import BatchSize, Seed, defence_options, uses
 from securecollab.cli.output import console, print_table, table, write_json
 
 app = typer.Typer(help="Measure a protocol's overhead against its plain counterpart (writes JSON).",
@@ -24,6 +24,7 @@ def _measure(bench, *args, prefix: str, out: Path, **kwargs) -> dict:
 
 
 @app.command("secagg")
+@uses(defence=defence_options)
 def secagg(
     clients: Annotated[int, typer.Option(min=2, help="K: clients, each with a ready update.")] = 10,
     params: Annotated[int, typer.Option(min=1, help="D: floats per update.")] = 1_000_000,
@@ -31,14 +32,11 @@ def secagg(
     warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and left out of the median (kept in the JSON).")] = 2,
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
-    norm_bound: Annotated[float, typer.Option(min=0.0, help="Also bound update norms inside MPC (needs the dealer).")] = 0.0,
-    norm_mode: Annotated[str, typer.Option(help="What the bound does to an update above it: reject | clip.")] = "reject",
-    robust: Annotated[str, typer.Option(help="A robust rule inside MPC instead of the bound: fltrust (against the "
-                                              "coordinator's own ready-made update).")] = "",
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_secagg.json"),
+    defence=None,
 ):
     """Aggregation rounds only, plain aggregator vs secure aggregation over each MPC transport, mutual TLS between
     clients and servers, on loopback."""
@@ -48,7 +46,7 @@ def secagg(
     if set(transports) - set(MPC_TRANSPORTS):
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
-                 seed_compression=seed_compression, norm_bound=norm_bound, norm_mode=norm_mode, robust=robust,
+                 seed_compression=seed_compression, **defence,
                  transports=transports,
                  prefix="bench-secagg-", out=out)
     rows = [["plain", f"{r['plain']['round_wall_s']:.3f}", "-", "-", f"{r['plain']['upload_bytes_per_client']:,.0f}"]]
@@ -58,6 +56,7 @@ def secagg(
                      f"{side['mpc_phase_s']:.3f}",
                      f"{traffic['payload_bytes_per_round']:,.0f} / {traffic['grpc_bytes_per_round']:,.0f}",
                      f"{side['upload_bytes_per_client']:,.0f}"])
+    norm_bound, norm_mode, robust = defence["norm_bound"], defence["norm_mode"], defence["robust"]
     print_table(table(f"secure aggregation overhead: K={clients}, D={params:,}" + (
         f", norm bound {norm_bound:g} ({norm_mode})" if norm_bound else "") + (f", {robust}" if robust else ""),
         ["", "round wall s (median, x plain)", "MPC phase s", "party-0 MPC bytes/round (payload / gRPC)",

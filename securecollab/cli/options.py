@@ -73,14 +73,15 @@ ServerName = Annotated[Optional[str], typer.Option(
 
 
 def fedavg_plan(model, dataset, dataset_path, clients, rounds, local_epochs, lr, batch_size, seed, partition, alpha,
-                dp_noise=0.0, dp_clip=1.0):
-    """The FedAvg plan of these option values; a bad combination is a usage error (exit 2)."""
+                dp_noise=0.0, dp_clip=1.0, **defence):
+    """The FedAvg plan of these option values (`defence`: a plain aggregator's, see defence_options); a bad
+    combination is a usage error (exit 2)."""
     from securecollab.plans import FedAvgPlan
     try:
         return FedAvgPlan(model=model, dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None,
                           num_clients=clients, rounds=rounds, local_epochs=local_epochs, lr=lr,
                           batch_size=batch_size, seed=seed, partition=partition, alpha=alpha,
-                          dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_clip)
+                          dp_noise_multiplier=dp_noise, dp_max_grad_norm=dp_clip, **defence)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
 
@@ -90,7 +91,7 @@ def training_options(
     clients: Clients = 4, rounds: Rounds = 10, local_epochs: LocalEpochs = 3, lr: Lr = 0.1,
     batch_size: BatchSize = 32, seed: Seed = 0, partition: PartitionOpt = "iid", alpha: Alpha = 0.5,
 ):
-    """Group: a training plan's options. Gives ``plan(dp_noise=0.0, dp_clip=1.0) -> FedAvgPlan`` (built when asked:
+    """Group: a training plan's options. Gives ``plan(dp_noise=0.0, dp_clip=1.0, **defence) -> FedAvgPlan`` (built when asked:
     a command given --plan-json does not need it)."""
     return functools.partial(fedavg_plan, model, dataset, dataset_path, clients, rounds, local_epochs, lr,
                              batch_size, seed, partition, alpha)
@@ -99,3 +100,24 @@ def training_options(
 def dp_options(dp_noise: DpNoise = 0.0, dp_clip: DpClip = 1.0) -> dict:
     """Group: DP-SGD local training; gives the keywords of ``fedavg_plan``."""
     return {"dp_noise": dp_noise, "dp_clip": dp_clip}
+
+
+# Defences against malicious clients: inside MPC under secure aggregation, in the clear at a plain aggregator.
+NormBound = Annotated[float, typer.Option(
+    min=0.0, help="Bound every update's L2 norm (0: off): inside MPC under secure aggregation (needs the dealer), "
+                  "in the clear at a plain FedAvg aggregator.")]
+NormMode = Annotated[str, typer.Option(
+    help="What --norm-bound does to an update above it: reject (drop it) or clip (scale it to the bound).")]
+Robust = Annotated[str, typer.Option(
+    help="A robust rule instead of the bound: fltrust (trust scores against the aggregator's own update on the "
+         "plan's root_samples training examples, default 100).")]
+
+
+def defence_options(norm_bound: NormBound = 0.0, norm_mode: NormMode = "reject", robust: Robust = "") -> dict:
+    """Group: the aggregation's defence; gives the plans' keywords (checked: a bad combination is a usage error)."""
+    from securecollab.plans import check_robustness
+    try:
+        check_robustness(norm_bound, norm_mode, robust)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    return {"norm_bound": norm_bound, "norm_mode": norm_mode, "robust": robust}

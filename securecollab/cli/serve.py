@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from securecollab.cli.options import (CertsDir, DatasetOpt, DatasetPath, Seed, Verbose, dp_options, setup_logging,
-                                      training_options, uses)
+from securecollab.cli.options import (CertsDir, DatasetOpt, DatasetPath, Seed, Verbose, defence_options, dp_options,
+                                      setup_logging, training_options, uses)
 from securecollab.cli.output import console
 
 app = typer.Typer(help="Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its "
@@ -57,13 +57,6 @@ def secagg_options(
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
     min_clients: Annotated[int, typer.Option(min=1, help="A round needs at least this many complete clients.")] = 2,
-    norm_bound: Annotated[float, typer.Option(
-        min=0.0, help="Reject updates with a larger L2 norm, inside MPC (0: off).")] = 0.0,
-    norm_mode: Annotated[str, typer.Option(
-        help="What --norm-bound does to an update above it: reject (drop it) or clip (scale it to the bound).")] = "reject",
-    robust: Annotated[str, typer.Option(
-        help="A robust rule inside MPC: fltrust (trust scores against the coordinator's own update on "
-             "the plan's root_samples training examples, default 100; replaces --norm-bound).")] = "",
     dp_sigma: Annotated[float, typer.Option(
         min=0.0, help="Std of distributed Gaussian noise on the aggregate (0: off).")] = 0.0,
     upload_deadline: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for uploads.")] = 120.0,
@@ -77,17 +70,16 @@ def secagg_options(
     if mpc_transport not in MPC_TRANSPORTS:
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {mpc_transport!r}")
     return {"n_parties": compute_parties, "seed_compression": seed_compression, "min_clients": min_clients,
-            "upload_deadline_s": upload_deadline, "norm_bound": norm_bound, "dp_sigma": dp_sigma,
-            "norm_mode": norm_mode, "robust": robust, "mpc_transport": mpc_transport}
+            "upload_deadline_s": upload_deadline, "dp_sigma": dp_sigma, "mpc_transport": mpc_transport}
 
 
-@uses(training=training_options, dp=dp_options, secagg=secagg_options)
-def secagg_plan(training, dp, secagg):
+@uses(training=training_options, dp=dp_options, secagg=secagg_options, defence=defence_options)
+def secagg_plan(training, dp, secagg, defence):
     """Group: every option of a secure-aggregation plan. Coordinator, parties and dealer must be given the
     same ones; gives ``plan(plan_json) -> SecAggPlan``."""
     def plan(plan_json: str | None):
         from securecollab.plans import SecAggPlan
-        return SecAggPlan.from_json(plan_json) if plan_json else SecAggPlan(training=training(**dp), **secagg)
+        return SecAggPlan.from_json(plan_json) if plan_json else SecAggPlan(training=training(**dp), **secagg, **defence)
     return plan
 
 
@@ -96,13 +88,14 @@ MpcPort = Annotated[int, typer.Option(help="gloo only: port of the MPC rendezvou
 
 
 @app.command("aggregator")
-@uses(s=serving_options, training=training_options, dp=dp_options)
-def aggregator(s=None, training=None, dp=None):
-    """Plain FedAvg aggregator: sees every client's update in the clear (the baseline of secure aggregation)."""
+@uses(s=serving_options, training=training_options, dp=dp_options, defence=defence_options)
+def aggregator(s=None, training=None, dp=None, defence=None):
+    """Plain FedAvg aggregator: sees every client's update in the clear (the baseline of secure aggregation);
+    a defence here is update analysis: it reads every update."""
     from securecollab.plans import FedAvgPlan
     from services.fedavg_aggregator import serve
     tls = s.tls("aggregator")
-    serve(FedAvgPlan.from_json(s.plan_json) if s.plan_json else training(**dp), tls=tls, **s.bind())
+    serve(FedAvgPlan.from_json(s.plan_json) if s.plan_json else training(**dp, **defence), tls=tls, **s.bind())
 
 
 @app.command("coordinator")
