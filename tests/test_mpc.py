@@ -100,6 +100,7 @@ def _run_round(tmp_path: Path, updates: np.ndarray, n_parties: int, *, norm_boun
     if hung:
         pytest.fail(f"{len(hung)} MPC process(es) hung and were killed:\n{report}")
     assert all(p.returncode == 0 for p in procs), report
+    assert "without a goodbye" not in report and "where its goodbye was due" not in report, report
     return [np.load(tmp_path / f"out{rank}.npy") for rank in range(n_parties)]
 
 

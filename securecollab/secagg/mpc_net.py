@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 SERVICE = "securecollab.v1.MpcPeer"
 STEP_TIMEOUT_S = 120.0  # the longest one MPC step may wait for a peer (a K x D product takes seconds)
 FORM_TIMEOUT_S = 600.0  # how long a party waits for its peers to start
+CLOSE_TIMEOUT_S = 15.0  # how long a leaving party waits for its peers' goodbyes
+GOODBYE = "end of MPC world"  # the last message on every link (an object, so no tensor is mistaken for it)
 
 
 class MpcError(RuntimeError):
@@ -282,7 +284,26 @@ class World:
     inbox: Inbox
     step_timeout_s: float = STEP_TIMEOUT_S
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Leave the world. Unless it is broken, first a goodbye on every link, both ways: a peer's goodbye
+        comes after every message it sent had its answer (one sender thread per link), so once all goodbyes
+        are in, no peer still waits on this endpoint, which may then stop. Without it, the last message's
+        answer could be lost to the receiver's exit and its sender fail a round that had completed."""
+        if self.inbox.broken is None:
+            sent = [p.post(lambda seq: object_frames(self.world_id, seq, GOODBYE)) for p in self.peers.values()]
+            for j in self.peers:
+                try:
+                    said = self.inbox.take(j, timeout_s, is_object=True)
+                except MpcError as e:
+                    log.warning("%s left without a goodbye: %s", party_name(j), e)
+                    break
+                if said != GOODBYE:
+                    log.warning("%s sent %r where its goodbye was due", party_name(j), said)
+            for f in sent:
+                try:  # the answer to our own goodbye may be lost the same way: the peer has it by then
+                    f.result(timeout=timeout_s)
+                except Exception:  # noqa: BLE001
+                    pass
         for p in self.peers.values():
             p.queue.put(None)
             p.channel.close()
