@@ -56,8 +56,11 @@ def test_clip_scales_updates_over_the_bound_and_keeps_their_count():
     total = secure_rule(norm_bound=2.0, norm_mode="clip").clear(u, np.ones(3))
     r = np.sqrt(2)  # (1.8, 1.8) clipped to norm 2; a zero delta counts
     np.testing.assert_allclose(total, [0.6 + r, r, 3.0])
-    # a coordinate over the coordinate bound (here the bound itself) is refused, not clipped
-    assert secure_rule(norm_bound=2.0, norm_mode="clip").clear([np.array([2.5, 0.0, 1.0])], np.ones(1))[-1] == 0
+    # a coordinate at or over the coordinate bound (here 4, the power of two above the bound) is refused, not
+    # clipped; one just under it is clipped and counted
+    clip = secure_rule(norm_bound=2.0, norm_mode="clip")
+    assert clip.clear([np.array([4.0, 0.0, 1.0])], np.ones(1))[-1] == 0
+    np.testing.assert_allclose(clip.clear([np.array([3.99, 0.0, 1.0])], np.ones(1)), [2.0, 0.0, 1.0])
 
 
 def test_fltrust_weighs_by_cosine_to_the_root_update_and_normalises_norms():

@@ -328,6 +328,30 @@ def test_clipping_inside_mpc_equals_clipping_in_the_clear(tmp_path, transport):
 
 @pytest.mark.timeout(120)
 @GRPC_ONLY
+def test_coordinate_range_check_inside_mpc_holds_its_power_of_two_edges(tmp_path, transport):
+    # Clip mode counts any well-formed update, so only the range check decides: R = 8 for B = 4.
+    from securecollab.aggregation import secure_rule
+    from securecollab.aggregation.norm_bound import clear_well_formed, coordinate_bound
+    bound, dim, unit = 4.0, 301, 1.0 / SCALE
+    radius = coordinate_bound(bound, dim - 1)
+    assert radius == 8.0
+    edges = [radius - unit, -radius, radius, -radius - unit, 3 * radius, 0.5]
+    updates = np.zeros((len(edges), dim))
+    updates[:, -1] = 1.0
+    for i, value in enumerate(edges):
+        updates[i, 7 * i] = value  # one coordinate at the edge, the rest 0
+    ok = np.array([True, True, False, False, False, True])
+    assert [clear_well_formed(u, bound) for u in updates] == list(ok)
+    out = _reconstruct(_run_round(tmp_path, updates, 3, norm_bound=bound, norm_mode="clip", transport=transport))
+    assert out[-1] == pytest.approx(ok.sum())
+    clear = secure_rule(norm_bound=bound, norm_mode="clip").clear(list(updates), np.ones(len(updates)))
+    np.testing.assert_allclose(out[:-1], clear[:-1], rtol=0, atol=2e-3)
+    assert out[7 * 0] == pytest.approx(bound, abs=2e-3) and out[7 * 1] == pytest.approx(-bound, abs=2e-3)
+    assert np.abs(out[[14, 21, 28]]).max() < 1e-3  # refused: nothing of them in the sum
+
+
+@pytest.mark.timeout(120)
+@GRPC_ONLY
 def test_fltrust_inside_mpc_equals_fltrust_in_the_clear(tmp_path, transport):
     from securecollab.aggregation import secure_rule
     rng = np.random.default_rng(8)

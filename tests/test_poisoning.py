@@ -69,7 +69,9 @@ def test_accept_rule_in_the_clear():
     assert not clear_accepts(wrap, 1.0)
     # without the range check, the norm in the clear still catches it (it is the ring that wraps, not floats)
     assert not clear_accepts(wrap, 1.0, range_check=False)
-    assert coordinate_bound(1.0, d) == 1.0 and coordinate_bound(1000.0, 10**6) == pytest.approx(46.34, abs=0.01)
+    # R: the power of two above the bound, capped so that D squares cannot wrap the ring
+    assert coordinate_bound(1.0, d) == 2.0 and coordinate_bound(1000.0, 10**6) == 32.0
+    assert 10**6 * (32.0 * 2**16) ** 2 < 2**63 <= 10**6 * (64.0 * 2**16) ** 2
 
 
 def test_plain_aggregator_applies_its_plans_norm_bound():

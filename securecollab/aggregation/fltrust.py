@@ -27,15 +27,13 @@ weight at all.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from securecollab.aggregation import AggregationRule, register_rule
 from securecollab.aggregation.fixed_point import exponent_range, inv_sqrt, nonnegative, ratio, to_frac_bits, weighted_sum
 from securecollab.aggregation.norm_bound import (MAX_NORM_BOUND, _as_ints, clear_well_formed, coordinate_bound,
-                                                 squared_norms, well_formed)
+                                                 log_coordinate_bound, squared_norms, well_formed)
 from securecollab.secagg.crypten_compat import load_crypten
 from securecollab.secagg.sharing import SCALE
 
@@ -91,7 +89,7 @@ class FLTrust(AggregationRule):
         g0 = check_reference(self.reference, dim)
         g0_sq = float(g0 @ g0)
         radius = coordinate_bound(MAX_NORM_BOUND, dim)
-        ok = well_formed(as_ints, math.floor(radius * SCALE))  # (K,) scale 1
+        ok = well_formed(as_ints, log_coordinate_bound(MAX_NORM_BOUND, dim))  # (K,) scale 1
         # <delta_i, g0> on the integer encodings: a public matrix-vector product, local to each party.
         g0_ints = torch.from_numpy(np.round(g0 * SCALE).astype(np.int64))
         dots = delta.matmul(g0_ints.unsqueeze(1)).squeeze(1)  # 2^32 <delta_i, g0>

@@ -4,7 +4,7 @@ down to the bound ("clip", u * min(1, B / ||u||), as in DP-FedAvg and most robus
 An update vector is the model delta followed by a counting 1 (securecollab.updates). It is accepted iff
 
 * its counting entry is exactly 1 (a client may not count twice, or negatively),
-* every delta coordinate lies in [-R, R], the *coordinate bound* (see below), and
+* every delta coordinate lies in [-R, R), the *coordinate bound* (see below), and
 * ||delta|| <= B, the norm bound (reject mode only; clip mode scales the delta instead and still counts it).
 
 Inside MPC all three are computed on the shares and only their conjunction exists, as a secret bit per
@@ -20,10 +20,11 @@ CrypTen's 3-party protocol gets wrong by 2^48 with probability ~|x|/2^64 per ele
 Z_2^64: a malicious client choosing its encodings can make the sum wrap around, e.g. any coordinate equal to
 +-65536 squares to 2^64 = 0, so a vector of such coordinates passes a bare norm check with "norm" 0 and
 wrecks the model (attacks/poisoning.py, ``wraparound``). Checking first that every coordinate lies in
-[-R, R] with D * (2^16 R)^2 < 2^63 makes the sum exact, so the norm test is sound. The range check is two
-exact comparisons per coordinate (CrypTen's arithmetic-to-binary conversion and a sign bit, batched). R is
-min(B, 2^15.5 / sqrt(D)): honest deltas are far inside it (a coordinate bigger than the whole norm bound
-cannot occur, and at D = 10^6 R is still 46), so only updates no honest client sends are refused.
+[-R, R) with D * (2^16 R)^2 < 2^63 makes the sum exact, so the norm test is sound. R is a power of two,
+2^k / 2^16, so the check is one arithmetic-to-binary conversion per coordinate (x + 2^k has no bit above k
+set): about half the bytes of two comparisons (README, "Malicious clients"). It is the smallest power of two above B, capped at
+2^15.5 / sqrt(D) (rounded down to a power of two: at D = 10^6, R <= 32): a coordinate bigger than the whole
+norm bound cannot occur in an honest update, so only updates no honest client sends are refused.
 
 ``range_check=False`` keeps the unsound check of earlier versions, only to show that the wrap-around
 update passes it (tests, the poisoning sweep).
@@ -44,18 +45,29 @@ from securecollab.secagg.sharing import FRAC_BITS, SCALE
 
 # Squared norms live at scale 2^32 in a signed 64-bit ring: bound^2 * 2^32 < 2^63.
 MAX_NORM_BOUND = 2.0 ** ((63 - 2 * FRAC_BITS) / 2) - 1.0
-# Comparisons are done this many elements at a time (CrypTen's binary circuits hold ~10 copies).
+# Range checks convert this many elements at a time (CrypTen's binary circuits hold ~10 copies).
 COMPARE_CHUNK = 1 << 20
 
 
+def log_coordinate_bound(bound: float, dim: int) -> int:
+    """k: delta encodings must lie in [-2^k, 2^k). The smallest power of two above the norm bound (no
+    coordinate of an honest update reaches it), capped so that dim squares of at most 2^2k stay below 2^63."""
+    cap = 0
+    while dim * 4 ** (cap + 1) <= 2 ** 63 - 1:
+        cap += 1
+    return min(math.frexp(bound * SCALE)[1], cap)  # frexp: bound * SCALE < 2^e
+
+
 def coordinate_bound(bound: float, dim: int) -> float:
-    """R: the largest |coordinate| accepted, so that dim coordinates of at most R cannot wrap the squared norm."""
-    return min(bound, math.sqrt((2.0 ** 63 - 1) / max(dim, 1)) / SCALE)
+    """R = 2^k / 2^16: the coordinate range [-R, R) as values."""
+    return 2.0 ** log_coordinate_bound(bound, dim) / SCALE
 
 
 def clear_well_formed(u: np.ndarray, bound: float) -> bool:
-    """The counting entry is 1 and no delta coordinate exceeds the coordinate bound (in the clear)."""
-    return bool(u[-1] == 1.0 and np.abs(u[:-1]).max(initial=0.0) <= coordinate_bound(bound, u.size - 1))
+    """The counting entry is 1 and every delta encoding lies in [-2^k, 2^k) (in the clear)."""
+    limit = 2.0 ** log_coordinate_bound(bound, u.size - 1)
+    encodings = np.rint(np.asarray(u[:-1], dtype=np.float64) * SCALE)
+    return bool(u[-1] == 1.0 and encodings.min(initial=0.0) >= -limit and encodings.max(initial=0.0) < limit)
 
 
 def clear_accepts(u: np.ndarray, bound: float, range_check: bool = True) -> bool:
@@ -111,7 +123,7 @@ class NormBound(AggregationRule):
         delta = as_ints[:, :-1]
         dim = delta.size(1)
         radius = coordinate_bound(self.bound, dim)
-        ok = well_formed(as_ints, math.floor(radius * SCALE))  # (K,) scale 1
+        ok = well_formed(as_ints, log_coordinate_bound(self.bound, dim))  # (K,) scale 1
         relative = ratio(squared_norms(delta), self.bound ** 2)  # ||delta_i||^2 / B^2
         factor = inv_sqrt(relative, 0, exponent_range(dim * (radius / self.bound) ** 2))
         scaled = weighted_sum(factor * ok, x[:, :-1])
@@ -126,8 +138,7 @@ class NormBound(AggregationRule):
         within = squared_norms(delta).le(bound_sq)
         if not self.range_check:
             return within
-        radius = math.floor(coordinate_bound(self.bound, delta.size(1)) * SCALE)
-        return within * well_formed(as_ints, radius)
+        return within * well_formed(as_ints, log_coordinate_bound(self.bound, delta.size(1)))
 
 
 def _as_ints(x):
@@ -143,19 +154,36 @@ def squared_norms(delta):
     return load_crypten().mpc.MPCTensor.from_shares(squares.share.sum(1), precision=0)
 
 
-def well_formed(as_ints, radius: int):
-    """Secret bits per row: the counting entry is exactly 2^16 (a 1) and every other entry is in [-radius, radius].
+def well_formed(as_ints, log_radius: int):
+    """Secret bits per row: the counting entry is exactly 2^16 (a 1) and every other entry is in
+    [-2^k, 2^k), k = log_radius.
 
-    Each condition is a sign: x <= r  iff  x - r - 1 < 0, and x >= -r  iff  -x - r - 1 < 0, exact for any
-    ring element (a wrapped value lands on the wrong side). Rows of bits are summed locally; a row is well
-    formed iff all 2D of its conditions hold."""
-    crypten = load_crypten()
-    k, d = as_ints.size()
-    delta, count = as_ints[:, :-1], as_ints[:, -1:]
-    conditions = [(delta - (radius + 1)), (-delta - (radius + 1)), (count - (SCALE + 1)), (-count + (SCALE - 1))]
-    flat = crypten.cat([c.flatten() for c in conditions])  # row i's conditions are at i*(d-1)..., then counts
-    bits = crypten.cat([flat[i:i + COMPARE_CHUNK]._ltz() for i in range(0, flat.numel(), COMPARE_CHUNK)])
-    n_delta = k * (d - 1)
-    held = (bits[:n_delta].view(k, d - 1).sum(1) + bits[n_delta:2 * n_delta].view(k, d - 1).sum(1)
-            + bits[2 * n_delta:2 * n_delta + k] + bits[2 * n_delta + k:])
-    return held.ge(2 * d)  # 2(d-1) coordinate conditions + 2 on the count
+    y = x + 2^k lies in [0, 2^(k+1)) iff bits k+1..63 of y are all zero, for any ring element (a wrapped
+    value sets a high bit). So each entry costs one arithmetic-to-binary conversion (CrypTen's adder on XOR
+    shares) and a local shift; the shifted words of a row are OR-ed together (a tree, one AND per level),
+    with the words of count - 2^16, whose 64 bits must all be zero. A row is well formed iff its final word
+    is zero: an OR over its 64 bits and one single-bit conversion back to arithmetic shares."""
+    from crypten.mpc.primitives.beaver import B2A_single_bit
+    from crypten.mpc.primitives.converters import _A2B
+
+    n_rows, n_delta = as_ints.size(0), as_ints.size(1) - 1
+    width = max(1, COMPARE_CHUNK // n_rows)  # columns per conversion
+    word = _A2B((as_ints[:, -1:] - SCALE)._tensor)  # (K, 1): zero iff the count is exactly 1
+    for start in range(0, n_delta, width):
+        shifted = _A2B((as_ints[:, start:min(start + width, n_delta)] + (1 << log_radius))._tensor)
+        word = word | _or_columns(shifted.rshift_(log_radius + 1))
+    for shift in (32, 16, 8, 4, 2, 1):  # bit 0 becomes the OR of all 64 bits
+        word = word | word.rshift(shift)
+    bad = B2A_single_bit(word & 1)
+    return 1 - load_crypten().mpc.MPCTensor.from_shares(bad.share.squeeze(1), precision=0)
+
+
+def _or_columns(words):
+    """(K, n) XOR-shared words -> (K, 1), the bitwise OR of each row (a tree of ceil(log2 n) AND rounds)."""
+    while words.size(1) > 1:
+        half = words.size(1) // 2
+        merged = words[:, :half] | words[:, half:2 * half]
+        if words.size(1) % 2:
+            merged.share = torch.cat([merged.share, words.share[:, -1:]], dim=1)
+        words = merged
+    return words
