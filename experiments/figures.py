@@ -24,5 +24,5 @@ def label_psnr_axes(ax, *, xlabel: str, title: str) -> None:
 def save_figure(fig, path: Path, *, dpi: int) -> None:
     """Lay out, write and close ``fig``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # nothing clipped: long tick labels, legends outside
     pyplot().close(fig)

@@ -134,6 +134,7 @@ def _process_main(argv: list[str]) -> None:
     assert result.dtype == np.int64 and result.shape == shares[0].shape
     if sent is not None:
         np.save(workdir / f"sent{rank}.npy", np.concatenate(sent) if sent else np.zeros(0, np.int64))
+        np.save(workdir / f"sent_sizes{rank}.npy", np.array([t.size for t in sent], dtype=np.int64))
     np.save(workdir / f"out{rank}.npy", result)
     mpc.shutdown()
     if _endpoint is not None:
@@ -162,6 +163,44 @@ def _record_sent() -> list:
 
         setattr(comm, name, recording)
     return sent
+
+
+def opened_values(workdir: Path, n_parties: int) -> list[np.ndarray]:
+    """Everything the MPC opened, from what every party sent (a round run with a `record` file).
+
+    CrypTen's protocols are lockstep: at each step every party sends its part of the same value, so the
+    i-th tensor of each party's record together make one value any party can rebuild: the sum mod 2^64
+    (arithmetic shares) or the XOR (binary shares). Both are returned; a party can compute either."""
+    sent = [np.split(np.load(workdir / f"sent{r}.npy"), np.cumsum(np.load(workdir / f"sent_sizes{r}.npy"))[:-1])
+            for r in range(n_parties)]
+    assert len({len(s) for s in sent}) == 1, "the parties' records are not in lockstep"
+    opened = []
+    for parts in zip(*sent):
+        assert len({p.size for p in parts}) == 1, "the parties' records are not in lockstep"
+        total, xor = parts[0].astype(np.uint64), parts[0].copy()
+        for p in parts[1:]:
+            total = total + p.astype(np.uint64)  # wraps mod 2^64, as the ring does
+            xor = np.bitwise_xor(xor, p)
+        opened += [total.view(np.int64), xor]
+    return opened
+
+
+def assert_nothing_opened_holds(workdir: Path, n_parties: int, values, vectors=()) -> None:
+    """No value the MPC opened holds any of `values` (norms, scores, factors) at a fixed-point scale the
+    rules use (2^16, 2^24, 2^32; within 2 units), nor any of `vectors` (per-client accept bits) at scale
+    2^16. Opened values are masked, so they are uniform ring elements: a chance match has odds ~1e-13."""
+    words = np.unique(np.concatenate(opened_values(workdir, n_parties)))
+    assert words.size > 1000, "nothing was recorded"
+    for scale in (2.0 ** 16, 2.0 ** 24, 2.0 ** 32):
+        encoded = np.rint(np.asarray(values, dtype=np.float64) * scale)
+        encoded = encoded[(np.abs(encoded) >= 2 ** 12) & (np.abs(encoded) < 2 ** 62)].astype(np.int64)
+        near = np.searchsorted(words, encoded - 2)
+        hits = (near < words.size) & (words[np.minimum(near, words.size - 1)] <= encoded + 2)
+        assert not hits.any(), f"an opened value holds {encoded[hits][:3]} at scale {scale:g}"
+    opened = opened_values(workdir, n_parties)
+    for v in vectors:
+        pattern = (np.asarray(v, dtype=np.int64) * SCALE)
+        assert not any(o.size == pattern.size and np.array_equal(o, pattern) for o in opened), "accept bits opened"
 
 
 def _grpc_main(role, rank, n_parties, ports, workdir, rule):
@@ -281,10 +320,14 @@ def test_sound_norm_bound_rejects_wraparound_and_recounting_and_holds_the_bounda
     bound = 1.0
     updates, accepted = _malformed_round(rng, bound, 800)
     assert [clear_accepts(u, bound) for u in updates] == list(accepted)  # the rule in the clear agrees
+    (tmp_path / "record").touch()
     out = _run_round(tmp_path, updates, 3, norm_bound=bound, transport=transport)
     np.testing.assert_allclose(_reconstruct(out), updates[accepted].sum(0), rtol=0, atol=10 / SCALE)
     clear = secure_rule(norm_bound=bound).clear(list(updates), np.ones(len(updates)))
     np.testing.assert_allclose(_reconstruct(out), clear, rtol=0, atol=10 / SCALE)
+    # what the parties opened to each other holds no norm, squared norm or accept bit
+    norms = np.linalg.norm(updates[:4, :-1], axis=1)  # the well-formed updates' (the others' wrap the ring)
+    assert_nothing_opened_holds(tmp_path, 3, [*norms, *norms ** 2], vectors=[accepted.astype(int)])
 
 
 @pytest.mark.timeout(120)
@@ -307,6 +350,34 @@ def _flat_updates(norms, dim: int, rng: np.random.Generator) -> np.ndarray:
     return np.hstack([signs * (np.asarray(norms)[:, None] / np.sqrt(dim - 1)), np.ones((len(norms), 1))])
 
 
+def _write_records(workdir: Path, opened: list[np.ndarray], n_parties: int, rng) -> None:
+    """Records as _process_main writes them, of parties whose sent tensors open to `opened` (summed)."""
+    parts = [[] for _ in range(n_parties)]
+    for value in opened:
+        shares = rng.integers(INT64.min, INT64.max, size=(n_parties - 1, value.size), dtype=np.int64)
+        last = value.astype(np.uint64) - shares.astype(np.uint64).sum(0, dtype=np.uint64)
+        for r, share in enumerate([*shares, last.view(np.int64)]):
+            parts[r].append(share)
+    for r in range(n_parties):
+        np.save(workdir / f"sent{r}.npy", np.concatenate(parts[r]))
+        np.save(workdir / f"sent_sizes{r}.npy", np.array([t.size for t in parts[r]], dtype=np.int64))
+
+
+def test_the_opened_value_check_finds_a_norm_or_an_accept_vector_that_was_opened(tmp_path):
+    rng = np.random.default_rng(3)
+    masked = [rng.integers(INT64.min, INT64.max, size=n, dtype=np.int64) for n in (1000, 5, 300)]
+    _write_records(tmp_path, masked, 3, rng)
+    assert_nothing_opened_holds(tmp_path, 3, [3.9, 3.9 ** 2], vectors=[[1, 0, 1, 1, 0]])  # masked: nothing
+    leaks = {"a norm at 2^16": [np.array([int(3.9 * SCALE) + 1])],
+             "a squared norm at 2^32": [np.array([int(3.9 ** 2 * 2 ** 32)])],
+             "accept bits": [np.array([1, 0, 1, 1, 0]) * SCALE]}
+    for what, leak in leaks.items():
+        _write_records(tmp_path, masked + leak, 3, rng)
+        with pytest.raises(AssertionError, match="opened"):
+            assert_nothing_opened_holds(tmp_path, 3, [3.9, 3.9 ** 2], vectors=[[1, 0, 1, 1, 0]])
+            pytest.fail(f"{what} was opened and not found")
+
+
 @pytest.mark.timeout(120)
 @GRPC_ONLY
 def test_clipping_inside_mpc_equals_clipping_in_the_clear(tmp_path, transport):
@@ -317,7 +388,11 @@ def test_clipping_inside_mpc_equals_clipping_in_the_clear(tmp_path, transport):
     updates = _flat_updates([0.5, 3.9, 4.1, 12.0, 70.0], dim, rng)  # the last: 17.5 times the bound
     wrap = np.append(wraparound_vector(rng.normal(size=dim - 1)), 1.0)[None, :]
     updates = np.vstack([updates, wrap])
+    (tmp_path / "record").touch()
     out = _reconstruct(_run_round(tmp_path, updates, 3, norm_bound=bound, norm_mode="clip", transport=transport))
+    norms = np.array([0.5, 3.9, 4.1, 12.0, 70.0])  # no norm, squared norm or clipping factor was opened
+    assert_nothing_opened_holds(tmp_path, 3, [*norms, *norms ** 2, *np.minimum(1, bound / norms),
+                                              *(norms / bound) ** 2])
     clear = secure_rule(norm_bound=bound, norm_mode="clip").clear(list(updates), np.ones(len(updates)))
     want = updates[:2, :-1].sum(0) + (updates[2:5, :-1] * (bound / np.array([4.1, 12.0, 70.0]))[:, None]).sum(0)
     np.testing.assert_allclose(clear[:-1], want, atol=1e-9)
@@ -372,8 +447,12 @@ def test_fltrust_inside_mpc_equals_fltrust_in_the_clear(tmp_path, transport):
     norms = np.linalg.norm(deltas, axis=1)
     trust = np.maximum(deltas @ g0, 0) / (np.maximum(norms, 2.0 / 8) * 2.0)  # relu(cos); the tiny one damped
     assert trust[2] == 0 and trust[4] == pytest.approx(0.008) and clear[-1] == pytest.approx(trust.sum())
+    (tmp_path / "record").touch()
     out = _reconstruct(_run_round(tmp_path, updates, 3, robust="fltrust", reference=g0.tolist(), transport=transport))
     assert out[-1] == pytest.approx(clear[-1], abs=2e-3)  # the total trust, the only per-round scalar revealed
+    # no trust score, cosine, inner product with g0 or norm was opened between the parties
+    assert_nothing_opened_holds(tmp_path, 3, [*trust[trust > 0], *(deltas @ g0), *norms, *norms ** 2,
+                                              *(deltas @ g0) / (norms * 2.0)])
     np.testing.assert_allclose(out[:-1], clear[:-1], rtol=0, atol=5e-3)
     assert np.linalg.norm(out[:-1] - clear[:-1]) < 2e-3 * np.linalg.norm(clear[:-1])
     step = out[:-1] / out[-1]  # the FLTrust update: close to g0's direction, norm at most ||g0||

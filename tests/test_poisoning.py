@@ -151,3 +151,24 @@ def test_model_replacement_backdoor_succeeds_against_fedavg_and_fails_against_th
     last = load_transcript(tmp_path / "bounded" / "transcripts" / "coordinator.jsonl").of_kind(Kind.AGGREGATE)[-1]
     (aggregate,) = last.tensors.values()
     assert round(float(aggregate[-1])) == N_CLIENTS - 1
+
+
+def _backdoor_row(protocol, behaviour, defence, fraction, asr, main, by_round=None):
+    return {"attack": "backdoor", "protocol": protocol, "baseline": {"attack_success_rate": 0.0},
+            "metrics": {"behaviour": behaviour, "defence": defence, "malicious_fraction": fraction,
+                        "attack_success_rate": asr, "main_accuracy": main, "asr_by_round": by_round or [asr]}}
+
+
+def test_backdoor_figure_adds_the_malicious_fraction_panel_only_when_the_sweep_has_several(tmp_path):
+    from matplotlib.image import imread
+
+    from experiments.backdoor import plot
+    quick = [_backdoor_row("fedavg", "model_replacement", "none", 0.1, 0.97, 0.94),
+             _backdoor_row("secagg", "model_replacement", "norm_bound(4)", 0.1, 0.0, 0.95),
+             _backdoor_row("secagg", "adaptive", "norm_bound(4)", 0.1, 0.8, 0.95, [0.4, 0.1, 0.8])]
+    full = quick + [_backdoor_row(p, "model_replacement", d, f, a, 0.94) for f in (0.2, 0.3)
+                    for p, d, a in (("fedavg", "none", 0.98), ("secagg", "norm_bound(4)", 0.0))]
+    plot(quick, tmp_path / "quick.png")
+    plot(full, tmp_path / "full.png")
+    quick_png, full_png = imread(tmp_path / "quick.png"), imread(tmp_path / "full.png")
+    assert full_png.shape[1] > 1.3 * quick_png.shape[1]  # a third panel: ASR against the malicious fraction
