@@ -91,6 +91,26 @@ class ProcessGroup:
             time.sleep(0.05)
         raise TimeoutError(f"{name} did not start serving within {timeout:.0f}s:\n{self.tail(name)}")
 
+    def wait_ports(self, names: list[str], timeout: float = 120.0, watch: tuple[str, ...] = ()) -> list[int]:
+        """The ports of services started together that serve only once they all run (compute parties
+        forming their world), as soon as every one serves. Fails at once, naming it, when one of them or of
+        `watch` exits for good first: its peers would otherwise wait for it until the timeout."""
+        deadline, ports = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            for name in names:
+                if name not in ports and (self.log_dir / f"{name}.port").exists():
+                    ports[name] = int((self.log_dir / f"{name}.port").read_text())
+            if len(ports) == len(names):
+                return [ports[name] for name in names]
+            for name in (*names, *watch):
+                code = self.procs[name].poll()
+                if name not in ports and code is not None and code not in self.restart_on.get(name, ()):
+                    raise RuntimeError(f"{name} exited with {code} before serving:\n{self.tail(name)}")
+            time.sleep(0.05)
+        waiting = [name for name in names if name not in ports]
+        raise TimeoutError(f"{', '.join(waiting)} did not start serving within {timeout:.0f}s:\n"
+                           + "\n".join(self.tail(name) for name in waiting))
+
     def wait(self, name: str, timeout: float) -> int:
         try:
             code = self.procs[name].wait(timeout=timeout)

@@ -116,9 +116,35 @@ def _costs(overall: dict, parties: list[dict]) -> dict:
     }
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port free now, for a service started next that its peers must know in advance.
+
+    Drawn below the kernel's ephemeral range: a port from that range (what binding port 0 gives) can be
+    taken, before the service binds it, as the source port of any outgoing connection on the machine
+    (seen: a compute party's MPC port taken that way, so its world never formed). Never the same port
+    twice from one process."""
+    import random
     import socket
-    with socket.socket() as s:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.SystemRandom()
+    for _ in range(500):
+        port = pick.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # nothing free below the range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -154,7 +180,7 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
             "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     if spec.needs_dealer:
         group.start("dealer", securecollab_cmd("serve", "dealer", *dealer_args, *common), restart_on=(EXIT_REJOIN,))
-    ports = [group.wait_port(name, timeout=300) for name in parties]
+    ports = group.wait_ports(parties, timeout=300, watch=("dealer",) if spec.needs_dealer else ())
     port_file = group.log_dir / "coordinator.port"
     port_file.unlink(missing_ok=True)
     for stale in out_dir.glob("coordinator_state.sqlite*"):  # a new run; the command itself resumes when restarted
