@@ -80,16 +80,7 @@ class ProcessGroup:
 
     def wait_port(self, name: str, timeout: float = 120.0) -> int:
         """The port a started service bound, once it serves."""
-        port_file = self.log_dir / f"{name}.port"
-        proc = self.procs[name]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if port_file.exists():
-                return int(port_file.read_text())
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} before serving:\n{self.tail(name)}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} did not start serving within {timeout:.0f}s:\n{self.tail(name)}")
+        return self.wait_ports([name], timeout)[0]
 
     def wait_ports(self, names: list[str], timeout: float = 120.0, watch: tuple[str, ...] = ()) -> list[int]:
         """The ports of services started together that serve only once they all run (compute parties

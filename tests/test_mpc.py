@@ -189,7 +189,8 @@ def assert_nothing_opened_holds(workdir: Path, n_parties: int, values, vectors=(
     """No value the MPC opened holds any of `values` (norms, scores, factors) at a fixed-point scale the
     rules use (2^16, 2^24, 2^32; within 2 units), nor any of `vectors` (per-client accept bits) at scale
     2^16. Opened values are masked, so they are uniform ring elements: a chance match has odds ~1e-13."""
-    words = np.unique(np.concatenate(opened_values(workdir, n_parties)))
+    opened = opened_values(workdir, n_parties)
+    words = np.unique(np.concatenate(opened))
     assert words.size > 1000, "nothing was recorded"
     for scale in (2.0 ** 16, 2.0 ** 24, 2.0 ** 32):
         encoded = np.rint(np.asarray(values, dtype=np.float64) * scale)
@@ -197,7 +198,6 @@ def assert_nothing_opened_holds(workdir: Path, n_parties: int, values, vectors=(
         near = np.searchsorted(words, encoded - 2)
         hits = (near < words.size) & (words[np.minimum(near, words.size - 1)] <= encoded + 2)
         assert not hits.any(), f"an opened value holds {encoded[hits][:3]} at scale {scale:g}"
-    opened = opened_values(workdir, n_parties)
     for v in vectors:
         pattern = (np.asarray(v, dtype=np.int64) * SCALE)
         assert not any(o.size == pattern.size and np.array_equal(o, pattern) for o in opened), "accept bits opened"
