@@ -23,7 +23,7 @@ if [ -z "${BASE_IMAGE:-}" ]; then
         BASE_IMAGE=securecollab-base:bookworm
         if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
             [ "$(id -u)" = 0 ] || { say "no registry: building a base image needs root (debootstrap)"; exit 1; }
-            command -v debootstrap >/dev/null || apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+            command -v debootstrap >/dev/null || deploy/apt-install debootstrap
             rootfs=$(mktemp -d)
             say "no registry: building $BASE_IMAGE with debootstrap (Debian bookworm, Python 3.11)"
             debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \

@@ -69,9 +69,7 @@ trap teardown EXIT
 if ! docker info >/dev/null 2>&1; then
     if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
         say "installing docker.io, docker-compose, debootstrap from Debian's packages"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            docker.io docker-compose debootstrap iptables >/dev/null
+        deploy/apt-install docker.io docker-compose debootstrap iptables
     fi
     say "starting dockerd"
     IPTABLES_BEFORE=$(mktemp)
