@@ -9,11 +9,14 @@ training indices, either uniformly (IID) or label-skewed (Dirichlet).
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
+
+# scikit-learn is imported where a data set is loaded: it costs ~1.5 s of CPU at start-up, and most
+# processes (compute parties, the dealer, servers that never load data) import this module only for its names.
 
 DATASETS = ("digits", "breast_cancer", "npz")
 PARTITION_SCHEMES = ("iid", "dirichlet")
@@ -60,10 +63,8 @@ def load_dataset(
     scikit-learn sets; an ``npz`` file brings its own split, so they are
     ignored there.
     """
-    if name == "digits":
-        return _load_digits(seed, test_fraction)
-    if name == "breast_cancer":
-        return _load_breast_cancer(seed, test_fraction)
+    if name in EMBEDDED:
+        return _cached(name, seed, test_fraction)
     if name == "npz":
         if path is None:
             raise ValueError("dataset 'npz' needs a path to a .npz file")
@@ -71,15 +72,58 @@ def load_dataset(
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _stratified_split(x, y, seed: int, test_fraction: float):
+def cache_dir() -> Path | None:
+    """Where the embedded data sets' splits are kept: $SECURECOLLAB_CACHE, or ~/.cache/securecollab; None
+    (no cache) when $SECURECOLLAB_CACHE is set but empty."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return Path(chosen) if chosen else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "securecollab"
+
+
+def _cached(name: str, seed: int, test_fraction: float) -> Dataset:
+    """An embedded data set's split, computed once per (name, seed, fraction, scikit-learn version) and kept
+    as an .npz (no pickle): importing scikit-learn costs each process ~1.5 s of CPU, and every client of a
+    federation is a process of its own. A missing, damaged or unwritable cache only means computing it."""
+    _check_test_fraction(test_fraction)
+    directory = cache_dir()
+    if directory is None:
+        return EMBEDDED[name](seed, test_fraction)
+    from importlib.metadata import version
+    path = directory / f"{name}-seed{seed}-test{test_fraction!r}-sklearn{version('scikit-learn')}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Dataset(name, z["x_train"], z["y_train"], z["x_test"], z["y_test"], int(z["num_classes"]))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    data = EMBEDDED[name](seed, test_fraction)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # then renamed: readers never see half
+        with open(partial, "wb") as f:
+            np.savez(f, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
+                     num_classes=data.num_classes)
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return data
+
+
+def _check_test_fraction(test_fraction: float) -> None:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _stratified_split(x, y, seed: int, test_fraction: float):
+    _check_test_fraction(test_fraction)
+    from sklearn.model_selection import train_test_split
     return train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
 
 
 def _load_digits(seed: int, test_fraction: float) -> Dataset:
+    from sklearn.datasets import load_digits
     bunch = load_digits()
     # Pixel intensities in load_digits run from 0 to 16.
     images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
@@ -91,6 +135,7 @@ def _load_digits(seed: int, test_fraction: float) -> Dataset:
 
 
 def _load_breast_cancer(seed: int, test_fraction: float) -> Dataset:
+    from sklearn.datasets import load_breast_cancer
     bunch = load_breast_cancer()
     features = bunch.data.astype(np.float64)
     labels = bunch.target.astype(np.int64)
@@ -104,6 +149,10 @@ def _load_breast_cancer(seed: int, test_fraction: float) -> Dataset:
     x_train = ((x_train - mean) / std).astype(np.float32)
     x_test = ((x_test - mean) / std).astype(np.float32)
     return Dataset("breast_cancer", x_train, y_train, x_test, y_test, num_classes=2)
+
+
+EMBEDDED = {"digits": _load_digits, "breast_cancer": _load_breast_cancer}
+CACHE_ENV = "SECURECOLLAB_CACHE"
 
 
 def load_npz(path: str | os.PathLike) -> Dataset:

@@ -11,6 +11,7 @@ Party ids and roles: "aggregator" and "client-<n>" get their default roles;
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,21 @@ import pytest
 from securecollab.net.certs import TlsFiles, make_certs
 
 PARTIES = ["aggregator", "client-0", "client-1", "client-2", "client-3", "server:party", "client-x:client"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded data sets' splits are cached in a directory of this session (every process the tests
+    start inherits it), so no test depends on a cache left by an earlier run."""
+    from securecollab.data import CACHE_ENV
+    d = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(d)
+    yield d
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")

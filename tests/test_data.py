@@ -1,5 +1,9 @@
 """Tests for dataset loading and client partitioning."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -271,3 +275,32 @@ def test_dirichlet_gives_up_after_bounded_attempts():
     labels = np.arange(100) % 10
     with pytest.raises(ValueError, match="attempts"):
         partition_dirichlet(labels, 10, alpha=0.01, seed=0, min_size=9)
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_cached_split_equals_a_fresh_one_and_a_damaged_cache_is_computed_again(tmp_path, monkeypatch, name):
+    from securecollab.data import CACHE_ENV
+    monkeypatch.setenv(CACHE_ENV, "")
+    fresh = load_dataset(name, seed=3, test_fraction=0.3)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    first, second = load_dataset(name, seed=3, test_fraction=0.3), load_dataset(name, seed=3, test_fraction=0.3)
+    (cached,) = tmp_path.glob(f"{name}-seed3-test0.3-*.npz")
+    for ds in (first, second):
+        assert ds.name == name and ds.num_classes == fresh.num_classes
+        for part in ("x_train", "y_train", "x_test", "y_test"):
+            a, b = getattr(ds, part), getattr(fresh, part)
+            assert a.dtype == b.dtype and np.array_equal(a, b), part
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated: read fails, the split is computed and saved again
+    again = load_dataset(name, seed=3, test_fraction=0.3)
+    assert np.array_equal(again.x_test, fresh.x_test) and cached.stat().st_size > 1000
+    assert not np.array_equal(load_dataset(name, seed=4, test_fraction=0.3).y_train, fresh.y_train)
+
+
+def test_a_process_that_finds_the_split_cached_does_not_import_scikit_learn(tmp_path):
+    from securecollab.data import CACHE_ENV
+    code = ("import sys; from securecollab.data import load_dataset; d = load_dataset('digits'); "
+            "print(len(d.y_train), 'sklearn' in sys.modules)")
+    env = {**os.environ, CACHE_ENV: str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["1347", "True"], ["1347", "False"]], [r.stderr for r in runs]

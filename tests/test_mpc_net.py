@@ -184,6 +184,51 @@ def test_world_forms_over_tls_and_refuses_an_intruder_posing_as_a_party(certs):
             s.stop(grace=None)
 
 
+def test_parties_agree_on_the_world_when_a_peer_restarts_while_it_forms(certs):
+    """party 1 answers party 0's Hello, then restarts (a new process: a new nonce) before the world is up.
+    Without agreement party 0 would hash the dead process's nonce and break the others' world with its
+    first message, and every restart could repeat the race (a livelock seen here)."""
+    from securecollab.runs.training import free_port
+    d, _ = certs
+    ports = [free_port() for _ in range(3)]
+    targets = [f"localhost:{p}" for p in ports]
+    ends = {r: start_endpoint(r, 3, False, tls(d, f"party-{r}"), port=ports[r], host="127.0.0.1") for r in (0, 1)}
+    worlds = {}
+
+    def form(r):
+        worlds[r] = form_world(ends[r][1], targets, tls(d, f"party-{r}"), form_timeout_s=30)
+
+    first = threading.Thread(target=form, args=(0,))
+    first.start()  # party 0 hears party 1's first nonce, then waits for party 2
+    for _ in range(100):
+        if 0 in ends[1][1].heard:
+            break
+        threading.Event().wait(0.05)
+    assert 0 in ends[1][1].heard
+    stale = ends[1][1].nonce
+    ends[1][0].stop(grace=None)
+    ends[1] = start_endpoint(1, 3, False, tls(d, "party-1"), port=ports[1], host="127.0.0.1")
+    ends[2] = start_endpoint(2, 3, False, tls(d, "party-2"), port=ports[2], host="127.0.0.1")
+    others = [threading.Thread(target=form, args=(r,)) for r in (1, 2)]
+    for t in others:
+        t.start()
+    try:
+        for t in [first, *others]:
+            t.join(40)
+        assert sorted(worlds) == [0, 1, 2]
+        assert len({w.world_id for w in worlds.values()}) == 1
+        assert ends[1][1].nonce != stale
+        # the world they share works: a message from party 0 reaches party 1 under that id
+        worlds[0].peers[1].post(lambda seq: object_frames(worlds[0].world_id, seq, "hello")).result(timeout=10)
+        assert worlds[1].inbox.take(0, 10, is_object=True) == "hello"
+        assert all(s.inbox.broken is None for _, s in ends.values())
+    finally:
+        for w in worlds.values():
+            w.close(timeout_s=5)
+        for server, _ in ends.values():
+            server.stop(grace=None)
+
+
 def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(certs):
     d, other = certs
     server = make_server(tls=tls(d, "dealer"), port=0, host="127.0.0.1")

@@ -206,6 +206,7 @@ class MpcPeerServicer(pb_grpc.MpcPeerServicer):
         self.nonce = os.urandom(32)
         self.inbox = Inbox(rank, world_size)
         self.heard: dict[int, bytes] = {}
+        self.candidate = b""  # the world id this party computed, told to peers who ask while forming
         self.form_timeout_s = form_timeout_s
 
     def Hello(self, request, context):
@@ -223,7 +224,8 @@ class MpcPeerServicer(pb_grpc.MpcPeerServicer):
         self.heard[src] = request.nonce
         if previous is not None and previous != request.nonce and self.inbox.world is not None:
             self.inbox.break_world(f"{party_name(src)} restarted: it is forming a new MPC world")
-        return pb.MpcHello(world_size=self.world_size, nonce=self.nonce, dealer=self.dealer)
+        return pb.MpcHello(world_size=self.world_size, nonce=self.nonce, dealer=self.dealer,
+                           world=self.inbox.world or self.candidate)
 
     def Deliver(self, request_iterator, context):
         try:
@@ -311,24 +313,27 @@ class World:
 
 def form_world(servicer: MpcPeerServicer, targets: list[str], tls: TlsFiles, *, meter: CostMeter | None = None,
                step_timeout_s: float = STEP_TIMEOUT_S, form_timeout_s: float = FORM_TIMEOUT_S) -> World:
-    """Say Hello to every peer (``targets[j]`` is party j's MPC endpoint) until each answers; then the world's
-    id is the hash of all nonces in rank order. Raises MpcError if a peer is missing past the deadline or
-    refuses (another CA, another world size)."""
+    """Say Hello to every peer (``targets[j]`` is party j's MPC endpoint) until each answers; the world's id
+    is the hash of all nonces in rank order. Then agree on it: ask every peer for the id it computed until
+    all show this one. A peer that restarted after answering has a new nonce, and the ids differ; nonces are
+    then collected again, in this process, until they agree (a party that started alone in a world its peers
+    do not share would break it with its first message, and every restart could repeat the race). Raises
+    MpcError if a peer is missing past the deadline or refuses (another CA, another world size)."""
     rank, n = servicer.rank, servicer.world_size
     if len(targets) != n:
         raise ValueError(f"{len(targets)} MPC endpoints given for {n} parties")
-    nonces = {rank: servicer.nonce}
-    peers = {}
     deadline = time.monotonic() + form_timeout_s
+    peers = {}
     for j in range(n):
-        if j == rank:
-            continue
-        channel = make_channel(targets[j], tls=tls, meter=meter, server_name=party_name(j))
-        stub = pb_grpc.MpcPeerStub(channel)
+        if j != rank:
+            channel = make_channel(targets[j], tls=tls, meter=meter, server_name=party_name(j))
+            peers[j] = Peer(j, targets[j], channel, pb_grpc.MpcPeerStub(channel))
+
+    def hello(j: int, world: bytes = b"") -> pb.MpcHello:
+        request = pb.MpcHello(world_size=n, nonce=servicer.nonce, dealer=servicer.dealer, world=world)
         while True:
             try:
-                reply = stub.Hello(pb.MpcHello(world_size=n, nonce=servicer.nonce, dealer=servicer.dealer), timeout=5)
-                break
+                return peers[j].stub.Hello(request, timeout=5)
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise MpcError(f"{party_name(j)} ({targets[j]}) refused to form a world: "
@@ -336,15 +341,35 @@ def form_world(servicer: MpcPeerServicer, targets: list[str], tls: TlsFiles, *, 
                 if time.monotonic() > deadline:
                     raise MpcError(f"{party_name(j)} ({targets[j]}) did not answer within {form_timeout_s:.0f}s")
                 time.sleep(0.5)
-        nonces[j] = reply.nonce
-        peers[j] = Peer(j, targets[j], channel, stub)
-    world_id = hashlib.sha256(b"".join(nonces[k] for k in range(n))).digest()
+
+    while True:
+        nonces = {rank: servicer.nonce} | {j: hello(j).nonce for j in peers}
+        world_id = hashlib.sha256(b"".join(nonces[k] for k in range(n))).digest()
+        servicer.candidate = world_id
+        if all(agrees(hello, j, nonces[j], world_id, deadline) for j in peers):
+            break
+        log.info("%s: a peer computed another MPC world id (one restarted meanwhile): collecting nonces again",
+                 party_name(rank))
+        time.sleep(0.2)  # give a peer with stale nonces the moment it needs to see the mismatch too
     for p in peers.values():
         p.start(step_timeout_s)
     servicer.inbox.open(world_id)
     log.info("%s: MPC world %s formed with %s", party_name(rank), world_id.hex()[:12],
              ", ".join(party_name(j) for j in sorted(peers)))
     return World(rank, n, world_id, peers, servicer.inbox, step_timeout_s)
+
+
+def agrees(hello, j: int, nonce: bytes, world_id: bytes, deadline: float) -> bool:
+    """Whether peer j, still holding ``nonce``, computed ``world_id``; waits while it has computed none yet."""
+    while True:
+        reply = hello(j, world_id)
+        if reply.nonce != nonce or (reply.world and reply.world != world_id):
+            return False
+        if reply.world == world_id:
+            return True
+        if time.monotonic() > deadline:
+            raise MpcError(f"{party_name(j)} computed no MPC world id in time (waiting for another peer?)")
+        time.sleep(0.1)
 
 
 def start_endpoint(rank: int, world_size: int, dealer: bool, tls: TlsFiles, *, port: int, host: str = "[::]",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from securecollab.generated.v1 import tensor_pb2 as securecollab_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19securecollab/v1/mpc.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"=\n\x08MpcHello\x12\x12\n\nworld_size\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65\x61ler\x18\x03 \x01(\x08\"{\n\x08MpcFrame\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06object\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\"\x08\n\x06MpcAck\"0\n\x0bSeedRequest\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\x19\n\tSeedReply\x12\x0c\n\x04seed\x18\x01 \x01(\x03\"K\n\x11\x43orrelatedRequest\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x01(\x0c\x32\x89\x01\n\x07MpcPeer\x12=\n\x05Hello\x12\x19.securecollab.v1.MpcHello\x1a\x19.securecollab.v1.MpcHello\x12?\n\x07\x44\x65liver\x12\x19.securecollab.v1.MpcFrame\x1a\x17.securecollab.v1.MpcAck(\x01\x32\x99\x01\n\x06\x44\x65\x61ler\x12@\n\x04Seed\x12\x1c.securecollab.v1.SeedRequest\x1a\x1a.securecollab.v1.SeedReply\x12M\n\nCorrelated\x12\".securecollab.v1.CorrelatedRequest\x1a\x19.securecollab.v1.MpcFrame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19securecollab/v1/mpc.proto\x12\x0fsecurecollab.v1\x1a\x1csecurecollab/v1/tensor.proto\"L\n\x08MpcHello\x12\x12\n\nworld_size\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65\x61ler\x18\x03 \x01(\x08\x12\r\n\x05world\x18\x04 \x01(\x0c\"{\n\x08MpcFrame\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x06tensor\x18\x03 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06object\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\"\x08\n\x06MpcAck\"0\n\x0bSeedRequest\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\x19\n\tSeedReply\x12\x0c\n\x04seed\x18\x01 \x01(\x03\"K\n\x11\x43orrelatedRequest\x12\r\n\x05world\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x01(\x0c\x32\x89\x01\n\x07MpcPeer\x12=\n\x05Hello\x12\x19.securecollab.v1.MpcHello\x1a\x19.securecollab.v1.MpcHello\x12?\n\x07\x44\x65liver\x12\x19.securecollab.v1.MpcFrame\x1a\x17.securecollab.v1.MpcAck(\x01\x32\x99\x01\n\x06\x44\x65\x61ler\x12@\n\x04Seed\x12\x1c.securecollab.v1.SeedRequest\x1a\x1a.securecollab.v1.SeedReply\x12M\n\nCorrelated\x12\".securecollab.v1.CorrelatedRequest\x1a\x19.securecollab.v1.MpcFrame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'securecollab.v1.mpc_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MPCHELLO']._serialized_start=76
-  _globals['_MPCHELLO']._serialized_end=137
-  _globals['_MPCFRAME']._serialized_start=139
-  _globals['_MPCFRAME']._serialized_end=262
-  _globals['_MPCACK']._serialized_start=264
-  _globals['_MPCACK']._serialized_end=272
-  _globals['_SEEDREQUEST']._serialized_start=274
-  _globals['_SEEDREQUEST']._serialized_end=322
-  _globals['_SEEDREPLY']._serialized_start=324
-  _globals['_SEEDREPLY']._serialized_end=349
-  _globals['_CORRELATEDREQUEST']._serialized_start=351
-  _globals['_CORRELATEDREQUEST']._serialized_end=426
-  _globals['_MPCPEER']._serialized_start=429
-  _globals['_MPCPEER']._serialized_end=566
-  _globals['_DEALER']._serialized_start=569
-  _globals['_DEALER']._serialized_end=722
+  _globals['_MPCHELLO']._serialized_end=152
+  _globals['_MPCFRAME']._serialized_start=154
+  _globals['_MPCFRAME']._serialized_end=277
+  _globals['_MPCACK']._serialized_start=279
+  _globals['_MPCACK']._serialized_end=287
+  _globals['_SEEDREQUEST']._serialized_start=289
+  _globals['_SEEDREQUEST']._serialized_end=337
+  _globals['_SEEDREPLY']._serialized_start=339
+  _globals['_SEEDREPLY']._serialized_end=364
+  _globals['_CORRELATEDREQUEST']._serialized_start=366
+  _globals['_CORRELATEDREQUEST']._serialized_end=441
+  _globals['_MPCPEER']._serialized_start=444
+  _globals['_MPCPEER']._serialized_end=581
+  _globals['_DEALER']._serialized_start=584
+  _globals['_DEALER']._serialized_end=737
 # @@protoc_insertion_point(module_scope)

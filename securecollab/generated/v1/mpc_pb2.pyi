@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MpcHello(_message.Message):
-    __slots__ = ("world_size", "nonce", "dealer")
+    __slots__ = ("world_size", "nonce", "dealer", "world")
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     DEALER_FIELD_NUMBER: _ClassVar[int]
+    WORLD_FIELD_NUMBER: _ClassVar[int]
     world_size: int
     nonce: bytes
     dealer: bool
-    def __init__(self, world_size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., dealer: _Optional[bool] = ...) -> None: ...
+    world: bytes
+    def __init__(self, world_size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., dealer: _Optional[bool] = ..., world: _Optional[bytes] = ...) -> None: ...
 
 class MpcFrame(_message.Message):
     __slots__ = ("world", "seq", "tensor", "data", "object", "last")

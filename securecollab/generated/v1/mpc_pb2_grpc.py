@@ -54,7 +54,10 @@ class MpcPeerServicer:
     def Hello(self, request, context):
         """Forming a world: each party tells every other its nonce for this world and hears theirs.
         The world's id is the SHA-256 of all nonces in rank order; every later message carries it,
-        so nothing from an earlier world (a party that restarted since) is ever mixed in.
+        so nothing from an earlier world (a party that restarted since) is ever mixed in. A party
+        then says Hello again with the id it computed until every peer answers with the same id
+        (a peer that restarted meanwhile has a new nonce: nonces are collected again), so no party
+        starts in a world its peers do not share.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
