@@ -48,6 +48,7 @@ from attacks.metrics import (
 )
 from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
 from attacks.registry import attack, row
+from attacks.separation import separated_or
 from securecollab.data import Dataset
 from securecollab.models import parameters_to_arrays
 from securecollab.plans import FedAvgPlan, SecAggPlan
@@ -314,8 +315,10 @@ def first_layer_candidates(model, global_params: dict, new_params: dict, count: 
 
 
 def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included: list[str], plan: FedAvgPlan,
-                     round_: int, ds, config: InversionConfig):
-    """Reconstruct all N x k images behind one revealed aggregate."""
+                     round_: int, ds, config: InversionConfig, *, separation: bool = True):
+    """Reconstruct all N x k images behind one revealed aggregate. In the FedSGD regime the aggregate is
+    also separated layer by layer (attacks/separation.py, where the model allows it), and whichever guess
+    explains the observed step better is kept (``separation=False``: the optimization alone)."""
     per_client = dummies_per_client(plan)
     count = len(included)
     step = dict(apply_aggregate(list(global_params.items()), aggregate))  # global + mean update
@@ -323,9 +326,12 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
     if plan.local_steps == 1 and plan.batch_size == 1:
         # FedSGD: the sum of N one-image gradient steps is one step on the N images: one gradient
         training = LocalTraining(lr=plan.lr, epochs=1)
-        return invert_update(model, list(global_params.items()), list(step.items()), count, ds.input_shape,
-                             ds.num_classes, training, auxiliary_images=ds.x_test, config=config,
-                             init=first_layer_candidates(model, global_params, step, count, ds.input_shape))
+        optimized = invert_update(model, list(global_params.items()), list(step.items()), count, ds.input_shape,
+                                  ds.num_classes, training, auxiliary_images=ds.x_test, config=config,
+                                  init=first_layer_candidates(model, global_params, step, count, ds.input_shape))
+        if not separation:
+            return optimized
+        return separated_or(optimized, model, global_params, step, count, plan.lr / count, ds)
     params = leaf_params(model, list(global_params.items()))
     observed = {n: d * count for n, d in parameter_delta(list(global_params.items()), list(step.items())).items()}
     implied = gradient_from_update(list(global_params.items()), list(step.items()), trainings[0], per_client * count)
@@ -340,12 +346,17 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
 
 def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | None = None,
                       max_observations: int | None = None) -> list[dict]:
-    """One row per number of included clients N: the revealed aggregates of N clients, inverted."""
+    """Rows per number of included clients N: the revealed aggregates of N clients, inverted. In the FedSGD
+    regime two rows per N, for the ablation: the optimization alone (``separation: none``), and the better
+    of it and the layer-by-layer separation (``separation: hidden_span``, ``separated``: how many of the
+    aggregates the separation explained better)."""
     view = load_view(run_dir, COORDINATOR)
     plan, ds, model, params = view.plan, view.ds, view.model, view.initial
     config = _config(quick, iterations)
-    by_n: dict[int, list[dict]] = {}
+    fedsgd = plan.local_steps == 1 and plan.batch_size == 1
+    by_n: dict[tuple[int, str], list[dict]] = {}
     observed: dict[int, list[tuple[int, int]]] = {}
+    separated: dict[int, int] = {}
     seen: set[int] = set()
     observations = 0
     for rec in view.transcript.of_kind(Kind.AGGREGATE):
@@ -355,19 +366,24 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
         included = list(rec.meta["included"])
         aggregate = rec.tensors["aggregate"]
         if max_observations is None or observations < max_observations:
+            n = len(included)
             used = [images_used(plan, client_index(c), rec.round) for c in included]
             truth = np.concatenate(used)
-            inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config)
-            by_n.setdefault(len(included), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config,
+                                   separation=False)
+            by_n.setdefault((n, "none"), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            if fedsgd:
+                step = dict(apply_aggregate(params, aggregate))
+                best = separated_or(inv, model, as_dict(params), step, n, plan.lr / n, ds)
+                by_n.setdefault((n, "hidden_span"), []).append(_score(best.images, best.labels, truth, ds, plan))
+                separated[n] = separated.get(n, 0) + (best.method == "hidden_span")
             steps = {local_steps_of(plan, len(u)) for u in used}
             if len(steps) != 1:
                 raise ValueError(f"round {rec.round}: included clients took different numbers of steps {steps}")
-            observed.setdefault(len(included), []).append((len(truth), steps.pop()))
+            observed.setdefault(n, []).append((len(truth), steps.pop()))
             observations += 1
         params = apply_aggregate(params, aggregate)
     return [_row("secagg", COORDINATOR, scores, plan, n_clients=n, observations=len(scores),
                  iterations=config.iterations, **observation_fields(observed[n]), defence=defence_of(view),
-                 prior=PRIOR)
-            for n, scores in sorted(by_n.items())]
-
-
+                 prior=PRIOR, separation=how, **({"separated": separated[n]} if how != "none" else {}))
+            for (n, how), scores in sorted(by_n.items())]

@@ -78,6 +78,7 @@ class Inversion:
     distance: float  # final cosine distance to the observation (lower is a better fit)
     iterations: int
     wall_s: float
+    method: str = "optimization"  # or "hidden_span": separated layer by layer (attacks/separation.py)
 
 
 def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

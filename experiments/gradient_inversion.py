@@ -106,13 +106,20 @@ def reconstruction_grid(run_dir: Path, path: Path, *, n_show: int = 8, iteration
 
 
 def plot_vs_n(rows: list[dict], path: Path) -> None:
-    fig, ax = pyplot().subplots(figsize=(5, 3.4))
-    for regime, marker in (("fedsgd", "o"), ("fedavg", "s")):
-        pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in rows
-                     if r["attack"] == "gradient_inversion" and r["metrics"].get("regime") == regime)
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=f"{regime} (N=1: plain FedAvg)")
-    base = [r["baseline"]["psnr_db"] for r in rows if r["attack"] == "gradient_inversion"]
+    """Median PSNR against N per regime; in the FedSGD regime the optimization alone and with the
+    layer-by-layer separation (the N = 1 point of each line is plain FedAvg's single update)."""
+    fig, ax = pyplot().subplots(figsize=(5.4, 3.6))
+    inversion = [r for r in rows if r["attack"] == "gradient_inversion"]
+    lines = (("fedsgd", "none", "o", "FedSGD, optimization"), ("fedsgd", "hidden_span", "D", "FedSGD, + separation"),
+             ("fedavg", "none", "s", "FedAvg, optimization"))
+    for regime, separation, marker, label in lines:
+        pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in inversion
+                     if r["metrics"].get("regime") == regime
+                     and (r["metrics"].get("separation", "none") == separation
+                          or (separation != "none" and r["metrics"]["n_clients"] == 1)))
+        if len(pts) > 1 or (pts and separation == "none"):
+            ax.plot(*zip(*pts), marker=marker, label=f"{label} (N=1: plain FedAvg)")
+    base = [r["baseline"]["psnr_db"] for r in inversion]
     if base:
         ax.axhline(float(np.median(base)), color="grey", ls="--", label="mean-image baseline")
     ax.set_xscale("log", base=2)

@@ -69,7 +69,7 @@ MAIN_METRICS = ("psnr_db", "ssim", "reid_rate", "label_accuracy", "auc", "tpr_at
 SETTINGS = (("n_clients", "N={}"), ("regime", "{}"), ("samples_per_update", "{} samples/update"),
             ("local_steps", "{} local steps"), ("setting", "{}"), ("cut", "cut {}"), ("head_cut", "head {}"),
             ("mode", "{}"), ("defence", "defence {}"), ("noise_multiplier", "σ={:g}"), ("epsilon", "ε={:.3g}"),
-            ("prior", "prior {}"), ("method", "{}"), ("score", "{} score"), ("variant", "{}"), ("target", "{}"), ("model", "{}"),
+            ("prior", "prior {}"), ("separation", "separation {}"), ("method", "{}"), ("score", "{} score"), ("variant", "{}"), ("target", "{}"), ("model", "{}"),
             ("logits", "{} logits"), ("output", "{} output"), ("source", "{} inputs"), ("queries", "{} queries"),
             ("images", "{} images"), ("behaviour", "{}"), ("malicious_fraction", "{:g} malicious"),
             ("target_class", "target class {}"))
