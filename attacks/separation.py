@@ -1,4 +1,4 @@
-"""Separating an aggregate of N examples' gradients into the N inputs, for a network that starts Linear -> ReLU -> Linear.
+"""Separating an aggregate of N examples' gradients into the N inputs (networks that start Linear -> ReLU -> Linear).
 
 What one gradient step summed over N examples reveals, layer by layer (``h = relu(W1 x + b1)``):
 
@@ -146,7 +146,8 @@ def separate(model: nn.Module, global_params: dict[str, np.ndarray], step: dict[
         starts = aux[rng.choice(len(aux), START_POINTS, replace=len(aux) < START_POINTS)]
         points, residuals = hidden_span_search(global_params, left, layers, missing, starts, pixel_range=pixel_range)
         found, found_scores = distinct(points, residuals, CANDIDATES_PER_EXAMPLE * missing)
-        pool, scores = distinct(np.concatenate([pool, found]), np.concatenate([scores, found_scores]), len(pool) + len(found))
+        pool, scores = np.concatenate([pool, found]), np.concatenate([scores, found_scores])
+        pool, scores = distinct(pool, scores, len(pool))
         columns = label_columns(model, global_params, pool, input_shape, num_classes)
         chosen, residual = select_examples(columns, target, n, step_size)
         # chosen ones on the search's noise floor are settled; the rest of the step is searched again with

@@ -64,7 +64,8 @@ def test_the_coordinators_attack_keeps_the_separation_when_it_explains_the_aggre
                              separation=False)
     best = separated_or(alone, model, dict(start), dict(apply_aggregate(start, aggregate)), 4, plan.lr / 4, ds)
     assert alone.method == "optimization" and best.method == "hidden_span"
-    assert np.median(scores(best.images, ds.x_train[truth])[1]) > np.median(scores(alone.images, ds.x_train[truth])[1]) + 10
+    originals = ds.x_train[truth]
+    assert np.median(scores(best.images, originals)[1]) > np.median(scores(alone.images, originals)[1]) + 10
 
 
 def test_control_a_random_aggregate_is_not_separated_into_anyones_images():
