@@ -75,6 +75,19 @@ def first_linear_layer(model: nn.Module) -> tuple[str, bool]:
     raise ValueError("model has no nn.Linear layer")
 
 
+def input_layer_delta(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(weight delta, bias delta) of the model's first layer if it is Linear on the input, else None."""
+    try:
+        layer, sees_input = first_linear_layer(model)
+    except ValueError:
+        return None
+    if not sees_input:
+        return None
+    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
+    return delta[f"{layer}.weight"], delta[f"{layer}.bias"]
+
+
 def analytic_fc_attack(model: nn.Module, global_params: NamedArrays, new_params: NamedArrays,
                        input_shape: tuple[int, ...], *, top_rows: int = DEFAULT_TOP_ROWS) -> np.ndarray:
     """The client's single input image, shaped ``input_shape``, from its update (attack ``analytic_fc``).

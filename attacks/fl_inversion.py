@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.analytic_fc import analytic_fc_attack, fc_input_candidates, first_linear_layer
+from attacks.analytic_fc import analytic_fc_attack, fc_input_candidates, input_layer_delta
 from attacks.gradient_inversion import (
     InversionConfig,
     cosine_distance,
@@ -49,6 +49,7 @@ from attacks.metrics import (
 from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
 from attacks.registry import attack, row
 from attacks.separation import separated_or
+from attacks.span_prior import PRIORS, span_prior_inversion
 from securecollab.data import Dataset
 from securecollab.models import parameters_to_arrays
 from securecollab.plans import FedAvgPlan, SecAggPlan
@@ -81,6 +82,11 @@ def images_used(plan: FedAvgPlan, index: int, round_: int) -> np.ndarray:
                              round_ * plan.local_steps, plan.local_steps)
         return shard[np.unique(np.concatenate(steps))]
     return shard
+
+
+def is_fedsgd(plan: FedAvgPlan) -> bool:
+    """Each client one gradient of one image per round."""
+    return plan.local_steps == 1 and plan.batch_size == 1
 
 
 def dummies_per_client(plan: FedAvgPlan) -> int:
@@ -226,6 +232,7 @@ def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
     plan, ds, model = view.plan, view.ds, view.model
     config = _config(quick, iterations)
     scores, observed = [], []
+    by_prior: dict[str, list[dict]] = {}
     for round_, sender, global_params, new in observed_updates(view):
         if max_observations is not None and len(scores) >= max_observations:
             continue  # past the budget: the remaining updates are skipped
@@ -236,9 +243,22 @@ def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
                             config=config)
         scores.append(_score(inv.images, inv.labels, truth, ds, plan))
         observed.append((len(truth), local_steps_of(plan, len(truth))))
-    return [_row("fedavg", AGGREGATOR, scores, plan, n_clients=1, observations=len(scores),
-                 iterations=config.iterations, **observation_fields(observed), defence=defence_of(view),
-                 prior=PRIOR)]
+        for prior, guess in _span_priors(model, global_params, new, len(truth), ds, plan).items():
+            by_prior.setdefault(prior, []).append(_score(guess.images, guess.labels, truth, ds, plan))
+    common = dict(n_clients=1, observations=len(scores), **observation_fields(observed), defence=defence_of(view))
+    return [_row("fedavg", AGGREGATOR, scores, plan, iterations=config.iterations, prior=PRIOR, **common)] + \
+        [_row("fedavg", AGGREGATOR, found, plan, prior=prior, **common)
+         for prior, found in by_prior.items() if len(found) == len(scores)]
+
+
+def _span_priors(model, global_params: dict, new_params: dict, k: int, ds, plan: FedAvgPlan) -> dict:
+    """Prior -> the input-plane reconstruction (attacks/span_prior.py) of one update, where the model and k
+    give the update an input plane; none for one image (FedSGD, one-image DP-SGD), where the plane is one
+    point: the image, which analytic_fc reads off directly."""
+    if is_fedsgd(plan) or k == 1:
+        return {}
+    found = {prior: span_prior_inversion(model, global_params, new_params, k, ds, prior) for prior in PRIORS}
+    return {prior: guess for prior, guess in found.items() if guess is not None}
 
 
 def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **params) -> dict:
@@ -303,14 +323,10 @@ def aggregate_objective(model, params: dict, observed: dict[str, np.ndarray], tr
 
 def first_layer_candidates(model, global_params: dict, new_params: dict, count: int, input_shape) -> np.ndarray | None:
     """Starting images read off the first layer's rows (see fc_input_candidates); None for a conv-first model."""
-    try:
-        layer, sees_input = first_linear_layer(model)
-    except ValueError:
+    first = input_layer_delta(model, global_params, new_params)
+    if first is None:
         return None
-    if not sees_input:
-        return None
-    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
-    found = fc_input_candidates(delta[f"{layer}.weight"], delta[f"{layer}.bias"], count)
+    found = fc_input_candidates(*first, count)
     return found.reshape(len(found), *input_shape)
 
 
@@ -323,7 +339,7 @@ def invert_aggregate(model, global_params: dict, aggregate: np.ndarray, included
     count = len(included)
     step = dict(apply_aggregate(list(global_params.items()), aggregate))  # global + mean update
     trainings = [local_training(plan, client_index(c), round_) for c in included]
-    if plan.local_steps == 1 and plan.batch_size == 1:
+    if is_fedsgd(plan):
         # FedSGD: the sum of N one-image gradient steps is one step on the N images: one gradient
         training = LocalTraining(lr=plan.lr, epochs=1)
         optimized = invert_update(model, list(global_params.items()), list(step.items()), count, ds.input_shape,
@@ -349,14 +365,16 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
     """Rows per number of included clients N: the revealed aggregates of N clients, inverted. In the FedSGD
     regime two rows per N, for the ablation: the optimization alone (``separation: none``), and the better
     of it and the layer-by-layer separation (``separation: hidden_span``, ``separated``: how many of the
-    aggregates the separation explained better)."""
+    aggregates the separation explained better). In the FedAvg regime, a row per prior of
+    attacks/span_prior.py where the N x k images leave the first layer an input plane."""
     view = load_view(run_dir, COORDINATOR)
     plan, ds, model, params = view.plan, view.ds, view.model, view.initial
     config = _config(quick, iterations)
-    fedsgd = plan.local_steps == 1 and plan.batch_size == 1
+    fedsgd = is_fedsgd(plan)
     by_n: dict[tuple[int, str], list[dict]] = {}
     observed: dict[int, list[tuple[int, int]]] = {}
     separated: dict[int, int] = {}
+    by_prior: dict[tuple[int, str], list[dict]] = {}
     seen: set[int] = set()
     observations = 0
     for rec in view.transcript.of_kind(Kind.AGGREGATE):
@@ -372,9 +390,11 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
             inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config,
                                    separation=False)
             by_n.setdefault((n, "none"), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            mean_step = dict(apply_aggregate(params, aggregate))
+            for prior, guess in _span_priors(model, as_dict(params), mean_step, len(truth), ds, plan).items():
+                by_prior.setdefault((n, prior), []).append(_score(guess.images, guess.labels, truth, ds, plan))
             if fedsgd:
-                step = dict(apply_aggregate(params, aggregate))
-                best = separated_or(inv, model, as_dict(params), step, n, plan.lr / n, ds)
+                best = separated_or(inv, model, as_dict(params), mean_step, n, plan.lr / n, ds)
                 by_n.setdefault((n, "hidden_span"), []).append(_score(best.images, best.labels, truth, ds, plan))
                 separated[n] = separated.get(n, 0) + (best.method == "hidden_span")
             steps = {local_steps_of(plan, len(u)) for u in used}
@@ -383,7 +403,10 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
             observed.setdefault(n, []).append((len(truth), steps.pop()))
             observations += 1
         params = apply_aggregate(params, aggregate)
-    return [_row("secagg", COORDINATOR, scores, plan, n_clients=n, observations=len(scores),
+    rows = [_row("secagg", COORDINATOR, scores, plan, n_clients=n, observations=len(scores),
                  iterations=config.iterations, **observation_fields(observed[n]), defence=defence_of(view),
                  prior=PRIOR, separation=how, **({"separated": separated[n]} if how != "none" else {}))
             for (n, how), scores in sorted(by_n.items())]
+    return rows + [_row("secagg", COORDINATOR, found, plan, n_clients=n, observations=len(found),
+                        **observation_fields(observed[n]), defence=defence_of(view), prior=prior)
+                   for (n, prior), found in sorted(by_prior.items()) if len(found) == len(observed[n])]

@@ -13,7 +13,8 @@ Real runs over gRPC, attacked from the adversary's transcript only:
   reveal.
 
 Two regimes: FedSGD (each client one gradient of one image per round) and
-FedAvg (each client local epochs over 32 images, batch 8, momentum).
+FedAvg (each client local epochs over 32 images, batch 8, momentum). In the FedAvg regime plain
+FedAvg's update also gets one row per prior of attacks/span_prior.py (the 32 images' input plane).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from attacks.fl_inversion import (
     COORDINATOR,
+    PRIOR,
     client_index,
     images_used,
     invert_aggregate,
@@ -35,6 +37,7 @@ from attacks.fl_inversion import (
 from attacks.gradient_inversion import InversionConfig
 from attacks.metrics import match_reconstructions
 from attacks.registry import run_attack
+from attacks.span_prior import PRIORS
 from experiments.figures import label_psnr_axes, pyplot, save_figure
 from experiments.registry import experiment
 from securecollab.plans import FedAvgPlan, SecAggPlan
@@ -112,13 +115,19 @@ def plot_vs_n(rows: list[dict], path: Path) -> None:
     inversion = [r for r in rows if r["attack"] == "gradient_inversion"]
     lines = (("fedsgd", "none", "o", "FedSGD, optimization"), ("fedsgd", "hidden_span", "D", "FedSGD, + separation"),
              ("fedavg", "none", "s", "FedAvg, optimization"))
+    optimized = [r for r in inversion if r["metrics"].get("prior", PRIOR) == PRIOR]
     for regime, separation, marker, label in lines:
-        pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in inversion
+        pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in optimized
                      if r["metrics"].get("regime") == regime
                      and (r["metrics"].get("separation", "none") == separation
                           or (separation != "none" and r["metrics"]["n_clients"] == 1)))
         if len(pts) > 1 or (pts and separation == "none"):
             ax.plot(*zip(*pts), marker=marker, label=f"{label} (N=1: plain FedAvg)")
+    for prior, marker in zip(PRIORS, ("^", "v")):  # where the images leave an input plane: N = 1 here
+        pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in inversion
+                     if r["metrics"].get("prior") == prior and r["metrics"].get("regime") == "fedavg")
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, ls=":", label=f"FedAvg, input plane + {prior}")
     base = [r["baseline"]["psnr_db"] for r in inversion]
     if base:
         ax.axhline(float(np.median(base)), color="grey", ls="--", label="mean-image baseline")

@@ -131,11 +131,25 @@ class ProcessGroup:
                 proc.wait()
 
     def __enter__(self):
+        # SIGTERM's default action ends this process at once, leaving every child serving: turned into
+        # SystemExit here, it unwinds through __exit__, which stops them (only the main thread may set it)
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def __exit__(self, *exc):
-        self.stop_all()
+        try:
+            self.stop_all()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
         return False
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def ensure_certs(cert_dir: Path, parties: list[str]) -> Path:

@@ -37,3 +37,31 @@ def test_waiting_for_services_that_serve_together_fails_at_once_when_one_of_them
                                       f"open({str(tmp_path / 'logs2' / (name + '.port'))!r}, 'w').write('7'); "
                                       f"time.sleep(60)"))
         assert group.wait_ports(["a", "b"], timeout=30) == [7, 7]
+
+
+def test_a_launcher_stopped_with_sigterm_stops_the_processes_it_started(tmp_path):
+    """`kill PID` of a sweep or benchmark must not leave its parties serving (SIGTERM's default action
+    would end the launcher without unwinding its ProcessGroup)."""
+    import os
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    launcher = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from securecollab.launch import ProcessGroup\n"
+        f"with ProcessGroup(Path({str(tmp_path)!r}) / 'logs') as group:\n"
+        "    child = group.start('child', [sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"    Path({str(pid_file)!r}).write_text(str(child.pid))\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # reaped by the launcher: gone, not a zombie
+        os.kill(child, 0)

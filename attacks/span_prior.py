@@ -1,0 +1,182 @@
+"""Reconstruction on the first layer's input plane with a prior from the adversary's own images (FedAvg regime).
+
+Whatever local SGD did (several steps, momentum, weights that moved between them), the update of a first
+Linear layer that sees the input is ``sum_s c_s x_sᵀ`` and its bias update ``sum_s c_s``. So the row
+space of the weight update is the span of the k inputs (rank k while k is below the input size and the
+width), and every input lies on the hyperplane ``x · z = 1`` of that span (z solves ``dW z = db``): a
+(k-1)-dimensional plane, exact, that holds all k inputs. Which of its points are the inputs the plane does
+not say (the optimization that unrolls the local steps stalls in local minima there); a prior does:
+
+* ``auxiliary_span``: the adversary's own images, projected onto the plane;
+* ``learned_latent``: an autoencoder trained on the adversary's own images; from the codes of those images
+  (and perturbations of them) the decoder's output descends to the plane, and is then projected onto it.
+  The decoder keeps the points digit-shaped where the plane alone would accept any mixture.
+
+The candidates crowd around the inputs. k-means groups them into k clusters; a cluster's mean is one
+reconstruction, and the most common label among the adversary's images behind its members is its label.
+Where the model goes on Linear -> ReLU -> Linear, candidates count by how near their hidden vector (at the
+global weights) lies to the second layer's update row space, ``exp(-distance / HIDDEN_SCALE)``: the inputs'
+hidden vectors span it up to the weights' drift over the local steps, while a mixture of two inputs misses
+on the units where only one of them is active (attacks/separation.py uses the same fact where it is exact).
+Needs a first Linear layer on the input and k below the input size and that layer's width;
+:func:`span_prior_inversion` returns None otherwise. In this project's sweeps that is plain FedAvg's
+single update (N = 1, 32 images of 64 pixels); sums of N >= 2 clients' 32 images fill the input space.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.analytic_fc import input_layer_delta
+from attacks.gradient_inversion import Inversion
+from attacks.observed import parameter_delta
+from attacks.separation import relu_pair
+
+PRIORS = ("auxiliary_span", "learned_latent")
+LATENT = 8              # the autoencoder's code size
+AUTOENCODER_STEPS = 3000
+SEARCH_STEPS = 400
+STARTS_PER_IMAGE = 4    # latent starting points per auxiliary image
+HIDDEN_SCALE = 0.1      # relative distance to the hidden span at which a candidate's weight falls by e
+
+
+@dataclass
+class InputPlane:
+    """The affine plane ``origin + span(directions)`` on which every input of an update lies."""
+
+    origin: np.ndarray      # (d,)
+    directions: np.ndarray  # (k - 1, d), orthonormal rows
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        return self.origin + ((points - self.origin) @ self.directions.T) @ self.directions
+
+
+def input_plane(weight_delta: np.ndarray, bias_delta: np.ndarray, k: int) -> InputPlane | None:
+    """The plane of the k inputs behind a first layer's update; None when k is not below the layer's
+    width and input size, or fewer than k independent inputs moved the layer."""
+    w = np.asarray(weight_delta, np.float64)
+    b = np.asarray(bias_delta, np.float64)
+    if not 1 <= k < min(w.shape):
+        return None
+    _, singular, vt = np.linalg.svd(w, full_matrices=False)
+    if singular[k - 1] <= 1e-5 * singular[0]:
+        return None
+    span = vt[:k]
+    coefficients, *_ = np.linalg.lstsq(w @ span.T, b, rcond=None)
+    z = span.T @ coefficients  # x . z = 1 for every input (in the span: dW z = db)
+    along = span - np.outer(span @ z, z) / (z @ z)
+    return InputPlane(origin=z / (z @ z), directions=np.linalg.svd(along, full_matrices=False)[2][:k - 1])
+
+
+_trained: dict[tuple, tuple[nn.Module, nn.Module]] = {}  # one autoencoder per auxiliary set and seed, per process
+
+
+def train_autoencoder(images: np.ndarray, *, latent: int = LATENT, steps: int = AUTOENCODER_STEPS,
+                      seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) fitted to ``images`` (flattened, pixels in [0, 1]) with denoising, seeded; trained
+    once per process for the same images, size and seed (an attack inverts many updates with one prior)."""
+    key = (np.asarray(images).shape, hash(np.ascontiguousarray(images).tobytes()), latent, steps, seed)
+    if key not in _trained:
+        _trained[key] = _fit_autoencoder(np.asarray(images), latent, steps, seed)
+    return _trained[key]
+
+
+def _fit_autoencoder(images: np.ndarray, latent: int, steps: int, seed: int) -> tuple[nn.Module, nn.Module]:
+    x = torch.tensor(images, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, latent))
+        decoder = nn.Sequential(nn.Linear(latent, 128), nn.ReLU(), nn.Linear(128, x.shape[1]), nn.Sigmoid())
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=3e-3)
+    for _ in range(steps):
+        batch = x[torch.randint(0, len(x), (128,), generator=generator)]
+        noisy = batch + 0.05 * torch.randn(batch.shape, generator=generator)
+        loss = ((decoder(encoder(noisy)) - batch) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return encoder.requires_grad_(False), decoder.requires_grad_(False)
+
+
+def candidates(plane: InputPlane, auxiliary: np.ndarray, prior: str, *, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(points on the plane, index of the auxiliary image each came from) under ``prior``."""
+    if prior == "auxiliary_span":
+        return plane.project(auxiliary), np.arange(len(auxiliary))
+    if prior != "learned_latent":
+        raise ValueError(f"unknown prior {prior!r}; known: {', '.join(PRIORS)}")
+    encoder, decoder = train_autoencoder(auxiliary, seed=seed)
+    origin, directions = torch.tensor(plane.origin), torch.tensor(plane.directions)
+
+    def off_plane(codes):
+        out = decoder(codes).double()
+        return out, ((out - origin - ((out - origin) @ directions.T) @ directions) ** 2).sum(1)
+
+    generator = torch.Generator().manual_seed(seed)
+    codes = encoder(torch.tensor(auxiliary, dtype=torch.float32)).repeat(STARTS_PER_IMAGE, 1)
+    codes = (codes + 0.3 * codes.std(0) * torch.randn(codes.shape, generator=generator)).requires_grad_(True)
+    optimizer = torch.optim.Adam([codes], lr=0.02)
+    for _ in range(SEARCH_STEPS):
+        optimizer.zero_grad()
+        off_plane(codes)[1].sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        decoded = off_plane(codes)[0].numpy()
+    return plane.project(decoded), np.tile(np.arange(len(auxiliary)), STARTS_PER_IMAGE)
+
+
+def hidden_weights(points: np.ndarray, global_params: dict[str, np.ndarray], delta: dict[str, np.ndarray],
+                   layers: tuple[str, str] | None) -> np.ndarray:
+    """Each candidate's weight from the distance of its hidden vector to the second layer's update row
+    space (all ones when the model does not begin Linear -> ReLU -> Linear)."""
+    if layers is None:
+        return np.ones(len(points))
+    first, second = layers
+    w2 = np.asarray(delta[f"{second}.weight"], np.float64)
+    _, singular, vt = np.linalg.svd(w2, full_matrices=False)
+    span = vt[singular > 1e-6 * singular[0]]
+    hidden = np.maximum(points @ global_params[f"{first}.weight"].T.astype(np.float64)
+                        + global_params[f"{first}.bias"].astype(np.float64), 0.0)
+    off = np.linalg.norm(hidden - hidden @ span.T @ span, axis=1) / (np.linalg.norm(hidden, axis=1) + 1e-12)
+    return np.exp(-off / HIDDEN_SCALE)
+
+
+def cluster(points: np.ndarray, weights: np.ndarray, sources: np.ndarray, auxiliary_labels: np.ndarray, k: int,
+            num_classes: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k reconstructions (cluster means) and their labels (the commonest label of the members' sources)."""
+    from sklearn.cluster import KMeans  # imported here: scikit-learn is slow to import
+    assignment = KMeans(k, n_init=4, random_state=seed).fit_predict(points, sample_weight=weights)
+    images = np.stack([points[assignment == c].mean(0) for c in range(k)])
+    labels = np.array([np.bincount(auxiliary_labels[sources[assignment == c]], minlength=num_classes).argmax()
+                       for c in range(k)], dtype=np.int64)
+    return images, labels
+
+
+def span_prior_inversion(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray],
+                         k: int, ds, prior: str, *, auxiliary: tuple[np.ndarray, np.ndarray] | None = None,
+                         pixel_range=(0.0, 1.0), seed: int = 0) -> Inversion | None:
+    """The k inputs behind one update (global -> ``new_params``) under ``prior``; None where the model or k
+    leave no input plane. ``auxiliary``: the adversary's (images, labels), by default the test split."""
+    start = time.perf_counter()
+    first = input_layer_delta(model, global_params, new_params)
+    plane = None if first is None else input_plane(*first, k)
+    if plane is None:
+        return None
+    images, labels = auxiliary if auxiliary is not None else (ds.x_test, ds.y_test)
+    flat = np.asarray(images, np.float64).reshape(len(images), -1)
+    points, sources = candidates(plane, flat, prior, seed=seed)
+    points = np.clip(points, *pixel_range)
+    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
+    weights = hidden_weights(points, global_params, delta, relu_pair(model))
+    guesses, guessed_labels = cluster(points, weights, sources, np.asarray(labels), k, ds.num_classes, seed=seed)
+    off = np.linalg.norm(flat - plane.project(flat), axis=1) / (np.linalg.norm(flat, axis=1) + 1e-12)
+    return Inversion(images=guesses.astype(np.float32).reshape(k, *ds.input_shape), labels=guessed_labels,
+                     distance=float(np.median(off)),  # how far the adversary's own images lie off the plane
+                     iterations=SEARCH_STEPS if prior == "learned_latent" else 0,
+                     wall_s=time.perf_counter() - start, method=prior)
