@@ -36,16 +36,7 @@ from attacks.gradient_inversion import (
     simulate_update,
 )
 from attacks.knowledge import LocalTraining
-from attacks.metrics import (
-    match_reconstructions,
-    mean_image_baseline,
-    per_image_scores,
-    random_image_baseline,
-    random_label_baseline,
-    rate_ci,
-    reidentified,
-    score_with_baselines,
-)
+from attacks.metrics import pool_scores, rate_ci, score_inversion, score_with_baselines
 from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
 from attacks.registry import attack, row
 from attacks.separation import separated_or
@@ -172,47 +163,6 @@ def _config(quick: bool, iterations: int | None) -> InversionConfig:
     return InversionConfig(iterations=iterations or (150 if quick else 300), restarts=1)
 
 
-def _score(recon, labels, truth_idx, ds, plan: FedAvgPlan, seed: int = 0) -> dict:
-    """Per-image scores of the attack and of the two blind guesses, kept per image so observations pool.
-
-    Reconstructions are paired with the originals (Hungarian) first; the guesses
-    need no pairing. Labels go with their images.
-    """
-    originals, true_labels = ds.x_train[truth_idx], ds.y_train[truth_idx]
-    guesses = {
-        "metrics": (np.asarray(recon), np.asarray(labels) if labels is not None else None, True),
-        "baseline": (mean_image_baseline(ds.x_test, len(originals)),  # the adversary's own data's mean
-                     random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
-        "random": (random_image_baseline(originals.shape, seed=seed),
-                   random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
-    }
-    out = {}
-    for key, (images, guessed, match) in guesses.items():
-        order = match_reconstructions(images, originals) if match else np.arange(len(images))
-        images = images[order]
-        entry = {"per_image": per_image_scores(images, originals),
-                 "reid": reidentified(images, truth_idx, ds.x_train)}
-        if guessed is not None:
-            entry["label_hits"] = guessed[order] == true_labels
-        out[key] = entry
-    return out
-
-
-def _merge(scores: list[dict], key: str) -> dict:
-    """Pool the images of every observation: median image scores, rates with 95% Wilson intervals."""
-    out = {}
-    for name in ("psnr_db", "ssim", "mse"):
-        out[name] = float(np.median(np.concatenate([s[key]["per_image"][name] for s in scores])))
-    reid = np.concatenate([s[key]["reid"] for s in scores])
-    out["reid_rate"], out["reid_rate_ci"] = float(reid.mean()), list(rate_ci(int(reid.sum()), len(reid)))
-    if all("label_hits" in s[key] for s in scores):
-        hits = np.concatenate([s[key]["label_hits"] for s in scores])
-        out["label_accuracy"] = float(hits.mean())
-        out["label_accuracy_ci"] = list(rate_ci(int(hits.sum()), len(hits)))
-    out["images"] = int(len(reid))
-    return out
-
-
 # -- plain FedAvg: the aggregator's view -------------------------------------------------------------
 
 @attack("gradient_inversion", adversary="aggregator | coordinator", protocols=("fedavg", "secagg"),
@@ -241,10 +191,10 @@ def invert_fedavg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
         inv = invert_update(model, list(global_params.items()), list(new.items()), len(truth), ds.input_shape,
                             ds.num_classes, local_training(plan, index, round_), auxiliary_images=ds.x_test,
                             config=config)
-        scores.append(_score(inv.images, inv.labels, truth, ds, plan))
+        scores.append(score_inversion(inv.images, inv.labels, truth, ds))
         observed.append((len(truth), local_steps_of(plan, len(truth))))
         for prior, guess in _span_priors(model, global_params, new, len(truth), ds, plan).items():
-            by_prior.setdefault(prior, []).append(_score(guess.images, guess.labels, truth, ds, plan))
+            by_prior.setdefault(prior, []).append(score_inversion(guess.images, guess.labels, truth, ds))
     common = dict(n_clients=1, observations=len(scores), **observation_fields(observed), defence=defence_of(view))
     return [_row("fedavg", AGGREGATOR, scores, plan, iterations=config.iterations, prior=PRIOR, **common)] + \
         [_row("fedavg", AGGREGATOR, found, plan, prior=prior, **common)
@@ -262,10 +212,10 @@ def _span_priors(model, global_params: dict, new_params: dict, k: int, ds, plan:
 
 
 def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **params) -> dict:
-    metrics = {**_merge(scores, "metrics"), **params}
-    baseline = _merge(scores, "baseline")
+    metrics = {**pool_scores(scores, "metrics"), **params}
+    baseline = pool_scores(scores, "baseline")
     return row("gradient_inversion", protocol, adversary, metrics, baseline,
-               random=_merge(scores, "random"))
+               random=pool_scores(scores, "random"))
 
 
 @attack("analytic_fc", adversary="aggregator", protocols=("fedavg",),
@@ -389,13 +339,13 @@ def invert_secagg_run(run_dir: Path, *, quick: bool = False, iterations: int | N
             truth = np.concatenate(used)
             inv = invert_aggregate(model, as_dict(params), aggregate, included, plan, rec.round, ds, config,
                                    separation=False)
-            by_n.setdefault((n, "none"), []).append(_score(inv.images, inv.labels, truth, ds, plan))
+            by_n.setdefault((n, "none"), []).append(score_inversion(inv.images, inv.labels, truth, ds))
             mean_step = dict(apply_aggregate(params, aggregate))
             for prior, guess in _span_priors(model, as_dict(params), mean_step, len(truth), ds, plan).items():
-                by_prior.setdefault((n, prior), []).append(_score(guess.images, guess.labels, truth, ds, plan))
+                by_prior.setdefault((n, prior), []).append(score_inversion(guess.images, guess.labels, truth, ds))
             if fedsgd:
                 best = separated_or(inv, model, as_dict(params), mean_step, n, plan.lr / n, ds)
-                by_n.setdefault((n, "hidden_span"), []).append(_score(best.images, best.labels, truth, ds, plan))
+                by_n.setdefault((n, "hidden_span"), []).append(score_inversion(best.images, best.labels, truth, ds))
                 separated[n] = separated.get(n, 0) + (best.method == "hidden_span")
             steps = {local_steps_of(plan, len(u)) for u in used}
             if len(steps) != 1:

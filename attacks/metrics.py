@@ -332,3 +332,45 @@ def membership_metrics(scores, is_member, *, n_bootstrap: int = 1000, seed: int 
 def random_guess_baseline() -> dict:
     """What a coin flip gets against membership: AUC 0.5 and TPR equal to FPR at every threshold."""
     return {"auc": 0.5, **{name: fpr for name, fpr in LOW_FPRS.items()}, "guess": "random"}
+
+
+def score_inversion(recon, labels, truth_idx, ds, seed: int = 0) -> dict:
+    """Per-image scores of a reconstruction of the training images ``truth_idx`` of ``ds`` (and of its labels)
+    and of the two blind guesses, kept per image so observations pool (:func:`pool_scores`).
+
+    Reconstructions are paired with the originals (Hungarian) first; the guesses
+    need no pairing. Labels go with their images.
+    """
+    originals, true_labels = ds.x_train[truth_idx], ds.y_train[truth_idx]
+    guesses = {
+        "metrics": (np.asarray(recon), np.asarray(labels) if labels is not None else None, True),
+        "baseline": (mean_image_baseline(ds.x_test, len(originals)),  # the adversary's own data's mean
+                     random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
+        "random": (random_image_baseline(originals.shape, seed=seed),
+                   random_label_baseline(len(originals), ds.num_classes, seed=seed), False),
+    }
+    out = {}
+    for key, (images, guessed, match) in guesses.items():
+        order = match_reconstructions(images, originals) if match else np.arange(len(images))
+        images = images[order]
+        entry = {"per_image": per_image_scores(images, originals),
+                 "reid": reidentified(images, truth_idx, ds.x_train)}
+        if guessed is not None:
+            entry["label_hits"] = guessed[order] == true_labels
+        out[key] = entry
+    return out
+
+
+def pool_scores(scores: list[dict], key: str) -> dict:
+    """Pool the images of every observation: median image scores, rates with 95% Wilson intervals."""
+    out = {}
+    for name in ("psnr_db", "ssim", "mse"):
+        out[name] = float(np.median(np.concatenate([s[key]["per_image"][name] for s in scores])))
+    reid = np.concatenate([s[key]["reid"] for s in scores])
+    out["reid_rate"], out["reid_rate_ci"] = float(reid.mean()), list(rate_ci(int(reid.sum()), len(reid)))
+    if all("label_hits" in s[key] for s in scores):
+        hits = np.concatenate([s[key]["label_hits"] for s in scores])
+        out["label_accuracy"] = float(hits.mean())
+        out["label_accuracy_ci"] = list(rate_ci(int(hits.sum()), len(hits)))
+    out["images"] = int(len(reid))
+    return out
