@@ -166,12 +166,15 @@ def sweep(name: str, out: Path, *, quick: bool = True, seed: int = 0, progress: 
 def build_and_write_scorecard(results: dict[str, dict], plan: FedAvgPlan, out: Path, *,
                               attacks: list[dict] | None = None,
                               failed: list[dict] | None = None) -> tuple[dict, list[Path]]:
-    """The scorecard of these protocol results and attack rows (failures as ``attack_errors``), written to ``out``."""
+    """The scorecard of these protocol results and attack rows (failures as ``attack_errors``), written to ``out``
+    with its figures and, last, report.html."""
+    from securecollab.report import write_report
     from securecollab.scorecard import build_scorecard, write_scorecard
     card = build_scorecard(results, plan=json.loads(plan.to_json()), attacks=attacks)
     if failed:
         card["attack_errors"] = failed
-    return card, write_scorecard(card, Path(out))
+    paths = write_scorecard(card, Path(out))
+    return card, paths + [write_report(Path(out))]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The scorecard: each protocol's accuracy and measured cost beside its plain baseline, and attack results (JSON, Markdown, PNG)."""
+"""The scorecard: each protocol's accuracy and measured cost beside its plain baseline, and attack results (JSON, Markdown, PNG; HTML in securecollab.report)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def to_markdown(card: dict) -> str:
 
 
 def write_scorecard(card: dict, out_dir: Path) -> list[Path]:
+    """scorecard.json, scorecard.md and costs.png in ``out_dir`` (report.html: securecollab.report)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "scorecard.json", out_dir / "scorecard.md", out_dir / "costs.png"]
     paths[0].write_text(json.dumps(card, indent=2))

@@ -84,7 +84,8 @@ def test_check_scorecard_fails_on_a_failed_experiment_and_missing_rows(tmp_path)
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "scorecard.json")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
-    for problem in ("experiment dp failed: boom", "protocols", "no rows for", "batch-1 FedAvg inversion"):
+    for problem in ("experiment dp failed: boom", "protocols", "no rows for", "batch-1 FedAvg inversion",
+                    "no report.html"):
         assert problem in out.stdout, out.stdout
 
 
