@@ -18,6 +18,7 @@ import numpy as np
 from securecollab.generated.v1 import he_pb2 as pb
 from securecollab.generated.v1 import he_pb2_grpc as pb_grpc
 from securecollab.he import BatchLayout, InputEncoding, make_context, public_bytes
+from securecollab.he.context import modulus_chain
 from securecollab.he.batched import decrypt_batch, encrypt_batch_bytes
 from securecollab.he.net import decrypt_logits, encrypt_input_bytes, kit_of
 from securecollab.net.certs import TlsFiles
@@ -41,11 +42,29 @@ class Description:
     min_slots: int
     input_encoding: InputEncoding
     max_batch_size: int
+    ckks: dict  # poly_modulus_degree, coeff_mod_bit_sizes, scale_bits: what the server plans for
 
     @classmethod
     def from_reply(cls, m: pb.ModelDescription) -> "Description":
+        ckks = {"poly_modulus_degree": m.ckks.poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(m.ckks.coeff_mod_bit_sizes), "scale_bits": m.ckks.scale_bits}
         return cls(m.model, tuple(m.input_shape), m.num_classes, m.depth, list(m.galois_steps), m.min_slots,
-                   InputEncoding.from_dict(json.loads(m.input_encoding_json)), m.max_batch_size)
+                   InputEncoding.from_dict(json.loads(m.input_encoding_json)), m.max_batch_size, ckks)
+
+    def make_context(self):
+        """A private context with the described parameters (the project's defaults for this depth if the
+        server described none)."""
+        p = self.ckks
+        if not p["poly_modulus_degree"]:
+            return make_context(self.depth)
+        chain, depth, headroom = p["coeff_mod_bit_sizes"], len(p["coeff_mod_bit_sizes"]) - 2, 0
+        if depth >= 1:
+            headroom = chain[0] - p["scale_bits"]
+        if depth < 1 or headroom < 1 or modulus_chain(depth, p["scale_bits"], headroom) != chain:
+            raise ValueError(f"the server describes a modulus chain {chain} (scale 2^{p['scale_bits']}) "
+                             "that this client cannot build")
+        return make_context(depth, poly_modulus_degree=p["poly_modulus_degree"], scale_bits=p["scale_bits"],
+                            headroom_bits=headroom)
 
 
 @dataclass
@@ -94,7 +113,7 @@ class HEClient:
         """Make keys for this model (single queries, plus batches of ``batch_size``) and send the public part."""
         d = self.description
         t0 = time.perf_counter()
-        self.context = make_context(d.depth)
+        self.context = d.make_context()
         kit = kit_of(self.context)
         if kit.slot_count < d.min_slots:
             raise ValueError(f"the model needs {d.min_slots} slots, the context has {kit.slot_count}")

@@ -54,7 +54,9 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
             model=d["model"], input_shape=d["input_shape"], num_classes=d["num_classes"], depth=d["depth"],
             galois_steps=d["galois_steps"], min_slots=d["min_slots"],
             input_encoding_json=json.dumps(d["input_encoding"]), max_batch_size=d["max_batch_size"],
-            max_context_bytes=d["max_context_bytes"])
+            max_context_bytes=d["max_context_bytes"], ckks=pb.CkksParameters(**d["ckks"]),
+            input_layout=pb.SlotLayout(period=d["input_period"], source=d["input_sources"]),
+            logit_slots=d["logit_slots"])
 
     @rpc_errors
     def OpenSession(self, request_iterator, context):

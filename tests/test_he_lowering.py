@@ -118,3 +118,20 @@ def test_single_query_convnet_uses_im2col_and_matches_plaintext(digits):
                     for x in digits.x_test[:4]])
     assert (got.argmax(1) == plain.argmax(1)).all()
     assert np.abs(got - plain).max() <= 0.05
+
+
+@pytest.mark.parametrize("name", ["convnet", "mlp"])
+def test_the_described_slot_layout_gathers_exactly_the_encoded_input(name):
+    """What Describe sends a client written elsewhere (InputEncoding.slot_sources): gathering input values
+    into one period by it and repeating gives the very slots the project's own client encrypts."""
+    model = build_model(name, (1, 8, 8), 10, activation="square", seed=0)
+    encoding = HENet.from_torch(model, (1, 8, 8)).input_encoding
+    assert (encoding.im2col is not None) == (name == "convnet")
+    source = np.array(encoding.slot_sources())
+    x = np.random.default_rng(0).random((1, 8, 8)) + 0.5  # no zero pixel: a -1 can only be padding
+    gathered = np.where(source >= 0, x.ravel()[np.maximum(source, 0)], 0.0)
+    assert len(source) == encoding.period and np.array_equal(np.tile(gathered, 4096 // encoding.period),
+                                                             encoding.slots(x, 4096))
+    assert set(source[source >= 0]) == set(range(64))
+    # im2col: each pixel once per window that covers it and per output channel; slots past them empty
+    assert (source == -1).any() == (name == "convnet")

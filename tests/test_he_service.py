@@ -242,3 +242,34 @@ def test_one_party_cannot_evict_another_partys_session():
     assert host.session(alice.session_id, "alice") is alice  # still there
     again = host.open_session("alice", blob, 0)  # her own oldest session makes room
     assert host.open_sessions == 1 and host.session(again.session_id, "alice") is again
+
+
+def test_a_client_written_from_the_proto_alone_gets_the_plaintext_models_answers(served, tmp_path):
+    """The wire contract is complete: he.proto and tensor.proto compiled fresh into a temporary directory, and a
+    client (tests/he_outsider_client.py) that imports only those stubs, grpc, TenSEAL and numpy, in an isolated
+    interpreter beside the installed project; the stubs' package is not securecollab's."""
+    from pathlib import Path
+
+    model, ds, certs, target, _, _ = served
+    root = Path(__file__).resolve().parents[1]
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    protos = [str(root / "protos" / "securecollab_wire" / "v1" / f"{name}.proto") for name in ("tensor", "he")]
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(root / "protos"),
+                    f"--python_out={stubs}", f"--grpc_python_out={stubs}", *protos], check=True, timeout=120)
+    images = ds.x_test[:12]
+    np.save(tmp_path / "images.npy", images)
+    tls = TlsFiles.for_party(certs, CLIENT)
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, "-I", str(root / "tests" / "he_outsider_client.py"), str(stubs), target,
+                          str(tls.ca), str(tls.cert), str(tls.key), str(tmp_path / "images.npy"), str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = __import__("json").loads(out.read_text())
+    assert got["securecollab_modules"] == [] and Path(got["stubs_from"]) == stubs
+    he, plain = np.array(got["he_logits"]), np.array(got["plain_logits"])
+    reference = predict_logits(model, images)
+    assert np.abs(plain - reference).max() < 1e-4            # the plain API, decoded from the Tensor message
+    assert (he.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(he - reference).max() <= LOGIT_TOL
+    assert got["bytes_per_query"] < 500_000

@@ -59,6 +59,14 @@ def smallest_degree(chain: list[int], minimum: int = 8192) -> int:
     raise ValueError(f"a {total}-bit modulus chain exceeds every supported ring degree")
 
 
+def default_parameters(depth: int) -> dict:
+    """The CKKS parameters :func:`make_context` picks for ``depth`` by default, as the HE service
+    describes them to clients: ring degree, coefficient-modulus prime sizes, and the scale's bits."""
+    chain = modulus_chain(depth)
+    return {"poly_modulus_degree": smallest_degree(chain), "coeff_mod_bit_sizes": chain,
+            "scale_bits": DEFAULT_SCALE_BITS}
+
+
 def make_context(depth: int, *, poly_modulus_degree: int | None = None,
                  scale_bits: int = DEFAULT_SCALE_BITS,
                  headroom_bits: int = DEFAULT_HEADROOM_BITS) -> ts.Context:

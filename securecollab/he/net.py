@@ -85,6 +85,17 @@ class InputEncoding:
             return self.im2col.input_slots(x, slot_count)
         return replicate(x.ravel(), next_pow2(self.features), slot_count)
 
+    @property
+    def period(self) -> int:
+        """Slots one copy of the layout takes (the slot count is a multiple of it)."""
+        return self.im2col.period if self.im2col is not None else next_pow2(self.features)
+
+    def slot_sources(self) -> list[int]:
+        """The layout as data, for clients written elsewhere: slot i of one period holds input value
+        ``sources[i]`` of the flattened input, or 0 where it is -1 (padding, unused slots)."""
+        marks = self.slots(np.arange(1, self.features + 1, dtype=np.float64), self.period)
+        return [int(round(m)) - 1 for m in marks]
+
     def to_dict(self) -> dict:
         return {"features": self.features, "im2col": self.im2col.to_dict() if self.im2col else None}
 

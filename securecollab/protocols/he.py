@@ -19,6 +19,7 @@ import numpy as np
 
 from securecollab.errors import ProtocolError
 from securecollab.he import HENet, HENetBatched, load_public
+from securecollab.he.context import default_parameters
 from securecollab.training import predict_logits
 
 
@@ -62,7 +63,10 @@ class HEModelHost:
         return {"model": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                 "depth": self.net.depth, "galois_steps": self.net.galois_steps, "min_slots": self.net.min_slots,
                 "input_encoding": self.net.input_encoding.to_dict(), "max_batch_size": self.max_batch_size,
-                "max_context_bytes": self.max_context_bytes}
+                "max_context_bytes": self.max_context_bytes, "ckks": default_parameters(self.net.depth),
+                "input_period": self.net.input_encoding.period,
+                "input_sources": self.net.input_encoding.slot_sources(),
+                "logit_slots": list(range(self.num_classes))}  # decrypt_logits reads the first slots
 
     # -- sessions -------------------------------------------------------------
 

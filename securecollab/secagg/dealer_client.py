@@ -3,7 +3,7 @@
 CrypTen's trusted-third-party provider (``TrustedThirdParty``: Beaver triples, squares, binary
 triples, wrap counts, B2A bits) stays as it is. It asks its client for two things: the generator
 this party shares with the dealer, and — party 0 only — the correction tensor of each request.
-Here both come over mutual TLS from the ``Dealer`` service (securecollab/v1/mpc.proto): the seed
+Here both come over mutual TLS from the ``Dealer`` service (protos/securecollab_wire/v1/mpc.proto): the seed
 once per world, corrections in order, numbered, as tensors; request arguments travel as
 canonical JSON (mpc_objects), never pickled. Install with :func:`install` before ``crypten.init()``.
 """

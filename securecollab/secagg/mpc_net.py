@@ -2,7 +2,7 @@
 
 CrypTen's own communicator is torch.distributed over gloo: plaintext TCP, a rendezvous store that
 anyone who reaches its port can write to, and pickled objects. Here every party serves one
-``MpcPeer`` endpoint (securecollab/v1/mpc.proto) and reaches each peer through a mutual-TLS channel
+``MpcPeer`` endpoint (protos/securecollab_wire/v1/mpc.proto) and reaches each peer through a mutual-TLS channel
 from the project CA; a caller is who its certificate says (role ``party``, id ``party-<rank>``), and
 anyone else is refused before a byte of its message is read. A world forms by every party saying
 Hello (a fresh nonce) to every other; its id hashes all nonces, and every message carries it.

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from securecollab.generated.v1 import fedavg_pb2 as securecollab_dot_v1_dot_fedavg__pb2
+from securecollab.generated.v1 import fedavg_pb2 as securecollab__wire_dot_v1_dot_fedavg__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in securecollab/v1/fedavg_pb2_grpc.py depends on'
+        + ' but the generated code in securecollab_wire/v1/fedavg_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class FedAvgAggregatorStub:
         """
         self.Join = channel.unary_unary(
                 '/securecollab.v1.FedAvgAggregator/Join',
-                request_serializer=securecollab_dot_v1_dot_fedavg__pb2.JoinRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_fedavg__pb2.JoinReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.JoinRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/securecollab.v1.FedAvgAggregator/GetModel',
-                request_serializer=securecollab_dot_v1_dot_fedavg__pb2.ModelRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_fedavg__pb2.ModelReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ModelRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ModelReply.FromString,
                 _registered_method=True)
         self.SubmitUpdate = channel.unary_unary(
                 '/securecollab.v1.FedAvgAggregator/SubmitUpdate',
-                request_serializer=securecollab_dot_v1_dot_fedavg__pb2.ClientUpdate.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_fedavg__pb2.UpdateAck.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ClientUpdate.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.UpdateAck.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_FedAvgAggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=securecollab_dot_v1_dot_fedavg__pb2.JoinRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_fedavg__pb2.JoinReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.JoinRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.JoinReply.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=securecollab_dot_v1_dot_fedavg__pb2.ModelRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_fedavg__pb2.ModelReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ModelRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ModelReply.SerializeToString,
             ),
             'SubmitUpdate': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
-                    request_deserializer=securecollab_dot_v1_dot_fedavg__pb2.ClientUpdate.FromString,
-                    response_serializer=securecollab_dot_v1_dot_fedavg__pb2.UpdateAck.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_fedavg__pb2.ClientUpdate.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_fedavg__pb2.UpdateAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class FedAvgAggregator:
             request,
             target,
             '/securecollab.v1.FedAvgAggregator/Join',
-            securecollab_dot_v1_dot_fedavg__pb2.JoinRequest.SerializeToString,
-            securecollab_dot_v1_dot_fedavg__pb2.JoinReply.FromString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.JoinRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class FedAvgAggregator:
             request,
             target,
             '/securecollab.v1.FedAvgAggregator/GetModel',
-            securecollab_dot_v1_dot_fedavg__pb2.ModelRequest.SerializeToString,
-            securecollab_dot_v1_dot_fedavg__pb2.ModelReply.FromString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.ModelRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.ModelReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class FedAvgAggregator:
             request,
             target,
             '/securecollab.v1.FedAvgAggregator/SubmitUpdate',
-            securecollab_dot_v1_dot_fedavg__pb2.ClientUpdate.SerializeToString,
-            securecollab_dot_v1_dot_fedavg__pb2.UpdateAck.FromString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.ClientUpdate.SerializeToString,
+            securecollab__wire_dot_v1_dot_fedavg__pb2.UpdateAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("model", "input_shape", "num_classes", "depth", "galois_steps", "min_slots", "input_encoding_json", "max_batch_size", "max_context_bytes")
+    __slots__ = ("model", "input_shape", "num_classes", "depth", "galois_steps", "min_slots", "input_encoding_json", "max_batch_size", "max_context_bytes", "ckks", "input_layout", "logit_slots")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,9 @@ class ModelDescription(_message.Message):
     INPUT_ENCODING_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CKKS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SLOTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
@@ -31,7 +34,28 @@ class ModelDescription(_message.Message):
     input_encoding_json: str
     max_batch_size: int
     max_context_bytes: int
-    def __init__(self, model: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., depth: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., min_slots: _Optional[int] = ..., input_encoding_json: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context_bytes: _Optional[int] = ...) -> None: ...
+    ckks: CkksParameters
+    input_layout: SlotLayout
+    logit_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., depth: _Optional[int] = ..., galois_steps: _Optional[_Iterable[int]] = ..., min_slots: _Optional[int] = ..., input_encoding_json: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_context_bytes: _Optional[int] = ..., ckks: _Optional[_Union[CkksParameters, _Mapping]] = ..., input_layout: _Optional[_Union[SlotLayout, _Mapping]] = ..., logit_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CkksParameters(_message.Message):
+    __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits")
+    POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
+    COEFF_MOD_BIT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: _containers.RepeatedScalarFieldContainer[int]
+    scale_bits: int
+    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ...) -> None: ...
+
+class SlotLayout(_message.Message):
+    __slots__ = ("period", "source")
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    period: int
+    source: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, period: _Optional[int] = ..., source: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
     __slots__ = ("batch_size",)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from securecollab.generated.v1 import he_pb2 as securecollab_dot_v1_dot_he__pb2
+from securecollab.generated.v1 import he_pb2 as securecollab__wire_dot_v1_dot_he__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in securecollab/v1/he_pb2_grpc.py depends on'
+        + ' but the generated code in securecollab_wire/v1/he_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class HEInferenceStub:
         """
         self.Describe = channel.unary_unary(
                 '/securecollab.v1.HEInference/Describe',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.ModelDescription.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.ModelDescription.FromString,
                 _registered_method=True)
         self.OpenSession = channel.stream_unary(
                 '/securecollab.v1.HEInference/OpenSession',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.SessionPart.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.SessionReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.SessionPart.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.SessionReply.FromString,
                 _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/securecollab.v1.HEInference/Infer',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.InferRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.InferReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.InferRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.InferReply.FromString,
                 _registered_method=True)
         self.InferBatch = channel.stream_unary(
                 '/securecollab.v1.HEInference/InferBatch',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.BatchPart.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.BatchReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.BatchPart.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.BatchReply.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/securecollab.v1.HEInference/CloseSession',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.CloseRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.CloseReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.CloseRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.CloseReply.FromString,
                 _registered_method=True)
         self.PredictPlain = channel.unary_unary(
                 '/securecollab.v1.HEInference/PredictPlain',
-                request_serializer=securecollab_dot_v1_dot_he__pb2.PlainRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_he__pb2.PlainReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_he__pb2.PlainRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_he__pb2.PlainReply.FromString,
                 _registered_method=True)
 
 
@@ -70,21 +70,32 @@ class HEInferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Describe(self, request, context):
-        """What a client needs to build its keys: depth, rotations, input layout.
+        """What a client needs to build its keys: parameters, rotations, layouts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def OpenSession(self, request_iterator, context):
-        """Options first, then the public context (no secret key) in chunks.
+        """Options first, then the public context in chunks. The chunks, joined,
+        are: the 5 ASCII bytes "SCHE1"; n, 8 bytes, big-endian; n bytes of a
+        TenSEAL context serialization (TenSEALContextProto: Context.serialize
+        with the public key and the relinearization keys, without the secret
+        key -- a context that carries one is refused -- and without Galois
+        keys); then SEAL's own GaloisKeys serialization holding keys for the
+        rotation steps of ModelDescription.galois_steps, all positive (SEAL's
+        Galois element of step s: 3^s mod 2N), or nothing if there are none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
-        """One encrypted input (one ciphertext) -> encrypted logits.
+        """One encrypted input (one ciphertext) -> encrypted logits. The input is
+        laid out as ModelDescription.input_layout says, encoded at the scale
+        2^ckks.scale_bits, encrypted at the top level (the first parms_id); a
+        symmetric, seeded encryption halves it. The logits come back in the
+        slots ModelDescription.logit_slots names.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,33 +126,33 @@ def add_HEInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.DescribeRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.ModelDescription.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.DescribeRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.ModelDescription.SerializeToString,
             ),
             'OpenSession': grpc.stream_unary_rpc_method_handler(
                     servicer.OpenSession,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.SessionPart.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.SessionReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.SessionPart.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.SessionReply.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.InferRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.InferReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.InferRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.InferReply.SerializeToString,
             ),
             'InferBatch': grpc.stream_unary_rpc_method_handler(
                     servicer.InferBatch,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.BatchPart.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.BatchReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.BatchPart.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.BatchReply.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.CloseRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.CloseReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.CloseRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.CloseReply.SerializeToString,
             ),
             'PredictPlain': grpc.unary_unary_rpc_method_handler(
                     servicer.PredictPlain,
-                    request_deserializer=securecollab_dot_v1_dot_he__pb2.PlainRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_he__pb2.PlainReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_he__pb2.PlainRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_he__pb2.PlainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -169,8 +180,8 @@ class HEInference:
             request,
             target,
             '/securecollab.v1.HEInference/Describe',
-            securecollab_dot_v1_dot_he__pb2.DescribeRequest.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.ModelDescription.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.DescribeRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +207,8 @@ class HEInference:
             request_iterator,
             target,
             '/securecollab.v1.HEInference/OpenSession',
-            securecollab_dot_v1_dot_he__pb2.SessionPart.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.SessionReply.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.SessionPart.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +234,8 @@ class HEInference:
             request,
             target,
             '/securecollab.v1.HEInference/Infer',
-            securecollab_dot_v1_dot_he__pb2.InferRequest.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.InferReply.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.InferRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.InferReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +261,8 @@ class HEInference:
             request_iterator,
             target,
             '/securecollab.v1.HEInference/InferBatch',
-            securecollab_dot_v1_dot_he__pb2.BatchPart.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.BatchReply.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.BatchPart.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.BatchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +288,8 @@ class HEInference:
             request,
             target,
             '/securecollab.v1.HEInference/CloseSession',
-            securecollab_dot_v1_dot_he__pb2.CloseRequest.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.CloseReply.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.CloseRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.CloseReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +315,8 @@ class HEInference:
             request,
             target,
             '/securecollab.v1.HEInference/PredictPlain',
-            securecollab_dot_v1_dot_he__pb2.PlainRequest.SerializeToString,
-            securecollab_dot_v1_dot_he__pb2.PlainReply.FromString,
+            securecollab__wire_dot_v1_dot_he__pb2.PlainRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_he__pb2.PlainReply.FromString,
             options,
             channel_credentials,
             insecure,

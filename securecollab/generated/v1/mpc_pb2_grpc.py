@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from securecollab.generated.v1 import mpc_pb2 as securecollab_dot_v1_dot_mpc__pb2
+from securecollab.generated.v1 import mpc_pb2 as securecollab__wire_dot_v1_dot_mpc__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in securecollab/v1/mpc_pb2_grpc.py depends on'
+        + ' but the generated code in securecollab_wire/v1/mpc_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class MpcPeerStub:
         """
         self.Hello = channel.unary_unary(
                 '/securecollab.v1.MpcPeer/Hello',
-                request_serializer=securecollab_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_mpc__pb2.MpcHello.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.FromString,
                 _registered_method=True)
         self.Deliver = channel.stream_unary(
                 '/securecollab.v1.MpcPeer/Deliver',
-                request_serializer=securecollab_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_mpc__pb2.MpcAck.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcAck.FromString,
                 _registered_method=True)
 
 
@@ -75,13 +75,13 @@ def add_MpcPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Hello': grpc.unary_unary_rpc_method_handler(
                     servicer.Hello,
-                    request_deserializer=securecollab_dot_v1_dot_mpc__pb2.MpcHello.FromString,
-                    response_serializer=securecollab_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
             ),
             'Deliver': grpc.stream_unary_rpc_method_handler(
                     servicer.Deliver,
-                    request_deserializer=securecollab_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
-                    response_serializer=securecollab_dot_v1_dot_mpc__pb2.MpcAck.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -110,8 +110,8 @@ class MpcPeer:
             request,
             target,
             '/securecollab.v1.MpcPeer/Hello',
-            securecollab_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
-            securecollab_dot_v1_dot_mpc__pb2.MpcHello.FromString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.SerializeToString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.MpcHello.FromString,
             options,
             channel_credentials,
             insecure,
@@ -137,8 +137,8 @@ class MpcPeer:
             request_iterator,
             target,
             '/securecollab.v1.MpcPeer/Deliver',
-            securecollab_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
-            securecollab_dot_v1_dot_mpc__pb2.MpcAck.FromString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.MpcAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -166,13 +166,13 @@ class DealerStub:
         """
         self.Seed = channel.unary_unary(
                 '/securecollab.v1.Dealer/Seed',
-                request_serializer=securecollab_dot_v1_dot_mpc__pb2.SeedRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_mpc__pb2.SeedReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.SeedRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.SeedReply.FromString,
                 _registered_method=True)
         self.Correlated = channel.unary_stream(
                 '/securecollab.v1.Dealer/Correlated',
-                request_serializer=securecollab_dot_v1_dot_mpc__pb2.CorrelatedRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.CorrelatedRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
                 _registered_method=True)
 
 
@@ -203,13 +203,13 @@ def add_DealerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Seed': grpc.unary_unary_rpc_method_handler(
                     servicer.Seed,
-                    request_deserializer=securecollab_dot_v1_dot_mpc__pb2.SeedRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_mpc__pb2.SeedReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.SeedRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.SeedReply.SerializeToString,
             ),
             'Correlated': grpc.unary_stream_rpc_method_handler(
                     servicer.Correlated,
-                    request_deserializer=securecollab_dot_v1_dot_mpc__pb2.CorrelatedRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_mpc__pb2.CorrelatedRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -242,8 +242,8 @@ class Dealer:
             request,
             target,
             '/securecollab.v1.Dealer/Seed',
-            securecollab_dot_v1_dot_mpc__pb2.SeedRequest.SerializeToString,
-            securecollab_dot_v1_dot_mpc__pb2.SeedReply.FromString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.SeedRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.SeedReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,8 +269,8 @@ class Dealer:
             request,
             target,
             '/securecollab.v1.Dealer/Correlated',
-            securecollab_dot_v1_dot_mpc__pb2.CorrelatedRequest.SerializeToString,
-            securecollab_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.CorrelatedRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_mpc__pb2.MpcFrame.FromString,
             options,
             channel_credentials,
             insecure,

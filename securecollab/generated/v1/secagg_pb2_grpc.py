@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from securecollab.generated.v1 import secagg_pb2 as securecollab_dot_v1_dot_secagg__pb2
-from securecollab.generated.v1 import tensor_pb2 as securecollab_dot_v1_dot_tensor__pb2
+from securecollab.generated.v1 import secagg_pb2 as securecollab__wire_dot_v1_dot_secagg__pb2
+from securecollab.generated.v1 import tensor_pb2 as securecollab__wire_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in securecollab/v1/secagg_pb2_grpc.py depends on'
+        + ' but the generated code in securecollab_wire/v1/secagg_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class CoordinatorStub:
         """
         self.Join = channel.unary_unary(
                 '/securecollab.v1.Coordinator/Join',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.SecAggJoinRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.SecAggJoinReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinReply.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
                 '/securecollab.v1.Coordinator/GetRound',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.RoundRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.RoundInfo.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.RoundRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.RoundInfo.FromString,
                 _registered_method=True)
         self.ReportUploaded = channel.unary_unary(
                 '/securecollab.v1.Coordinator/ReportUploaded',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.UploadReport.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.UploadAck.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.UploadReport.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.UploadAck.FromString,
                 _registered_method=True)
 
 
@@ -82,18 +82,18 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.SecAggJoinRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.SecAggJoinReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinReply.SerializeToString,
             ),
             'GetRound': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRound,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.RoundRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.RoundInfo.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.RoundRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.RoundInfo.SerializeToString,
             ),
             'ReportUploaded': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportUploaded,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.UploadReport.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.UploadAck.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.UploadReport.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.UploadAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class Coordinator:
             request,
             target,
             '/securecollab.v1.Coordinator/Join',
-            securecollab_dot_v1_dot_secagg__pb2.SecAggJoinRequest.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.SecAggJoinReply.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.SecAggJoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class Coordinator:
             request,
             target,
             '/securecollab.v1.Coordinator/GetRound',
-            securecollab_dot_v1_dot_secagg__pb2.RoundRequest.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.RoundInfo.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.RoundRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.RoundInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Coordinator:
             request,
             target,
             '/securecollab.v1.Coordinator/ReportUploaded',
-            securecollab_dot_v1_dot_secagg__pb2.UploadReport.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.UploadAck.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.UploadReport.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.UploadAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -201,23 +201,23 @@ class ComputePartyStub:
         """
         self.SubmitShare = channel.stream_unary(
                 '/securecollab.v1.ComputeParty/SubmitShare',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.ShareChunk.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.ShareAck.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.ShareChunk.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.ShareAck.FromString,
                 _registered_method=True)
         self.Held = channel.unary_unary(
                 '/securecollab.v1.ComputeParty/Held',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.HeldRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.HeldReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.HeldRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.HeldReply.FromString,
                 _registered_method=True)
         self.Aggregate = channel.unary_stream(
                 '/securecollab.v1.ComputeParty/Aggregate',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
         self.Rejoin = channel.unary_unary(
                 '/securecollab.v1.ComputeParty/Rejoin',
-                request_serializer=securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
                 _registered_method=True)
 
 
@@ -258,23 +258,23 @@ def add_ComputePartyServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitShare': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitShare,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.ShareChunk.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.ShareAck.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.ShareChunk.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.ShareAck.SerializeToString,
             ),
             'Held': grpc.unary_unary_rpc_method_handler(
                     servicer.Held,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.HeldRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.HeldReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.HeldRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.HeldReply.SerializeToString,
             ),
             'Aggregate': grpc.unary_stream_rpc_method_handler(
                     servicer.Aggregate,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.AggregateRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
             'Rejoin': grpc.unary_unary_rpc_method_handler(
                     servicer.Rejoin,
-                    request_deserializer=securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_secagg__pb2.RejoinReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_secagg__pb2.RejoinRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_secagg__pb2.RejoinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,8 +303,8 @@ class ComputeParty:
             request_iterator,
             target,
             '/securecollab.v1.ComputeParty/SubmitShare',
-            securecollab_dot_v1_dot_secagg__pb2.ShareChunk.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.ShareAck.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.ShareChunk.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.ShareAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -330,8 +330,8 @@ class ComputeParty:
             request,
             target,
             '/securecollab.v1.ComputeParty/Held',
-            securecollab_dot_v1_dot_secagg__pb2.HeldRequest.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.HeldReply.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.HeldRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.HeldReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -357,8 +357,8 @@ class ComputeParty:
             request,
             target,
             '/securecollab.v1.ComputeParty/Aggregate',
-            securecollab_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
-            securecollab_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.AggregateRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_tensor__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -384,8 +384,8 @@ class ComputeParty:
             request,
             target,
             '/securecollab.v1.ComputeParty/Rejoin',
-            securecollab_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
-            securecollab_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.RejoinRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_secagg__pb2.RejoinReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from securecollab.generated.v1 import split_pb2 as securecollab_dot_v1_dot_split__pb2
+from securecollab.generated.v1 import split_pb2 as securecollab__wire_dot_v1_dot_split__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in securecollab/v1/split_pb2_grpc.py depends on'
+        + ' but the generated code in securecollab_wire/v1/split_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class SplitServerStub:
         """
         self.Join = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Join',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.SplitJoinRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.SplitJoinReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.SplitJoinRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.SplitJoinReply.FromString,
                 _registered_method=True)
         self.AwaitTurn = channel.unary_unary(
                 '/securecollab.v1.SplitServer/AwaitTurn',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.TurnRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.TurnReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.TurnRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.TurnReply.FromString,
                 _registered_method=True)
         self.EndTurn = channel.unary_unary(
                 '/securecollab.v1.SplitServer/EndTurn',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.TurnEnd.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.TurnAck.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.TurnEnd.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.TurnAck.FromString,
                 _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Forward',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.FromString,
                 _registered_method=True)
         self.Backward = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Backward',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.BackwardReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.BackwardReply.FromString,
                 _registered_method=True)
         self.Train = channel.stream_stream(
                 '/securecollab.v1.SplitServer/Train',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Predict',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.PredictRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.PredictReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.PredictRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.PredictReply.FromString,
                 _registered_method=True)
         self.Finish = channel.unary_unary(
                 '/securecollab.v1.SplitServer/Finish',
-                request_serializer=securecollab_dot_v1_dot_split__pb2.FinishRequest.SerializeToString,
-                response_deserializer=securecollab_dot_v1_dot_split__pb2.FinishReply.FromString,
+                request_serializer=securecollab__wire_dot_v1_dot_split__pb2.FinishRequest.SerializeToString,
+                response_deserializer=securecollab__wire_dot_v1_dot_split__pb2.FinishReply.FromString,
                 _registered_method=True)
 
 
@@ -142,43 +142,43 @@ def add_SplitServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.SplitJoinRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.SplitJoinReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.SplitJoinRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.SplitJoinReply.SerializeToString,
             ),
             'AwaitTurn': grpc.unary_unary_rpc_method_handler(
                     servicer.AwaitTurn,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.TurnRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.TurnReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.TurnRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.TurnReply.SerializeToString,
             ),
             'EndTurn': grpc.unary_unary_rpc_method_handler(
                     servicer.EndTurn,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.TurnEnd.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.TurnAck.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.TurnEnd.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.TurnAck.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.SerializeToString,
             ),
             'Backward': grpc.unary_unary_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.BackwardRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.BackwardReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.BackwardRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.BackwardReply.SerializeToString,
             ),
             'Train': grpc.stream_stream_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.ForwardRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.ForwardReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.PredictRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.PredictReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.PredictRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.PredictReply.SerializeToString,
             ),
             'Finish': grpc.unary_unary_rpc_method_handler(
                     servicer.Finish,
-                    request_deserializer=securecollab_dot_v1_dot_split__pb2.FinishRequest.FromString,
-                    response_serializer=securecollab_dot_v1_dot_split__pb2.FinishReply.SerializeToString,
+                    request_deserializer=securecollab__wire_dot_v1_dot_split__pb2.FinishRequest.FromString,
+                    response_serializer=securecollab__wire_dot_v1_dot_split__pb2.FinishReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,8 +206,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/Join',
-            securecollab_dot_v1_dot_split__pb2.SplitJoinRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.SplitJoinReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.SplitJoinRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.SplitJoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +233,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/AwaitTurn',
-            securecollab_dot_v1_dot_split__pb2.TurnRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.TurnReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.TurnRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.TurnReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +260,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/EndTurn',
-            securecollab_dot_v1_dot_split__pb2.TurnEnd.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.TurnAck.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.TurnEnd.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.TurnAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/Forward',
-            securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +314,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/Backward',
-            securecollab_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.BackwardReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.BackwardRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.BackwardReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +341,8 @@ class SplitServer:
             request_iterator,
             target,
             '/securecollab.v1.SplitServer/Train',
-            securecollab_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.ForwardReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.ForwardRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +368,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/Predict',
-            securecollab_dot_v1_dot_split__pb2.PredictRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.PredictReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.PredictRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.PredictReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +395,8 @@ class SplitServer:
             request,
             target,
             '/securecollab.v1.SplitServer/Finish',
-            securecollab_dot_v1_dot_split__pb2.FinishRequest.SerializeToString,
-            securecollab_dot_v1_dot_split__pb2.FinishReply.FromString,
+            securecollab__wire_dot_v1_dot_split__pb2.FinishRequest.SerializeToString,
+            securecollab__wire_dot_v1_dot_split__pb2.FinishReply.FromString,
             options,
             channel_credentials,
             insecure,
