@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-full test check-protos protos clean
+.PHONY: setup demo demo-full test browser check-protos protos clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,12 @@ demo: setup
 demo-full: setup
 	$(BIN)/securecollab demo
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -q --durations=25
+
+# Headless Chromium for the browser tests (installed when root; else those tests skip).
+browser:
+	scripts/ensure-browser
 
 check-protos: setup
 	scripts/check-protos
