@@ -40,7 +40,7 @@ from attacks.metrics import pool_scores, rate_ci, score_inversion, score_with_ba
 from attacks.observed import as_dict, client_updates, global_params_at, gradient_from_update, parameter_delta
 from attacks.registry import attack, row
 from attacks.separation import separated_or
-from attacks.span_prior import PRIORS, span_prior_inversion
+from attacks.span_prior import span_prior_inversions
 from securecollab.data import Dataset
 from securecollab.models import parameters_to_arrays
 from securecollab.plans import FedAvgPlan, SecAggPlan
@@ -207,8 +207,7 @@ def _span_priors(model, global_params: dict, new_params: dict, k: int, ds, plan:
     point: the image, which analytic_fc reads off directly."""
     if is_fedsgd(plan) or k == 1:
         return {}
-    found = {prior: span_prior_inversion(model, global_params, new_params, k, ds, prior) for prior in PRIORS}
-    return {prior: guess for prior, guess in found.items() if guess is not None}
+    return span_prior_inversions(model, global_params, new_params, k, ds)
 
 
 def _row(protocol: str, adversary: str, scores: list[dict], plan: FedAvgPlan, **params) -> dict:

@@ -19,7 +19,7 @@ global weights) lies to the second layer's update row space, ``exp(-distance / H
 hidden vectors span it up to the weights' drift over the local steps, while a mixture of two inputs misses
 on the units where only one of them is active (attacks/separation.py uses the same fact where it is exact).
 Needs a first Linear layer on the input and k below the input size and that layer's width;
-:func:`span_prior_inversion` returns None otherwise. In this project's sweeps that is plain FedAvg's
+:func:`span_prior_inversions` returns nothing otherwise. In this project's sweeps that is plain FedAvg's
 single update (N = 1, 32 images of 64 pixels); sums of N >= 2 clients' 32 images fill the input space.
 """
 
@@ -158,25 +158,36 @@ def cluster(points: np.ndarray, weights: np.ndarray, sources: np.ndarray, auxili
     return images, labels
 
 
-def span_prior_inversion(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray],
-                         k: int, ds, prior: str, *, auxiliary: tuple[np.ndarray, np.ndarray] | None = None,
-                         pixel_range=(0.0, 1.0), seed: int = 0) -> Inversion | None:
-    """The k inputs behind one update (global -> ``new_params``) under ``prior``; None where the model or k
-    leave no input plane. ``auxiliary``: the adversary's (images, labels), by default the test split."""
-    start = time.perf_counter()
+def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray],
+                          k: int, ds, priors=PRIORS, *, auxiliary: tuple[np.ndarray, np.ndarray] | None = None,
+                          pixel_range=(0.0, 1.0), seed: int = 0) -> dict[str, Inversion]:
+    """Prior -> the k inputs behind one update (global -> ``new_params``) under it; empty where the model or
+    k leave no input plane. The plane and the hidden span are read once for all priors. ``auxiliary``: the
+    adversary's (images, labels), by default the test split."""
     first = input_layer_delta(model, global_params, new_params)
     plane = None if first is None else input_plane(*first, k)
     if plane is None:
-        return None
+        return {}
+    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
+    layers = relu_pair(model)
     images, labels = auxiliary if auxiliary is not None else (ds.x_test, ds.y_test)
     flat = np.asarray(images, np.float64).reshape(len(images), -1)
-    points, sources = candidates(plane, flat, prior, seed=seed)
-    points = np.clip(points, *pixel_range)
-    delta = parameter_delta(list(global_params.items()), list(new_params.items()))
-    weights = hidden_weights(points, global_params, delta, relu_pair(model))
-    guesses, guessed_labels = cluster(points, weights, sources, np.asarray(labels), k, ds.num_classes, seed=seed)
     off = np.linalg.norm(flat - plane.project(flat), axis=1) / (np.linalg.norm(flat, axis=1) + 1e-12)
-    return Inversion(images=guesses.astype(np.float32).reshape(k, *ds.input_shape), labels=guessed_labels,
-                     distance=float(np.median(off)),  # how far the adversary's own images lie off the plane
-                     iterations=SEARCH_STEPS if prior == "learned_latent" else 0,
-                     wall_s=time.perf_counter() - start, method=prior)
+    found = {}
+    for prior in priors:
+        start = time.perf_counter()
+        points, sources = candidates(plane, flat, prior, seed=seed)
+        points = np.clip(points, *pixel_range)
+        weights = hidden_weights(points, global_params, delta, layers)
+        guesses, guessed = cluster(points, weights, sources, np.asarray(labels), k, ds.num_classes, seed=seed)
+        found[prior] = Inversion(images=guesses.astype(np.float32).reshape(k, *ds.input_shape), labels=guessed,
+                                 distance=float(np.median(off)),  # how far the adversary's own images lie off it
+                                 iterations=SEARCH_STEPS if prior == "learned_latent" else 0,
+                                 wall_s=time.perf_counter() - start, method=prior)
+    return found
+
+
+def span_prior_inversion(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray],
+                         k: int, ds, prior: str, **options) -> Inversion | None:
+    """One prior's reconstruction (:func:`span_prior_inversions`); None where there is no input plane."""
+    return span_prior_inversions(model, global_params, new_params, k, ds, (prior,), **options).get(prior)

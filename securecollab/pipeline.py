@@ -174,7 +174,7 @@ def build_and_write_scorecard(results: dict[str, dict], plan: FedAvgPlan, out: P
     if failed:
         card["attack_errors"] = failed
     paths = write_scorecard(card, Path(out))
-    return card, paths + [write_report(Path(out))]
+    return card, paths + [write_report(card, Path(out))]
 
 
 @dataclass

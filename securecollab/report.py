@@ -97,10 +97,9 @@ def to_html(card: dict, results_dir: Path) -> str:
         attack_rows=[attack_cells(a) for a in card.get("attacks", [])], figures=figures)
 
 
-def write_report(results_dir: Path, out: Path | None = None) -> Path:
-    """Write ``report.html`` (or ``out``) from ``results_dir/scorecard.json``; returns its path."""
-    results_dir = Path(results_dir)
-    source = results_dir / "scorecard.json"
+def load_scorecard(results_dir: Path) -> dict:
+    """``results_dir/scorecard.json``, refused (FileNotFoundError, ValueError) unless it is a scorecard."""
+    source = Path(results_dir) / "scorecard.json"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found: run `securecollab demo --out {results_dir}` first")
     try:
@@ -109,6 +108,11 @@ def write_report(results_dir: Path, out: Path | None = None) -> Path:
         raise ValueError(f"{source} is not JSON: {e}") from None
     if not isinstance(card, dict) or card.get("format") != "securecollab.scorecard.v1":
         raise ValueError(f"{source} is not a securecollab scorecard (format securecollab.scorecard.v1)")
-    out = Path(out) if out else results_dir / "report.html"
+    return card
+
+
+def write_report(card: dict, results_dir: Path, out: Path | None = None) -> Path:
+    """Write ``report.html`` (or ``out``) for ``card``, whose figures lie under ``results_dir``."""
+    out = Path(out) if out else Path(results_dir) / "report.html"
     out.write_text(to_html(card, results_dir), encoding="utf-8")
     return out

@@ -18,9 +18,9 @@ def report(
     """Write report.html from RESULTS_DIR/scorecard.json: the protocols table (costs beside the plain
     baseline), the attack table (baselines, 95% intervals) and every figure, embedded, so the one file
     can be sent around. `securecollab demo` writes it too."""
-    from securecollab.report import write_report
+    from securecollab.report import load_scorecard, write_report
     try:
-        path = write_report(results_dir, out)
+        path = write_report(load_scorecard(results_dir), results_dir, out)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
