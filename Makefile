@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-full test browser check-protos protos clean
+.PHONY: setup demo demo-full demo-web test browser check-protos protos clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: setup
 # The thorough scorecard: full rounds and full attack sweeps (most of an hour on 2 cores).
 demo-full: setup
 	$(BIN)/securecollab demo
+
+# Encrypted inference in the browser: a local HE server, and this machine's client serving the page on :8000.
+demo-web: setup
+	$(BIN)/securecollab demo-web
 
 test: setup browser
 	$(BIN)/pytest -q --durations=25

@@ -116,6 +116,30 @@ print(f"  HE: {len(r['predictions'])} encrypted queries, accuracy {r['accuracy']
 assert r["plain_agreement"] == 1.0 and r["max_abs_error"] < 0.05 and r["accuracy"] >= 0.8, r
 EOF
 
+say "encrypted inference from the demo page: he-web (the HE client serving it) in the federation"
+export WEB_PORT=${WEB_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+compose up -d he-web >/dev/null 2>&1
+python3 - "$WEB_PORT" <<'EOF' || fail "the demo page did not classify encrypted: $(compose logs --no-color he-web | tail -5)"
+import json, sys, time, urllib.error, urllib.request
+url, deadline = f"http://127.0.0.1:{sys.argv[1]}", time.monotonic() + 300
+while True:  # the page serves once its client has made keys and opened a session
+    try:
+        page = urllib.request.urlopen(url + "/", timeout=10).read().decode()
+        break
+    except (urllib.error.URLError, ConnectionError):
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(1)
+assert "Classify encrypted" in page
+req = urllib.request.Request(url + "/api/classify", json.dumps({"index": 3}).encode(),
+                             {"Content-Type": "application/json"})
+r = json.load(urllib.request.urlopen(req, timeout=120))
+print(f"  demo page: test image #3 classified {r['prediction']} encrypted ({r['bytes_sent'] / 1e3:.0f} KB up, "
+      f"{r['bytes_received'] / 1e3:.0f} KB down, server {r['server_s']:.2f}s); plaintext API {r['plain']['prediction']}")
+assert r["prediction"] == r["plain"]["prediction"] and r["plain"]["max_abs_difference"] < 0.05, r
+EOF
+compose stop he-web >/dev/null 2>&1
+
 say "split learning: one epoch, $CLIENTS clients in turn"
 compose up -d --scale split-client="$CLIENTS" split split-client >/dev/null 2>&1
 wait_exit "$(cid split)" 900

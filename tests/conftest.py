@@ -12,6 +12,7 @@ Party ids and roles: "aggregator" and "client-<n>" get their default roles;
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,3 +62,29 @@ def other_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("other-ca")
     make_certs(d, PARTIES)
     return d
+
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium (Debian's packages) driven by Selenium; skips where missing, unless CI requires it
+    (SECURECOLLAB_REQUIRE_BROWSER=1)."""
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("SECURECOLLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium/chromedriver missing: run scripts/ensure-browser as root")
+        pytest.skip("chromium/chromedriver missing: run scripts/ensure-browser as root")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

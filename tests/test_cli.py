@@ -210,6 +210,27 @@ def test_serve_accepts_every_deployed_command_line():
     assert seen == {"coordinator", "party", "dealer", "he", "split"}
 
 
+def test_every_compose_command_parses():
+    """The compose file's other commands (infer, demo-web, client ...) take every option they are given."""
+    import re
+    import shlex
+
+    import typer.main
+    import yaml
+
+    from securecollab.cli import app
+    group = typer.main.get_command(app)
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "docker-compose.yml").read_text())
+    commands = [s["command"] for s in compose["services"].values() if isinstance(s.get("command"), str)]
+    for line in commands:
+        words = shlex.split(re.sub(r"\$?\$\{[A-Z_]+(:-([^}]*))?[^}]*\}", lambda m: m.group(2) or "1", line))
+        command = group
+        while hasattr(command, "commands"):  # a group (typer carries its own click: no isinstance)
+            command, words = command.commands[words[0]], words[1:]
+        command.make_context(command.name, words)  # raises on an option the command does not take
+    assert any(line.startswith("demo-web ") for line in commands)
+
+
 def test_pipeline_chooses_experiments_in_the_demo_order():
     from securecollab import pipeline
     order = pipeline.experiment_order()

@@ -1,41 +1,13 @@
 """report.html in a real headless browser (Chromium from Debian's packages, driven by Selenium): the tables
 render, every image loads, nothing goes to the console as an error. A screenshot is left in the test's
-directory. Skips where Chromium is missing (`make test` installs it when it may); CI sets
-SECURECOLLAB_REQUIRE_BROWSER=1, so there it fails instead."""
+directory. The `browser` fixture (tests/conftest.py) skips where Chromium is missing (`make test` installs
+it when it may); CI sets SECURECOLLAB_REQUIRE_BROWSER=1, so there it fails instead."""
 
 from __future__ import annotations
-
-import os
-import shutil
-
-import pytest
 
 from securecollab.pipeline import build_and_write_scorecard
 from securecollab.plans import FedAvgPlan
 from tests.test_report import card_with_figure
-
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser():
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("SECURECOLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium/chromedriver missing: run scripts/ensure-browser as root")
-        pytest.skip("chromium/chromedriver missing: run scripts/ensure-browser as root")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_report_renders_its_tables_and_every_image_in_a_browser(browser, tmp_path):
