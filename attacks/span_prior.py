@@ -171,6 +171,9 @@ def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray]
     delta = parameter_delta(list(global_params.items()), list(new_params.items()))
     layers = relu_pair(model)
     images, labels = auxiliary if auxiliary is not None else (ds.x_test, ds.y_test)
+    if len(images) < k:
+        raise ValueError(f"the adversary's auxiliary set has {len(images)} images, fewer than the {k} inputs to "
+                         "reconstruct: each reconstruction is a cluster of its candidates")
     flat = np.asarray(images, np.float64).reshape(len(images), -1)
     off = np.linalg.norm(flat - plane.project(flat), axis=1) / (np.linalg.norm(flat, axis=1) + 1e-12)
     found = {}

@@ -84,3 +84,11 @@ def test_no_plane_for_a_conv_first_model_or_as_many_inputs_as_pixels(ds):
     assert span_prior_inversion(conv, weights, weights, 8, ds, "auxiliary_span") is None
     assert input_plane(np.eye(64), np.ones(64), 64) is None
     assert input_plane(np.zeros((64, 64)), np.zeros(64), 8) is None
+
+
+def test_an_auxiliary_set_smaller_than_the_batch_is_refused_clearly(ds):
+    _, x, y = client_data(PLAN, 0)
+    start, new = update(ds, x, y)
+    with pytest.raises(ValueError, match="has 10 images, fewer than the 32 inputs"):
+        span_prior_inversion(PLAN.build_model(ds), start, new, len(x), ds, "auxiliary_span",
+                             auxiliary=(ds.x_test[:10], ds.y_test[:10]))
