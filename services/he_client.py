@@ -21,6 +21,7 @@ from securecollab.he import BatchLayout, InputEncoding, make_context, public_byt
 from securecollab.he.context import modulus_chain
 from securecollab.he.batched import decrypt_batch, encrypt_batch_bytes
 from securecollab.he.net import decrypt_logits, encrypt_input_bytes, kit_of
+from securecollab.he.packing import PackedCiphertext, unpack
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter
 from securecollab.net.transport import DEFAULT_DEADLINE_S, make_channel, wait_ready
@@ -92,8 +93,9 @@ class HEClient:
 
     def __init__(self, target: str, *, tls: TlsFiles, party_id: str, server_name: str | None = None,
                  transcript: TranscriptRecorder | None = None, meter: CostMeter | None = None,
-                 connect_timeout: float = 60.0):
+                 connect_timeout: float = 60.0, packed_results: bool = True):
         self.party_id = party_id
+        self.packed_results = packed_results  # single-query results in the compact form (he/packing.py)
         self.meter = meter or CostMeter(party_id)
         self.transcript = transcript or TranscriptRecorder(None, party=party_id, role="client")
         self.channel = make_channel(target, tls=tls, meter=self.meter, server_name=server_name)
@@ -149,16 +151,23 @@ class HEClient:
         ct = encrypt_input_bytes(self.context, x, self.description.input_encoding)
         t1 = time.perf_counter()
         qid = next(self._query_ids)
-        reply = self.stub.Infer(pb.InferRequest(session_id=self.session_id, query_id=qid, ciphertext=ct),
-                                timeout=DEFAULT_DEADLINE_S)
+        reply = self.stub.Infer(pb.InferRequest(session_id=self.session_id, query_id=qid, ciphertext=ct,
+                                                result_format=pb.PACKED_COEFFICIENTS if self.packed_results
+                                                else pb.SEAL_CIPHERTEXT), timeout=DEFAULT_DEADLINE_S)
         t2 = time.perf_counter()
-        kit = kit_of(self.context)
-        logits = decrypt_logits(self.context, kit.ciphertext_from_bytes(reply.ciphertext),
-                                self.description.num_classes)
+        logits = decrypt_logits(self.context, self._result(reply), self.description.num_classes)
         self.single.add(t1 - t0, t2 - t1, reply.server_s, time.perf_counter() - t2)
         self.transcript.record(Kind.LOGITS, round=0, step=qid, sender="he-server", meta={"mode": "single"},
                                tensors={"logits": logits})
         return logits
+
+    def _result(self, reply: pb.InferReply):
+        kit = kit_of(self.context)
+        if not self.packed_results:
+            return kit.ciphertext_from_bytes(reply.ciphertext)
+        p = reply.packed
+        return unpack(kit, PackedCiphertext(p.modulus, p.scale, p.degree, tuple(p.dropped_bits),
+                                            tuple(p.value_bits), p.values))
 
     def infer_batch(self, x: np.ndarray) -> np.ndarray:
         """Logits of many inputs, ``batch_size`` per request, packed across slots."""

@@ -91,11 +91,18 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         session = self.host.session(request.session_id, owner)
         if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
             raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
+        if request.result_format not in (pb.SEAL_CIPHERTEXT, pb.PACKED_COEFFICIENTS):
+            raise ProtocolError("INVALID_ARGUMENT", f"unknown result format {request.result_format}")
+        packed = request.result_format == pb.PACKED_COEFFICIENTS
         t0 = time.perf_counter()
-        out = self.host.infer(session, request.query_id, request.ciphertext)
+        out = self.host.infer(session, request.query_id, request.ciphertext, packed=packed)
         server_s = time.perf_counter() - t0
         self.transcript.record(Kind.QUERY, round=0, step=request.query_id, sender=owner,
                                meta={"session": session.session_id}, blobs={"ciphertext": request.ciphertext})
+        if packed:
+            return pb.InferReply(query_id=request.query_id, server_s=server_s, packed=pb.PackedCiphertext(
+                modulus=out.modulus, scale=out.scale, degree=out.degree, dropped_bits=out.dropped_bits,
+                value_bits=out.value_bits, values=out.values))
         return pb.InferReply(query_id=request.query_id, ciphertext=out, server_s=server_s)
 
     @rpc_errors

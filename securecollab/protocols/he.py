@@ -20,6 +20,7 @@ import numpy as np
 from securecollab.errors import ProtocolError
 from securecollab.he import HENet, HENetBatched, load_public
 from securecollab.he.context import default_parameters
+from securecollab.he.packing import PackedCiphertext, pack
 from securecollab.training import predict_logits
 
 
@@ -141,12 +142,15 @@ class HEModelHost:
             raise ProtocolError("ALREADY_EXISTS", f"query {query_id} was already answered in this session (replay)")
         session.queries.add(query_id)
 
-    def infer(self, session: Session, query_id: int, ciphertext: bytes) -> bytes:
+    def infer(self, session: Session, query_id: int, ciphertext: bytes, *, packed: bool = False
+              ) -> bytes | PackedCiphertext:
+        """The encrypted logits: SEAL's serialization, or the compact form (he/packing.py) if ``packed``."""
         with session.lock:
             self._claim(session, query_id)
             try:
                 ct = session.net.kit.load_fresh(ciphertext)
-                return session.net.kit.ciphertext_bytes(session.net.evaluate(ct))
+                result = session.net.evaluate(ct)
+                return pack(session.net.kit, result) if packed else session.net.kit.ciphertext_bytes(result)
             except (ValueError, RuntimeError) as e:  # SEAL refusing a crafted ciphertext mid-evaluation
                 session.queries.discard(query_id)
                 raise ProtocolError("INVALID_ARGUMENT", f"cannot evaluate this ciphertext: {e}") from None

@@ -1,11 +1,19 @@
 from securecollab.generated.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ResultFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEAL_CIPHERTEXT: _ClassVar[ResultFormat]
+    PACKED_COEFFICIENTS: _ClassVar[ResultFormat]
+SEAL_CIPHERTEXT: ResultFormat
+PACKED_COEFFICIENTS: ResultFormat
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -84,24 +92,44 @@ class SessionReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., context_bytes: _Optional[int] = ..., slot_count: _Optional[int] = ..., setup_s: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("session_id", "query_id", "ciphertext")
+    __slots__ = ("session_id", "query_id", "ciphertext", "result_format")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     query_id: int
     ciphertext: bytes
-    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+    result_format: ResultFormat
+    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., result_format: _Optional[_Union[ResultFormat, str]] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("query_id", "ciphertext", "server_s")
+    __slots__ = ("query_id", "ciphertext", "server_s", "packed")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     SERVER_S_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     query_id: int
     ciphertext: bytes
     server_s: float
-    def __init__(self, query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., server_s: _Optional[float] = ...) -> None: ...
+    packed: PackedCiphertext
+    def __init__(self, query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., server_s: _Optional[float] = ..., packed: _Optional[_Union[PackedCiphertext, _Mapping]] = ...) -> None: ...
+
+class PackedCiphertext(_message.Message):
+    __slots__ = ("modulus", "scale", "degree", "dropped_bits", "value_bits", "values")
+    MODULUS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    modulus: int
+    scale: float
+    degree: int
+    dropped_bits: _containers.RepeatedScalarFieldContainer[int]
+    value_bits: _containers.RepeatedScalarFieldContainer[int]
+    values: bytes
+    def __init__(self, modulus: _Optional[int] = ..., scale: _Optional[float] = ..., degree: _Optional[int] = ..., dropped_bits: _Optional[_Iterable[int]] = ..., value_bits: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class BatchPart(_message.Message):
     __slots__ = ("session_id", "query_id", "num_inputs", "index", "count", "ciphertext")
