@@ -16,6 +16,7 @@ coefficients as a nested array), moves it back into NTT form and decrypts as usu
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -49,13 +50,12 @@ def pack(kit: SealKit, ct: sealapi.Ciphertext, dropped_bits: tuple[int, int] = D
         raise ValueError(f"only a relinearized NTT-form ciphertext packs (size {ct.size()})")
     last = kit.level_parms()[-1]
     q = kit.context.get_context_data(last).parms().coeff_modulus()[0].value()
-    at_last = sealapi.Ciphertext(kit.context)
+    coefficient_form = sealapi.Ciphertext(kit.context)
     if ct.parms_id() == last:
-        kit.evaluator.transform_from_ntt(ct, at_last)
+        kit.evaluator.transform_from_ntt(ct, coefficient_form)
     else:
-        kit.evaluator.mod_switch_to(ct, last, at_last)
-        kit.evaluator.transform_from_ntt_inplace(at_last)
-    coefficient_form = at_last
+        kit.evaluator.mod_switch_to(ct, last, coefficient_form)
+        kit.evaluator.transform_from_ntt_inplace(coefficient_form)
     data = coefficient_form.dyn_array()
     coefficients = np.fromiter((data.at(i) for i in range(data.size())), dtype=np.uint64, count=data.size())
     n = ct.poly_modulus_degree()
@@ -115,16 +115,11 @@ def _seal_header(body_size: int) -> bytes:
     return struct.pack("<HBBBBHQ", _SEAL_MAGIC, 16, major, minor, 0, 0, 16 + body_size)  # compression: none
 
 
-_version: tuple[int, int] | None = None
-
-
+@functools.cache
 def _seal_version() -> tuple[int, int]:
     """This SEAL's serialization version, read from a header it wrote."""
-    global _version
-    if _version is None:
-        head = save_bytes(sealapi.Plaintext())[:16]
-        _version = (head[3], head[4])
-    return _version
+    head = save_bytes(sealapi.Plaintext())[:16]
+    return head[3], head[4]
 
 
 def _seal_ciphertext_bytes(parms_id, coefficients: np.ndarray, degree: int, scale: float) -> bytes:
