@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from securecollab.net.certs import make_certs
+from securecollab.net.testbed import LOOPBACK, Placement
 
 
 def securecollab_cmd(*args: str) -> list[str]:
@@ -20,8 +21,9 @@ def securecollab_cmd(*args: str) -> list[str]:
 class ProcessGroup:
     """Starts child processes with logs to files; on exit, stops whatever is still running."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, placement: Placement = LOOPBACK):
         self.log_dir = Path(log_dir)
+        self.placement = placement  # which host each process starts on (a network profile's namespace)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, tuple[list[str], dict | None]] = {}
@@ -34,8 +36,8 @@ class ProcessGroup:
         """Start `name`; if it later exits with a code in `restart_on`, it is started again (appending to its log)."""
         log = open(self.log_dir / f"{name}.log", "ab" if append_log else "wb")
         # Many parties share few cores: one math thread each avoids oversubscription.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
+        proc = subprocess.Popen(self.placement.command(name, cmd), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={"OMP_NUM_THREADS": "1", **os.environ, **self.placement.env, **(env or {})})
         log.close()
         self.procs[name] = proc
         self.commands[name] = (cmd, env)
@@ -152,9 +154,10 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def ensure_certs(cert_dir: Path, parties: list[str]) -> Path:
-    """Issue any missing party certificates from the project CA in cert_dir."""
-    missing = [p for p in parties if not (cert_dir / f"{p.split(':')[0]}.pem").exists()]
+def ensure_certs(cert_dir: Path, parties: list[str], placement: Placement = LOOPBACK) -> Path:
+    """Issue any missing party certificates from the project CA in cert_dir; on a testbed, issue them all again,
+    naming every host address of this testbed (its addresses change from one testbed to the next)."""
+    missing = [p for p in parties if placement.addresses or not (cert_dir / f"{p.split(':')[0]}.pem").exists()]
     if missing:
-        make_certs(cert_dir, missing)
+        make_certs(cert_dir, missing, hosts=placement.hosts())
     return cert_dir

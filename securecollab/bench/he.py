@@ -11,6 +11,7 @@ import numpy as np
 from securecollab.launch import ProcessGroup
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import method_bytes
+from securecollab.net.testbed import PROFILES, latency_model, network_description, testbed_or_loopback
 from securecollab.plans import HEModelPlan
 from securecollab.runs.inference import CLIENT, PLAIN_CLIENT, agreement, prepare, server_peak_rss_mb, start_server
 from securecollab.training import predict_logits
@@ -31,24 +32,32 @@ def friendly_vs_relu(plan: HEModelPlan, models=("convnet", "mlp")) -> dict:
 
 
 def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, batch_rounds: int = 2,
-             work_dir: Path, log=print) -> dict:
+             work_dir: Path, network: str = "loopback", log=print) -> dict:
     """Single-query latency and batched throughput over mutual TLS on loopback, against plain inference.
 
     Single queries: the first ``queries`` test images (0: the whole test set), one
     at a time. Batched: full batches of ``batch_size`` images drawn cyclically
     from the test set, so every test image is covered when the batch is at
     least the test set's size; throughput is images per second end to end
-    (encrypt, send, evaluate, return, decrypt), median over ``batch_rounds``.
+    (encrypt, send, evaluate, return, decrypt), median over ``batch_rounds``. Under a `network` profile
+    other than loopback the server is a host on a shaped link and this process (the clients) another.
     """
+    log(f"training {plan.model} ({plan.activation}) on {plan.dataset} ...")
+    with testbed_or_loopback(network, [CLIENT], ["he-server"], here=CLIENT) as placement:
+        if placement.addresses:
+            log(f"network profile {network}: {PROFILES[network].summary}")
+        return _bench_he(plan, queries, batch_size, batch_rounds, work_dir, placement, network, log)
+
+
+def _bench_he(plan, queries, batch_size, batch_rounds, work_dir, placement, network, log) -> dict:
     from services.he_client import HEClient, Timings
 
-    log(f"training {plan.model} ({plan.activation}) on {plan.dataset} ...")
-    model, ds, weights, certs = prepare(plan, work_dir)
+    model, ds, weights, certs = prepare(plan, work_dir, placement)
     x_test = ds.x_test if not queries else ds.x_test[:queries]
     reference = predict_logits(model, ds.x_test).astype(np.float64)
-    with ProcessGroup(work_dir / "logs") as group:
+    with ProcessGroup(work_dir / "logs", placement) as group:
         port = start_server(group, plan, weights, certs, None, batch_size)
-        target = f"localhost:{port}"
+        target = f"{placement.address('he-server')}:{port}"
         with HEClient(target, tls=TlsFiles.for_party(certs, PLAIN_CLIENT), party_id=PLAIN_CLIENT) as plain:
             plain.predict_plain(ds.x_test[:1])  # connection and lazy initialisation out of the timing
             plain.plain = Timings()
@@ -100,10 +109,14 @@ def bench_he(plan: HEModelPlan, *, queries: int = 0, batch_size: int = 4096, bat
     return {
         "benchmark": "he", "model": plan.model, "activation": plan.activation, "dataset": plan.dataset,
         "test_images": len(ds.x_test), "single_queries": len(x_test), "tls": "mutual",
+        "network": network_description(PROFILES[network]),
+        "latency_model": latency_model(1, PROFILES[network]),  # one call per query (the session opened once)
         "plaintext_accuracy": float((reference.argmax(1) == ds.y_test).mean()),
         "he_accuracy": float((single.argmax(1) == ds.y_test[:len(x_test)]).mean()),
         "plaintext_accuracy_by_activation": friendly_vs_relu(plan),
         "plain": plain_stats, "he": he,
         "ratio": {"latency": he["latency_s"] / plain_stats["latency_s"],
+                  "latency_with_rtt": (he["latency_s"] + PROFILES[network].rtt_ms / 1000)
+                  / (plain_stats["latency_s"] + PROFILES[network].rtt_ms / 1000),
                   "query_bytes": he["query_bytes"] / plain_stats["query_bytes"]},
     }

@@ -21,6 +21,7 @@ from securecollab.aggregation import secure_rule
 from securecollab.launch import ProcessGroup, ensure_certs
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter, method_bytes
+from securecollab.net.testbed import PROFILES, Placement, latency_model, network_description, testbed_or_loopback
 from securecollab.net.transport import make_channel, wait_ready
 from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.runs.training import start_aggregator, start_secagg_servers
@@ -28,14 +29,16 @@ from securecollab.transcript import Kind, load_transcript
 from securecollab.updates import ready_update
 
 
-def _run_clients(n: int, rounds: int, body, *args) -> tuple[list[float], list[dict]]:
-    """Run `body(i, barrier, starts, *args)` in n client processes, as separate hosts would.
+def _run_clients(n: int, rounds: int, placement: Placement, body, *args) -> tuple[list[float], list[dict]]:
+    """Run `body(i, barrier, starts, meter, placement, *args)` in n client processes, as separate hosts would
+    (each on its own host of `placement` under a network profile).
 
     Returns each round's first upload time and every client's cost snapshot."""
     ctx = mp.get_context("spawn")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned clients
     barrier, starts, results = ctx.Barrier(n), ctx.Array("d", [float("inf")] * rounds), ctx.Queue()
-    procs = [ctx.Process(target=_client_main, args=(body, i, barrier, starts, results, *args)) for i in range(n)]
+    procs = [ctx.Process(target=_client_main, args=(body, i, barrier, starts, results, placement, *args))
+             for i in range(n)]
     for p in procs:
         p.start()
     try:
@@ -51,10 +54,11 @@ def _run_clients(n: int, rounds: int, body, *args) -> tuple[list[float], list[di
     return list(starts), out
 
 
-def _client_main(body, i, barrier, starts, results, *args):
+def _client_main(body, i, barrier, starts, results, placement, *args):
+    placement.enter(f"client-{i}")  # before any socket: every thread made from here on is on that host
     meter = CostMeter(f"client-{i}")
     try:
-        body(i, barrier, starts, meter, *args)
+        body(i, barrier, starts, meter, placement, *args)
         results.put(meter.snapshot())
     except BaseException as e:  # reported to the parent, which stops the benchmark
         barrier.abort()
@@ -66,13 +70,14 @@ def _mark_start(starts, r: int) -> None:
         starts[r] = min(starts[r], time.time())
 
 
-def _plain_client(i, barrier, starts, meter, port, certs, params, rounds, seed):
+def _plain_client(i, barrier, starts, meter, placement, port, certs, params, rounds, seed):
     from securecollab.generated.v1 import fedavg_pb2 as pb
     from securecollab.generated.v1 import fedavg_pb2_grpc as pb_grpc
     from securecollab.net.wire import encode_named
 
     cid, update = f"client-{i}", ready_update(i, params, seed)
-    with make_channel(f"localhost:{port}", tls=TlsFiles.for_party(certs, cid), meter=meter) as ch:
+    with make_channel(f"{placement.address('aggregator')}:{port}", tls=TlsFiles.for_party(certs, cid),
+                      meter=meter) as ch:
         wait_ready(ch)
         stub = pb_grpc.FedAvgAggregatorStub(ch)
         stub.Join(pb.JoinRequest(client_id=cid), timeout=60)
@@ -84,7 +89,7 @@ def _plain_client(i, barrier, starts, meter, port, certs, params, rounds, seed):
             stub.GetModel(pb.ModelRequest(client_id=cid, round=r + 1), timeout=600)
 
 
-def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed, spec_json):
+def _secure_client(i, barrier, starts, meter, placement, port, certs, params, rounds, seed, spec_json):
     from securecollab.generated.v1 import secagg_pb2 as pb
     from securecollab.generated.v1 import secagg_pb2_grpc as pb_grpc
     from securecollab.updates import update_vector
@@ -93,7 +98,7 @@ def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed,
     spec = SecAggPlan.from_json(spec_json)
     cid, update = f"client-{i}", ready_update(i, params, seed)
     tls = TlsFiles.for_party(certs, cid)
-    with make_channel(f"localhost:{port}", tls=tls, meter=meter) as ch:
+    with make_channel(f"{placement.address('coordinator')}:{port}", tls=tls, meter=meter) as ch:
         wait_ready(ch)
         coord = pb_grpc.CoordinatorStub(ch)
         join = coord.Join(pb.SecAggJoinRequest(client_id=cid), timeout=60)
@@ -110,20 +115,21 @@ def _secure_client(i, barrier, starts, meter, port, certs, params, rounds, seed,
         coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
 
 
-def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path):
+def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path, placement: Placement):
     plan = FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params, record_transcripts=False)
-    with ProcessGroup(work / "logs") as group:
+    with ProcessGroup(work / "logs", placement) as group:
         port = start_aggregator(group, plan, certs, work)
-        starts, costs = _run_clients(clients, rounds, _plain_client, port, certs, params, rounds, seed)
+        starts, costs = _run_clients(clients, rounds, placement, _plain_client, port, certs, params, rounds, seed)
         group.wait("aggregator", timeout=120)
     done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
     return [d - s for s, d in zip(starts, done)], costs
 
 
-def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan):
-    with ProcessGroup(work / "logs") as group:
+def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan,
+                        placement: Placement):
+    with ProcessGroup(work / "logs", placement) as group:
         port = start_secagg_servers(group, spec, certs, work)
-        starts, costs = _run_clients(clients, rounds, _secure_client, port, certs, params, rounds, seed,
+        starts, costs = _run_clients(clients, rounds, placement, _secure_client, port, certs, params, rounds, seed,
                                      spec.to_json())
         group.wait("coordinator", timeout=300)
     records = load_transcript(work / "transcripts" / "coordinator.jsonl").of_kind(Kind.AGGREGATE)
@@ -152,8 +158,9 @@ def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
     return out
 
 
-def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan):
-    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec)
+def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan,
+                 placement: Placement):
+    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec, placement)
     mpc = [p["shares_received"] - p["aggregate_requested"] for p in phases]
     return {"round_wall_s": statistics.median(walls[warmup:]), "round_wall_s_all": walls,
             "mpc_phase_s": statistics.median(mpc[warmup:]), "mpc_phase_s_all": mpc,
@@ -163,7 +170,7 @@ def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path,
 
 def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
                  seed_compression: bool = True, norm_bound: float = 0.0, norm_mode: str = "reject", robust: str = "",
-                 work_dir: Path, seed: int = 0,
+                 work_dir: Path, seed: int = 0, network: str = "loopback",
                  transports=("grpc", "gloo"), log=print) -> dict:
     """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation
     over each MPC transport (the first is reported as ``secure``, every one under ``by_transport``).
@@ -171,47 +178,67 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     All run `warmup + rounds` rounds; the first `warmup` (allocator growth, lazy
     initialisation in every process) are kept in `round_wall_s_all` but left
     out of the median. The MPC phase runs from the coordinator asking the parties to aggregate to their
-    result shares being back."""
+    result shares being back. Under a `network` profile other than loopback every client and server is its
+    own host on a shaped link (securecollab.net.testbed), plain and secure alike, and MPC runs over grpc only."""
+    if network != "loopback" and "gloo" in transports:
+        transports = tuple(t for t in transports if t != "gloo") or ("grpc",)
+        log(f"{network}: gloo left out (its world binds loopback only); MPC over grpc")
     measured, rounds = rounds, warmup + rounds
     ids = [f"client-{i}" for i in range(clients)]
-    certs = ensure_certs(work_dir / "certs", ["aggregator", "coordinator",
-                                              *[f"party-{i}" for i in range(parties)], *ids])
-    log(f"plain: aggregator + {clients} clients, D={params:,}, {rounds} rounds ...")
-    plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs)
-    spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
-                                          record_transcripts=False),
-                      n_parties=parties, seed_compression=seed_compression, min_clients=clients,
-                      norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
+    servers = ["aggregator", "coordinator", *[f"party-{i}" for i in range(parties)], "dealer"]
+    with testbed_or_loopback(network, ids, servers) as placement:
+        if placement.addresses:
+            log(f"network profile {network}: {PROFILES[network].summary}, {len(placement.addresses)} hosts")
+        certs = ensure_certs(work_dir / "certs", [*servers[:-1], *ids], placement)
+        log(f"plain: aggregator + {clients} clients, D={params:,}, {rounds} rounds ...")
+        plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs,
+                                                      placement)
+        spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
+                                              record_transcripts=False),
+                          n_parties=parties, seed_compression=seed_compression, min_clients=clients,
+                          norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
+        by_transport = {transport: _transport_side(clients, params, rounds, warmup, seed, work_dir, certs,
+                                                   dataclasses.replace(spec, mpc_transport=transport), placement, log)
+                        for transport in transports}
     # The oracle: the same rule in the clear over the same ready-made updates (FLTrust's root update: index K).
     vectors = [np.append(ready_update(i, params, seed).astype(np.float64), 1.0) for i in range(clients)]
     rule = secure_rule(norm_bound=norm_bound or None, norm_mode=norm_mode, robust=robust or None,
                        reference=ready_update(clients, params, seed) if robust else None)
     expected = rule.clear(vectors, np.ones(clients))
-
-    def upload_per_client(costs, method):
-        return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
-
     plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
-             "upload_bytes_per_client": upload_per_client(plain_costs, "/SubmitUpdate")}
-    by_transport = {}
-    for transport in transports:
-        run = dataclasses.replace(spec, mpc_transport=transport)
-        log(f"secure over {transport}{' (INSECURE, for comparison)' if transport == 'gloo' else ''}: coordinator + "
-            f"{parties} compute parties{' + dealer' if spec.needs_dealer else ''} + {clients} clients ...")
-        side = _secure_side(clients, params, rounds, warmup, seed, work_dir / f"secure_{transport}", certs, run)
-        costs, revealed = side.pop("costs"), side.pop("revealed")
-        by_transport[transport] = {
-            **side, "upload_bytes_per_client": upload_per_client(costs, "/SubmitShare"),
-            "compute_parties": parties, "seed_compression": seed_compression, "norm_bound": norm_bound,
-            "norm_mode": norm_mode if norm_bound else None, "robust": robust or None, "mpc_transport": transport,
-            "ratio_round_wall": side["round_wall_s"] / plain["round_wall_s"],
-            "max_abs_error": max(float(np.abs(a - expected).max()) for a in revealed)}
+             "upload_bytes_per_client": _upload_per_client(plain_costs, "/SubmitUpdate", rounds)}
+    for side in by_transport.values():
+        side["ratio_round_wall"] = side["round_wall_s"] / plain["round_wall_s"]
+        side["max_abs_error"] = max(float(np.abs(a - expected).max()) for a in side.pop("revealed"))
     secure = by_transport[transports[0]]
+    # Critical path of a round in sequential round trips (a delay the testbed does not emulate): plain, the
+    # upload; secure, the upload, the report, the coordinator's call to the parties, their MPC rounds, the reveal.
+    mpc_rounds = statistics.mean(t["messages_per_round"] for t in secure["mpc_traffic"].values())
+    lm = {"plain": latency_model(1, PROFILES[network]), "secure": latency_model(4 + mpc_rounds, PROFILES[network])}
     return {
         "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,
-        "tls": "mutual",
+        "tls": "mutual", "network": network_description(PROFILES[network]),
         "plain": plain, "secure": secure, "by_transport": by_transport,
         "ratio": {"round_wall": secure["round_wall_s"] / plain["round_wall_s"],
-                  "upload_bytes": secure["upload_bytes_per_client"] / plain["upload_bytes_per_client"]},
+                  "upload_bytes": secure["upload_bytes_per_client"] / plain["upload_bytes_per_client"],
+                  "round_wall_with_rtt": (secure["round_wall_s"] + lm["secure"]["added_s_per_step"])
+                  / (plain["round_wall_s"] + lm["plain"]["added_s_per_step"])},
+        "latency_model": lm,
         "max_abs_error": secure["max_abs_error"],
     }
+
+
+def _upload_per_client(costs, method, rounds):
+    return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
+
+
+def _transport_side(clients, params, rounds, warmup, seed, work_dir, certs, run: SecAggPlan, placement, log) -> dict:
+    transport = run.mpc_transport
+    log(f"secure over {transport}{' (INSECURE, for comparison)' if transport == 'gloo' else ''}: coordinator + "
+        f"{run.n_parties} compute parties{' + dealer' if run.needs_dealer else ''} + {clients} clients ...")
+    side = _secure_side(clients, params, rounds, warmup, seed, work_dir / f"secure_{transport}", certs, run, placement)
+    costs = side.pop("costs")
+    return {**side, "upload_bytes_per_client": _upload_per_client(costs, "/SubmitShare", rounds),
+            "compute_parties": run.n_parties, "seed_compression": run.seed_compression, "norm_bound": run.norm_bound,
+            "norm_mode": run.norm_mode if run.norm_bound else None, "robust": run.robust or None,
+            "mpc_transport": transport}

@@ -13,6 +13,7 @@ gradients (and labels) the protocol has to exchange.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from securecollab.net.costs import method_bytes
+from securecollab.net.testbed import PROFILES, latency_model, network_description, testbed_or_loopback
 from securecollab.plans import FedAvgPlan, SplitPlan
 from securecollab.protocols.split import sgd
 from securecollab.runs import run_protocol
@@ -66,12 +68,17 @@ def payload_bytes_per_epoch(plan: SplitPlan) -> int:
     return per_example * len(ds.x_train)
 
 
-def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
+def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", log=print) -> dict:
+    """Under a `network` profile other than loopback the server and each client are hosts on shaped links
+    (securecollab.net.testbed); centralized training runs in this process either way."""
     plan = replace(plan, record_transcripts=False)
     log(f"centralized: {plan.epochs} epochs of {plan.model} in one process ...")
     central_walls, central_acc = centralized_epochs(plan)
     log(f"split ({plan.mode}, cut {plan.cut or 'default'}): server + {plan.num_clients} client process(es) ...")
-    result = run_protocol("split", FedAvgPlan(), work_dir, split=plan)
+    with testbed_or_loopback(network, plan.client_ids(), ["split"]) as placement:
+        if placement.addresses:
+            log(f"network profile {network}: {PROFILES[network].summary}")
+        result = run_protocol("split", FedAvgPlan(), work_dir, split=plan, placement=placement)
     # The machine's speed drifts: time the baseline again after, and take the median of both runs.
     log("centralized again ...")
     central_walls += centralized_epochs(plan)[0]
@@ -93,10 +100,16 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, log=print) -> dict:
              "handoff_bytes_per_epoch": handoff / plan.epochs, "accuracy": result["accuracy"],
              "per_step": profile}
     split["bytes_ratio_to_payload"] = split["bytes_per_epoch"] / payload
+    # a vanilla step is one call (activations up, their gradient down), a U-shaped one two; steps counted
+    lm = latency_model(1 if plan.mode == "vanilla" else 2, PROFILES[network])
+    lm["steps_per_epoch"] = steps / plan.epochs if steps else math.ceil(len(plan.load_data().x_train) / plan.batch_size)
+    lm["added_s_per_epoch"] = lm["steps_per_epoch"] * lm["added_s_per_step"]
     central = {"epoch_wall_s": statistics.median(central_walls), "epoch_wall_s_all": central_walls,
                "accuracy": central_acc}
     return {"benchmark": "split", "model": plan.model, "cut": plan.cut, "mode": plan.mode,
             "clients": plan.num_clients, "epochs": plan.epochs, "batch_size": plan.batch_size,
-            "client_weights": plan.client_weights, "tls": "mutual",
+            "client_weights": plan.client_weights, "tls": "mutual", "network": network_description(PROFILES[network]),
+            "latency_model": lm,
             "centralized": central, "split": split,
-            "ratio": {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"]}}
+            "ratio": {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"],
+                      "epoch_wall_with_rtt": (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}}

@@ -15,10 +15,41 @@ app = typer.Typer(help="Measure a protocol's overhead against its plain counterp
                   no_args_is_help=True)
 
 
+Network = Annotated[str, typer.Option(
+    help="Network profile: loopback (every party on this host's loopback), or each party its own host (a network "
+         "namespace) on a veth link shaped with tc: lan 1 Gbit/s; wan 100 Mbit/s; uplink clients 20 Mbit/s up, "
+         "100 Mbit/s down, servers 1 Gbit/s. No delay is emulated (this kernel has no netem): the JSON's "
+         "latency_model adds the stated round-trip time per sequential round trip. Needs root.")]
+
+
+def _network(name: str) -> str:
+    from securecollab.net.testbed import PROFILES
+    if name not in PROFILES:
+        raise typer.BadParameter(f"--network is one of {', '.join(PROFILES)}, not {name!r}")
+    return name
+
+
+def _print_network(r: dict, step: str) -> None:
+    net = r["network"]
+    if net["profile"] == "loopback":
+        return
+    models = r["latency_model"] if "round_trips_per_step" not in r["latency_model"] else {"": r["latency_model"]}
+    added = "; ".join(f"{side} {m['round_trips_per_step']:g} round trips, +{m['added_s_per_step']:.3f} s".strip()
+                      for side, m in models.items())
+    ratio = next(v for k, v in r["ratio"].items() if k.endswith("_with_rtt"))
+    console.print(f"network {net['profile']}: {net['summary']}; no delay emulated: a stated RTT of "
+                  f"{net['stated_rtt_ms']:g} ms would add per {step}: {added} (ratio then {ratio:.2f})")
+
+
 def _measure(bench, *args, prefix: str, out: Path, **kwargs) -> dict:
     """``bench(*args, work_dir=a fresh temporary directory, log=the console, **kwargs)``, its result written to out."""
+    from securecollab.net.testbed import NetworkUnavailable
     with tempfile.TemporaryDirectory(prefix=prefix) as work:
-        result = bench(*args, work_dir=Path(work), log=console.print, **kwargs)
+        try:
+            result = bench(*args, work_dir=Path(work), log=console.print, **kwargs)
+        except NetworkUnavailable as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
     write_json(out, result)
     return result
 
@@ -35,11 +66,12 @@ def secagg(
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,
+    network: Network = "loopback",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_secagg.json"),
     defence=None,
 ):
     """Aggregation rounds only, plain aggregator vs secure aggregation over each MPC transport, mutual TLS between
-    clients and servers, on loopback."""
+    clients and servers, on loopback or each party on its own host of a --network profile."""
     from securecollab.bench.secagg import bench_secagg
     from securecollab.plans import MPC_TRANSPORTS
     transports = tuple(mpc_transport or MPC_TRANSPORTS)
@@ -47,7 +79,7 @@ def secagg(
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
                  seed_compression=seed_compression, **defence,
-                 transports=transports,
+                 transports=transports, network=_network(network),
                  prefix="bench-secagg-", out=out)
     rows = [["plain", f"{r['plain']['round_wall_s']:.3f}", "-", "-", f"{r['plain']['upload_bytes_per_client']:,.0f}"]]
     for t, side in r["by_transport"].items():
@@ -61,6 +93,7 @@ def secagg(
         f", norm bound {norm_bound:g} ({norm_mode})" if norm_bound else "") + (f", {robust}" if robust else ""),
         ["", "round wall s (median, x plain)", "MPC phase s", "party-0 MPC bytes/round (payload / gRPC)",
          "upload bytes / client"], rows))
+    _print_network(r, "round")
     console.print(f"upload bytes ratio {r['ratio']['upload_bytes']:.3f}; max |revealed - plaintext aggregate| = "
                   f"{r['max_abs_error']:.2e}; wrote {out}")
 
@@ -130,7 +163,7 @@ def split(
     mode: Annotated[str, typer.Option(help="vanilla or ushaped.")] = "vanilla",
     clients: Annotated[int, typer.Option(min=1, help="Client processes taking turns (hand-off between them).")] = 1,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs timed (median reported).")] = 5,
-    batch_size: BatchSize = 32, seed: Seed = 0,
+    batch_size: BatchSize = 32, seed: Seed = 0, network: Network = "loopback",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_split.json"),
 ):
     """One epoch of split learning across processes vs one epoch of centralized training; bytes vs payload."""
@@ -141,12 +174,13 @@ def split(
                          seed=seed)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    r = _measure(bench_split, plan, prefix="bench-split-", out=out)
+    r = _measure(bench_split, plan, network=_network(network), prefix="bench-split-", out=out)
     c, s_ = r["centralized"], r["split"]
     print_table(table(f"split learning overhead: {model}, {mode}, {clients} client(s), batch {batch_size}",
                       ["", "epoch wall s (median)", "accuracy", "bytes / epoch"],
                       [["centralized", f"{c['epoch_wall_s']:.3f}", f"{c['accuracy']:.3f}", "-"],
                        ["split", f"{s_['epoch_wall_s']:.3f}", f"{s_['accuracy']:.3f}", f"{s_['bytes_per_epoch']:,.0f}"]]))
+    _print_network(r, "step")
     console.print(f"ratio.epoch_wall {r['ratio']['epoch_wall']:.2f}; bytes / raw activations+gradients(+labels) "
                   f"{s_['bytes_ratio_to_payload']:.4f} (hand-off {s_['handoff_bytes_per_epoch']:,.0f} B/epoch); wrote {out}")
 
@@ -157,14 +191,14 @@ def he(
     queries: Annotated[int, typer.Option(min=0, help="Single encrypted queries: the first N test images (0: all).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batched query (4096 fills every slot).")] = 4096,
     batch_rounds: Annotated[int, typer.Option(min=1, help="Batches timed (median reported).")] = 2,
-    seed: Seed = 0,
+    seed: Seed = 0, network: Network = "loopback",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_he.json"),
 ):
     """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness."""
     from securecollab.bench.he import bench_he
     from securecollab.plans import HEModelPlan
     r = _measure(bench_he, HEModelPlan(model=model, seed=seed), queries=queries, batch_size=batch_size,
-                 batch_rounds=batch_rounds, prefix="bench-he-", out=out)
+                 batch_rounds=batch_rounds, network=_network(network), prefix="bench-he-", out=out)
     he, st = r["he"], r["he"]["single"]["stages_s"]
     print_table(table(f"HE inference: {model} on {r['dataset']} ({r['single_queries']} single queries, "
                       f"batches of {batch_size})", ["", "latency s (1 query)", "bytes / query", "throughput img/s"],
@@ -179,4 +213,5 @@ def he(
                   f"HE {r['he_accuracy']:.3f}")
     for name, acc in r["plaintext_accuracy_by_activation"].items():
         console.print(f"plaintext accuracy {name}: x^2 {acc['square']:.3f} vs ReLU {acc['relu']:.3f}")
+    _print_network(r, "query")
     console.print(f"wrote {out}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 # chunks (securecollab.net.wire), so no message needs more than this.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_DEADLINE_S = 60.0
+LINGER_ENV = "SECURECOLLAB_LINGER_S"  # seconds a stopping server keeps serving first (slow links)
 
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -92,6 +95,10 @@ class Server:
     def stop(self, grace: float | None = 2.0) -> None:
         # Tell health checkers first so load balancers stop sending work.
         self.health.enter_graceful_shutdown()
+        # A call is done once its reply is in the kernel's buffers; on a slow link megabytes may still be on
+        # their way, and a closed server that leaves the client's flow-control frames unread resets the
+        # connection, losing them. $SECURECOLLAB_LINGER_S keeps reading (and serving) that long first.
+        time.sleep(float(os.environ.get(LINGER_ENV) or 0))
         self.grpc_server.stop(grace).wait()
 
     def wait(self) -> None:

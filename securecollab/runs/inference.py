@@ -16,6 +16,7 @@ import numpy as np
 
 from securecollab.launch import ProcessGroup, securecollab_cmd
 from securecollab.net.certs import TlsFiles
+from securecollab.net.testbed import LOOPBACK, Placement
 from securecollab.plans import HEModelPlan, save_weights
 from securecollab.runs import register
 from securecollab.training import predict_logits
@@ -25,13 +26,13 @@ CLIENT = "client-0"
 PLAIN_CLIENT = "client-1"
 
 
-def prepare(plan: HEModelPlan, work: Path):
+def prepare(plan: HEModelPlan, work: Path, placement: Placement = LOOPBACK):
     """(model, dataset, weights path, certs dir): the trained model and what the server needs to serve it."""
     from securecollab.launch import ensure_certs
     model, ds = plan.train()
     weights = work / "he_model.npz"
     save_weights(model, weights)
-    certs = ensure_certs(work / "certs", ["he", CLIENT, PLAIN_CLIENT])
+    certs = ensure_certs(work / "certs", ["he", CLIENT, PLAIN_CLIENT], placement)
     return model, ds, weights, certs
 
 
@@ -40,7 +41,7 @@ def start_server(group: ProcessGroup, plan: HEModelPlan, weights: Path, certs: P
     extra = ["--out", str(out_dir)] if out_dir else []
     return group.start_service("he-server", securecollab_cmd(
         "serve", "he", "--plan-json", plan.to_json(), "--weights", str(weights), "--certs", str(certs),
-        "--host", "127.0.0.1", "--max-batch", str(max_batch), "--max-sessions", str(max_sessions), *extra),
+        "--host", group.placement.bind("he-server"), "--max-batch", str(max_batch), "--max-sessions", str(max_sessions), *extra),
         timeout=300)
 
 

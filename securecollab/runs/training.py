@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from securecollab.launch import ProcessGroup, ensure_certs, securecollab_cmd
+from securecollab.net.testbed import LOOPBACK
 from securecollab.models import load_arrays
 from securecollab.plans import FedAvgPlan, split_plan_of
 from securecollab.runs import register
@@ -44,10 +45,10 @@ def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
 
 
 def start_aggregator(group: ProcessGroup, plan: FedAvgPlan, certs: Path, out_dir: Path) -> int:
-    """The plain FedAvg aggregator as a process on loopback; returns its port."""
+    """The plain FedAvg aggregator as a process (on loopback, or its host of the group's placement); returns its port."""
     return group.start_service("aggregator", securecollab_cmd(
         "serve", "aggregator", "--plan-json", plan.to_json(), "--certs", str(certs),
-        "--host", "127.0.0.1", "--out", str(out_dir)))
+        "--host", group.placement.bind("aggregator"), "--out", str(out_dir)))
 
 
 @register("fedavg")
@@ -78,6 +79,9 @@ def run_fedavg(plan: FedAvgPlan, out_dir: Path, *, malicious: dict | None = None
     return result
 
 
+SERVER_OF = {"fedavg": "aggregator", "secagg": "coordinator", "split": "split"}  # whom each kind of client dials
+
+
 def malice_args(malicious: dict | None) -> dict[str, list[str]]:
     return {cid: ["--malice", m.to_json()] for cid, m in (malicious or {}).items()}
 
@@ -85,8 +89,9 @@ def malice_args(malicious: dict | None) -> dict[str, list[str]]:
 def start_clients(group: ProcessGroup, kind: str, clients: list[str], port: int, certs: Path, out_dir: Path,
                   extra: dict[str, list[str]] | None = None) -> None:
     """One `securecollab client <kind>` process per client, client i holding shard i."""
+    server = group.placement.address(SERVER_OF[kind])
     for i, cid in enumerate(clients):
-        group.start(cid, securecollab_cmd("client", kind, "--target", f"localhost:{port}", "--id", cid,
+        group.start(cid, securecollab_cmd("client", kind, "--target", f"{server}:{port}", "--id", cid,
                                           "--index", str(i), "--certs", str(certs), "--out", str(out_dir),
                                           *(extra or {}).get(cid, [])))
 
@@ -158,15 +163,16 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
     starts a fresh round state (a restart of it by hand resumes)."""
     from services.secagg_party import EXIT_REJOIN
     parties = [f"party-{i}" for i in range(spec.n_parties)]
+    where = group.placement
     common = ["--plan-json", spec.to_json(), "--certs", str(certs), "--out", str(out_dir)]
     if spec.needs_dealer:
-        ensure_certs(certs, ["dealer"])
+        ensure_certs(certs, ["dealer"], where)
     if spec.mpc_transport == "grpc":
         # every party's MPC endpoint and the dealer's port, fixed: a restarted one is where its peers look
-        endpoints = [f"localhost:{free_port()}" for _ in parties]
-        dealer = f"localhost:{free_port()}"
-        mpc = [*[a for e in endpoints for a in ("--mpc-peer", e)], *(("--dealer", dealer) if spec.needs_dealer else ())]
-        dealer_args = ["--host", "127.0.0.1", "--port", dealer.rsplit(":", 1)[1]]
+        endpoints = [f"{where.address(p)}:{free_port()}" for p in parties]
+        dealer = f"{where.address('dealer')}:{free_port()}" if spec.needs_dealer else ""
+        mpc = [*[a for e in endpoints for a in ("--mpc-peer", e)], *(("--dealer", dealer) if dealer else ())]
+        dealer_args = ["--host", where.bind("dealer"), "--port", dealer.rsplit(":", 1)[1]] if dealer else []
     else:
         mpc_port = free_port()
         mpc = dealer_args = ["--mpc-port", str(mpc_port)]
@@ -176,7 +182,7 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
         port_file = group.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         group.start(name, securecollab_cmd(
-            "serve", "party", "--index", str(i), "--host", "127.0.0.1", *mpc, *common,
+            "serve", "party", "--index", str(i), "--host", where.bind(name), *mpc, *common,
             "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     if spec.needs_dealer:
         group.start("dealer", securecollab_cmd("serve", "dealer", *dealer_args, *common), restart_on=(EXIT_REJOIN,))
@@ -186,8 +192,8 @@ def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
     for stale in out_dir.glob("coordinator_state.sqlite*"):  # a new run; the command itself resumes when restarted
         stale.unlink()
     group.start("coordinator", securecollab_cmd(
-        "serve", "coordinator", "--host", "127.0.0.1", *common,
-        *[a for p in ports for a in ("--party-target", f"localhost:{p}")],
+        "serve", "coordinator", "--host", where.bind("coordinator"), *common,
+        *[a for name, p in zip(parties, ports) for a in ("--party-target", f"{where.address(name)}:{p}")],
         "--port", str(free_port()), "--port-file", str(port_file)), env=coordinator_env)
     return group.wait_port("coordinator", timeout=300)
 
@@ -233,16 +239,18 @@ def run_secagg(plan: FedAvgPlan, out_dir: Path, *, secagg=None, drops: dict | No
 
 
 @register("split")
-def run_split(plan: FedAvgPlan, out_dir: Path, *, split=None, progress=None, **_) -> dict:
-    """Split learning over gRPC (mutual TLS): a server process and one process per client, in turns."""
+def run_split(plan: FedAvgPlan, out_dir: Path, *, split=None, progress=None, placement=LOOPBACK, **_) -> dict:
+    """Split learning over gRPC (mutual TLS): a server process and one process per client, in turns
+    (on loopback, or each on its host of `placement`, a network profile's testbed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = split or split_plan_of(plan)
     clients = spec.client_ids()
-    certs = ensure_certs(out_dir.parent / "certs", ["split", *clients])
+    certs = ensure_certs(out_dir.parent / "certs", ["split", *clients], placement)
     t0 = time.perf_counter()
-    with ProcessGroup(out_dir / "logs") as group:
+    with ProcessGroup(out_dir / "logs", placement) as group:
         port = group.start_service("split", securecollab_cmd(
-            "serve", "split", "--plan-json", spec.to_json(), "--certs", str(certs), "--host", "127.0.0.1",
+            "serve", "split", "--plan-json", spec.to_json(), "--certs", str(certs),
+            "--host", placement.bind("split"),
             "--out", str(out_dir)))
         start_clients(group, "split", clients, port, certs, out_dir)
         wait_clients(group, clients, progress)
