@@ -169,10 +169,12 @@ def test_the_tls_link_between_two_parties_shows_no_word_of_the_mpc_and_intruders
     assert len(words) > 50_000  # input shares, opened-value shares, reveals and results
     assert found_in(capture, words).sum() == 0
     # the intruder got nowhere: a client's certificate is refused by every endpoint (no answer at all only
-    # while an endpoint was not up yet: the channel retries); another CA's never completes a TLS handshake
+    # while an endpoint was not up yet: the channel retries; CANCELLED when an endpoint stops, at the end of
+    # the run, with the intruder's call in flight); another CA's never completes a TLS handshake
     client, other = set(intruder[0].codes["client-0"]), set(intruder[0].codes["other-ca"])
-    assert "PERMISSION_DENIED" in client and client <= {"PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, client
-    assert other and other <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, other
+    no_answer = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
+    assert "PERMISSION_DENIED" in client and client <= {"PERMISSION_DENIED", *no_answer}, client
+    assert other and other <= no_answer, other
 
 
 class LoopbackCapture:
