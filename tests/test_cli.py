@@ -69,6 +69,24 @@ def test_bench_secagg_writes_the_documented_json(tmp_path):
             assert party["peak_rss_mb"] > 50  # the party's own process: torch, CrypTen, the shares
 
 
+def test_bench_secagg_scale_path_runs_many_clients_as_threads_of_few_processes(tmp_path):
+    path = tmp_path / "scale.json"
+    out = securecollab("bench", "secagg", "--clients", "24", "--client-processes", "2", "--params", "5000",
+                       "--rounds", "1", "--warmup", "0", "--mpc-transport", "grpc", "--out", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    assert r["clients"] == 24 and r["client_processes"] == 2
+    assert 0 < r["max_abs_error"] <= 24 * 2 ** -16  # every one of the 24 updates is in the sum
+    rss = r["secure"]["peak_rss_mb"]
+    assert set(rss) == {"coordinator", "party-0", "party-1", "party-2", "clients_process"}
+    assert all(mb > 30 for mb in rss.values()) and r["plain"]["peak_rss_mb"]["aggregator"] > 30
+    assert "peak RSS MB: aggregator" in " ".join(out.stderr.split())
+    # a network profile puts each client on its own host: sharing processes is refused before anything runs
+    bad = securecollab("bench", "secagg", "--clients", "4", "--client-processes", "2", "--network", "lan",
+                       "--out", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "own host" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
 def test_demo_refuses_an_unknown_attack_experiment_before_running_anything(tmp_path):
     # The demo itself (every protocol and every attack) runs in CI as `make demo`, and
     # scripts/check-scorecard checks its scorecard: its time is not the test suite's.

@@ -96,15 +96,15 @@ def test_without_root_the_benchmark_refuses_clearly(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "--network is one of loopback, lan, wan, uplink" in result.output
 
 
-def test_bench_secagg_on_the_wan_profile_runs_every_party_on_its_own_host(tmp_path):
+def test_bench_secagg_on_the_lan_profile_runs_every_party_on_its_own_host(tmp_path):
     from securecollab.bench.secagg import bench_secagg
     seen = []
 
     def log(msg):
         seen.append(str(msg))
-    r = bench_secagg(3, 20_000, rounds=1, warmup=0, work_dir=tmp_path, network="wan", transports=("grpc", "gloo"),
+    r = bench_secagg(3, 20_000, rounds=1, warmup=0, work_dir=tmp_path, network="lan", transports=("grpc", "gloo"),
                      log=log)
-    assert r["network"]["profile"] == "wan" and r["network"]["emulated_delay"] is False
+    assert r["network"]["profile"] == "lan" and r["network"]["emulated_delay"] is False
     assert list(r["by_transport"]) == ["grpc"]  # gloo binds loopback only: left out, and said so
     assert any("gloo left out" in m for m in seen)
     assert r["max_abs_error"] < 1e-3 and r["ratio"]["upload_bytes"] < 2.05

@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -29,20 +30,24 @@ from securecollab.transcript import Kind, load_transcript
 from securecollab.updates import ready_update
 
 
-def _run_clients(n: int, rounds: int, placement: Placement, body, *args) -> tuple[list[float], list[dict]]:
-    """Run `body(i, barrier, starts, meter, placement, *args)` in n client processes, as separate hosts would
-    (each on its own host of `placement` under a network profile).
+def _run_clients(n: int, rounds: int, placement: Placement, body, *args,
+                 processes: int = 0) -> tuple[list[float], list[dict]]:
+    """Run `body(i, barrier, starts, meter, placement, *args)` for n clients: each in its own process, as separate
+    hosts would (each on its own host of `placement` under a network profile), or, with `processes`, as threads
+    spread over that many processes (many clients on few cores; loopback only).
 
     Returns each round's first upload time and every client's cost snapshot."""
+    processes = min(processes or n, n)
     ctx = mp.get_context("spawn")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned clients
     barrier, starts, results = ctx.Barrier(n), ctx.Array("d", [float("inf")] * rounds), ctx.Queue()
-    procs = [ctx.Process(target=_client_main, args=(body, i, barrier, starts, results, placement, *args))
-             for i in range(n)]
+    procs = [ctx.Process(target=_clients_main, args=(body, list(range(k, n, processes)), barrier, starts, results,
+                                                     placement, *args))
+             for k in range(processes)]
     for p in procs:
         p.start()
     try:
-        out = [results.get(timeout=900) for _ in procs]
+        out = [results.get(timeout=1800) for _ in range(n)]
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -54,8 +59,20 @@ def _run_clients(n: int, rounds: int, placement: Placement, body, *args) -> tupl
     return list(starts), out
 
 
+def _clients_main(body, ids, barrier, starts, results, placement, *args):
+    if len(ids) == 1:
+        placement.enter(f"client-{ids[0]}")  # before any socket: every thread made from here on is on that host
+        _client_main(body, ids[0], barrier, starts, results, placement, *args)
+        return
+    threads = [threading.Thread(target=_client_main, args=(body, i, barrier, starts, results, placement, *args))
+               for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _client_main(body, i, barrier, starts, results, placement, *args):
-    placement.enter(f"client-{i}")  # before any socket: every thread made from here on is on that host
     meter = CostMeter(f"client-{i}")
     try:
         body(i, barrier, starts, meter, placement, *args)
@@ -115,22 +132,23 @@ def _secure_client(i, barrier, starts, meter, placement, port, certs, params, ro
         coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
 
 
-def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path, placement: Placement):
+def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path, placement: Placement, processes=0):
     plan = FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params, record_transcripts=False)
     with ProcessGroup(work / "logs", placement) as group:
         port = start_aggregator(group, plan, certs, work)
-        starts, costs = _run_clients(clients, rounds, placement, _plain_client, port, certs, params, rounds, seed)
+        starts, costs = _run_clients(clients, rounds, placement, _plain_client, port, certs, params, rounds, seed,
+                                     processes=processes)
         group.wait("aggregator", timeout=120)
     done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
     return [d - s for s, d in zip(starts, done)], costs
 
 
 def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan,
-                        placement: Placement):
+                        placement: Placement, processes=0):
     with ProcessGroup(work / "logs", placement) as group:
         port = start_secagg_servers(group, spec, certs, work)
         starts, costs = _run_clients(clients, rounds, placement, _secure_client, port, certs, params, rounds, seed,
-                                     spec.to_json())
+                                     spec.to_json(), processes=processes)
         group.wait("coordinator", timeout=300)
     records = load_transcript(work / "transcripts" / "coordinator.jsonl").of_kind(Kind.AGGREGATE)
     # A round ends when the aggregate is revealed at the coordinator.
@@ -159,8 +177,9 @@ def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
 
 
 def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan,
-                 placement: Placement):
-    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec, placement)
+                 placement: Placement, processes=0):
+    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec, placement,
+                                                         processes)
     mpc = [p["shares_received"] - p["aggregate_requested"] for p in phases]
     return {"round_wall_s": statistics.median(walls[warmup:]), "round_wall_s_all": walls,
             "mpc_phase_s": statistics.median(mpc[warmup:]), "mpc_phase_s_all": mpc,
@@ -170,7 +189,7 @@ def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path,
 
 def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
                  seed_compression: bool = True, norm_bound: float = 0.0, norm_mode: str = "reject", robust: str = "",
-                 work_dir: Path, seed: int = 0, network: str = "loopback",
+                 work_dir: Path, seed: int = 0, network: str = "loopback", client_processes: int = 0,
                  transports=("grpc", "gloo"), log=print) -> dict:
     """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation
     over each MPC transport (the first is reported as ``secure``, every one under ``by_transport``).
@@ -179,7 +198,10 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     initialisation in every process) are kept in `round_wall_s_all` but left
     out of the median. The MPC phase runs from the coordinator asking the parties to aggregate to their
     result shares being back. Under a `network` profile other than loopback every client and server is its
-    own host on a shaped link (securecollab.net.testbed), plain and secure alike, and MPC runs over grpc only."""
+    own host on a shaped link (securecollab.net.testbed), plain and secure alike, and MPC runs over grpc only.
+    With `client_processes` the clients are threads spread over that many processes (scale runs, loopback)."""
+    if client_processes and network != "loopback":
+        raise ValueError("clients sharing processes cannot each be a host of a network profile: use loopback")
     if network != "loopback" and "gloo" in transports:
         transports = tuple(t for t in transports if t != "gloo") or ("grpc",)
         log(f"{network}: gloo left out (its world binds loopback only); MPC over grpc")
@@ -190,15 +212,17 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
         if placement.addresses:
             log(f"network profile {network}: {PROFILES[network].summary}, {len(placement.addresses)} hosts")
         certs = ensure_certs(work_dir / "certs", [*servers[:-1], *ids], placement)
-        log(f"plain: aggregator + {clients} clients, D={params:,}, {rounds} rounds ...")
+        log(f"plain: aggregator + {clients} clients"
+            f"{f' (threads of {client_processes} processes)' if client_processes else ''}, D={params:,}, {rounds} rounds ...")
         plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs,
-                                                      placement)
+                                                      placement, client_processes)
         spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
                                               record_transcripts=False),
                           n_parties=parties, seed_compression=seed_compression, min_clients=clients,
                           norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
         by_transport = {transport: _transport_side(clients, params, rounds, warmup, seed, work_dir, certs,
-                                                   dataclasses.replace(spec, mpc_transport=transport), placement, log)
+                                                   dataclasses.replace(spec, mpc_transport=transport), placement,
+                                                   client_processes, log)
                         for transport in transports}
     # The oracle: the same rule in the clear over the same ready-made updates (FLTrust's root update: index K).
     vectors = [np.append(ready_update(i, params, seed).astype(np.float64), 1.0) for i in range(clients)]
@@ -206,7 +230,9 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
                        reference=ready_update(clients, params, seed) if robust else None)
     expected = rule.clear(vectors, np.ones(clients))
     plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
-             "upload_bytes_per_client": _upload_per_client(plain_costs, "/SubmitUpdate", rounds)}
+             "upload_bytes_per_client": _upload_per_client(plain_costs, "/SubmitUpdate", rounds),
+             "peak_rss_mb": {"aggregator": _peak_rss(work_dir / "plain", "aggregator"),
+                             "clients_process": max(c["peak_rss_mb"] for c in plain_costs)}}
     for side in by_transport.values():
         side["ratio_round_wall"] = side["round_wall_s"] / plain["round_wall_s"]
         side["max_abs_error"] = max(float(np.abs(a - expected).max()) for a in side.pop("revealed"))
@@ -217,6 +243,7 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     lm = {"plain": latency_model(1, PROFILES[network]), "secure": latency_model(4 + mpc_rounds, PROFILES[network])}
     return {
         "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,
+        "client_processes": client_processes or clients,
         "tls": "mutual", "network": network_description(PROFILES[network]),
         "plain": plain, "secure": secure, "by_transport": by_transport,
         "ratio": {"round_wall": secure["round_wall_s"] / plain["round_wall_s"],
@@ -232,13 +259,22 @@ def _upload_per_client(costs, method, rounds):
     return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
 
 
-def _transport_side(clients, params, rounds, warmup, seed, work_dir, certs, run: SecAggPlan, placement, log) -> dict:
+def _peak_rss(work: Path, party: str) -> float:
+    return json.loads((work / f"costs_{party}.json").read_text())["peak_rss_mb"]
+
+
+def _transport_side(clients, params, rounds, warmup, seed, work_dir, certs, run: SecAggPlan, placement, processes,
+                    log) -> dict:
     transport = run.mpc_transport
     log(f"secure over {transport}{' (INSECURE, for comparison)' if transport == 'gloo' else ''}: coordinator + "
         f"{run.n_parties} compute parties{' + dealer' if run.needs_dealer else ''} + {clients} clients ...")
-    side = _secure_side(clients, params, rounds, warmup, seed, work_dir / f"secure_{transport}", certs, run, placement)
+    work = work_dir / f"secure_{transport}"
+    side = _secure_side(clients, params, rounds, warmup, seed, work, certs, run, placement, processes)
     costs = side.pop("costs")
-    return {**side, "upload_bytes_per_client": _upload_per_client(costs, "/SubmitShare", rounds),
+    rss = {"coordinator": _peak_rss(work, "coordinator"),
+           **{name: t["peak_rss_mb"] for name, t in side["mpc_traffic"].items()},
+           "clients_process": max(c["peak_rss_mb"] for c in costs)}
+    return {**side, "upload_bytes_per_client": _upload_per_client(costs, "/SubmitShare", rounds), "peak_rss_mb": rss,
             "compute_parties": run.n_parties, "seed_compression": run.seed_compression, "norm_bound": run.norm_bound,
             "norm_mode": run.norm_mode if run.norm_bound else None, "robust": run.robust or None,
             "mpc_transport": transport}

@@ -66,6 +66,9 @@ def secagg(
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,
+    client_processes: Annotated[int, typer.Option(
+        min=0, help="Run the clients as threads spread over this many processes (0: a process per client, as "
+                    "separate hosts would be). For scale runs (--clients 1000); loopback only.")] = 0,
     network: Network = "loopback",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_secagg.json"),
     defence=None,
@@ -74,12 +77,15 @@ def secagg(
     clients and servers, on loopback or each party on its own host of a --network profile."""
     from securecollab.bench.secagg import bench_secagg
     from securecollab.plans import MPC_TRANSPORTS
+    if client_processes and network != "loopback":
+        raise typer.BadParameter("--client-processes shares processes between clients; under a --network profile "
+                                 "each client is its own host: use one or the other")
     transports = tuple(mpc_transport or MPC_TRANSPORTS)
     if set(transports) - set(MPC_TRANSPORTS):
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
                  seed_compression=seed_compression, **defence,
-                 transports=transports, network=_network(network),
+                 transports=transports, network=_network(network), client_processes=client_processes,
                  prefix="bench-secagg-", out=out)
     rows = [["plain", f"{r['plain']['round_wall_s']:.3f}", "-", "-", f"{r['plain']['upload_bytes_per_client']:,.0f}"]]
     for t, side in r["by_transport"].items():
@@ -94,6 +100,9 @@ def secagg(
         ["", "round wall s (median, x plain)", "MPC phase s", "party-0 MPC bytes/round (payload / gRPC)",
          "upload bytes / client"], rows))
     _print_network(r, "round")
+    rss = {**r["plain"]["peak_rss_mb"], **r["secure"]["peak_rss_mb"]}
+    console.print("peak RSS MB: " + ", ".join(f"{role} {mb:,.0f}" for role, mb in rss.items() if role != "clients_process")
+                  + f"; a clients' process {r['secure']['peak_rss_mb']['clients_process']:,.0f}")
     console.print(f"upload bytes ratio {r['ratio']['upload_bytes']:.3f}; max |revealed - plaintext aggregate| = "
                   f"{r['max_abs_error']:.2e}; wrote {out}")
 

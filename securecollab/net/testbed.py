@@ -130,8 +130,10 @@ class Testbed:
         self.hub = f"{self.prefix}-hub"
         self.made: list[str] = []  # namespaces made, for tear-down
         self.here_link: str | None = None
-        # Servers keep serving a while before they stop, so that their last replies cross the slow links whole.
-        self.placement = Placement(profile=profile.name, env={"SECURECOLLAB_LINGER_S": "10"})
+        # Servers keep serving a while before they stop, so that their last replies cross the slow links whole:
+        # long enough for 100 MB from a server down to a client.
+        linger = max(1.0, 800 / min(profile.server.up_mbit, profile.client.down_mbit))
+        self.placement = Placement(profile=profile.name, env={"SECURECOLLAB_LINGER_S": f"{linger:g}"})
 
     def __enter__(self) -> Placement:
         if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
