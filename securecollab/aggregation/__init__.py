@@ -40,6 +40,9 @@ class AggregationRule(ABC):
     name: ClassVar[str] = ""
     needs_dealer: ClassVar[bool] = False
     real_weights: ClassVar[bool] = False  # the counting entry is a real total weight, not a whole count
+    # in_mpc is the plain sum of the rows: each party adds its shares as it reads them, with no (K, D) matrix
+    # and no MPC (at K = 1000 stacking the shares took seconds and gigabytes)
+    local_sum: ClassVar[bool] = False
 
     @abstractmethod
     def clear(self, updates: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ from securecollab.aggregation import AggregationRule, register_rule
 
 @register_rule("mean")
 class Mean(AggregationRule):
+    local_sum = True
+
     def clear(self, updates, weights):
         total = np.zeros_like(updates[0], dtype=np.float64)
         for w, u in zip(weights, updates):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -77,7 +78,20 @@ class ShareStore:
             for stale in [r for r in self._shares if r <= round_]:
                 del self._shares[stale]
             self.closed_through = max(self.closed_through, round_)
-        return [s.expand() for s in shares]
+        return ExpandedShares(shares)
+
+
+class ExpandedShares(Sequence):
+    """Shares as int64 vectors, a seed expanded only when its vector is read (a running sum holds one at a time)."""
+
+    def __init__(self, shares: list):
+        self._shares = shares
+
+    def __len__(self) -> int:
+        return len(self._shares)
+
+    def __getitem__(self, i):
+        return self._shares[i].expand()
 
 
 class SecAggRounds(RoundState):

@@ -175,6 +175,14 @@ def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np
         raise RuntimeError(f"the {rule.name} rule needs the dealer: setup_party(..., dealer=True)")
     if not local_shares:
         raise ValueError("no client shares to aggregate")
+    if rule.local_sum:  # the sum of shares mod 2^64 is this party's share of the sum: no matrix, no messages
+        total = None
+        for share in local_shares:
+            share = _check_share(share)
+            if total is not None and share.shape != total.shape:
+                raise ValueError(f"shares of different lengths: {total.size} and {share.size}")
+            total = share.copy() if total is None else np.add(total, share, out=total)  # int64 wraps: the ring
+        return total
     updates = np.stack([_check_share(s) for s in local_shares])  # (K, D), one copy
     # precision=None keeps the default 16 fractional bits: the shares are
     # adopted as already encoded, not encoded again.
