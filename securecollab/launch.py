@@ -37,7 +37,8 @@ class ProcessGroup:
         log = open(self.log_dir / f"{name}.log", "ab" if append_log else "wb")
         # Many parties share few cores: one math thread each avoids oversubscription.
         proc = subprocess.Popen(self.placement.command(name, cmd), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={"OMP_NUM_THREADS": "1", **os.environ, **self.placement.env, **(env or {})})
+                                stdin=subprocess.DEVNULL,
+                                env={"OMP_NUM_THREADS": "1", **os.environ, **self.placement.env, **(env or {})})
         log.close()
         self.procs[name] = proc
         self.commands[name] = (cmd, env)

@@ -212,8 +212,8 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
         if placement.addresses:
             log(f"network profile {network}: {PROFILES[network].summary}, {len(placement.addresses)} hosts")
         certs = ensure_certs(work_dir / "certs", [*servers[:-1], *ids], placement)
-        log(f"plain: aggregator + {clients} clients"
-            f"{f' (threads of {client_processes} processes)' if client_processes else ''}, D={params:,}, {rounds} rounds ...")
+        shared = f" (threads of {client_processes} processes)" if client_processes else ""
+        log(f"plain: aggregator + {clients} clients{shared}, D={params:,}, {rounds} rounds ...")
         plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs,
                                                       placement, client_processes)
         spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,

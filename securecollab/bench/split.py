@@ -112,4 +112,5 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
             "latency_model": lm,
             "centralized": central, "split": split,
             "ratio": {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"],
-                      "epoch_wall_with_rtt": (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}}
+                      "epoch_wall_with_rtt":
+                          (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}}

@@ -101,7 +101,8 @@ def secagg(
          "upload bytes / client"], rows))
     _print_network(r, "round")
     rss = {**r["plain"]["peak_rss_mb"], **r["secure"]["peak_rss_mb"]}
-    console.print("peak RSS MB: " + ", ".join(f"{role} {mb:,.0f}" for role, mb in rss.items() if role != "clients_process")
+    roles = ", ".join(f"{role} {mb:,.0f}" for role, mb in rss.items() if role != "clients_process")
+    console.print(f"peak RSS MB: {roles}"
                   + f"; a clients' process {r['secure']['peak_rss_mb']['clients_process']:,.0f}")
     console.print(f"upload bytes ratio {r['ratio']['upload_bytes']:.3f}; max |revealed - plaintext aggregate| = "
                   f"{r['max_abs_error']:.2e}; wrote {out}")

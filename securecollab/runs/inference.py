@@ -41,7 +41,8 @@ def start_server(group: ProcessGroup, plan: HEModelPlan, weights: Path, certs: P
     extra = ["--out", str(out_dir)] if out_dir else []
     return group.start_service("he-server", securecollab_cmd(
         "serve", "he", "--plan-json", plan.to_json(), "--weights", str(weights), "--certs", str(certs),
-        "--host", group.placement.bind("he-server"), "--max-batch", str(max_batch), "--max-sessions", str(max_sessions), *extra),
+        "--host", group.placement.bind("he-server"), "--max-batch", str(max_batch),
+        "--max-sessions", str(max_sessions), *extra),
         timeout=300)
 
 

@@ -45,7 +45,8 @@ def centralized_worker(plan: FedAvgPlan, out_dir: Path) -> dict:
 
 
 def start_aggregator(group: ProcessGroup, plan: FedAvgPlan, certs: Path, out_dir: Path) -> int:
-    """The plain FedAvg aggregator as a process (on loopback, or its host of the group's placement); returns its port."""
+    """The plain FedAvg aggregator as a process (on loopback, or on its host of the group's placement); returns its
+    port."""
     return group.start_service("aggregator", securecollab_cmd(
         "serve", "aggregator", "--plan-json", plan.to_json(), "--certs", str(certs),
         "--host", group.placement.bind("aggregator"), "--out", str(out_dir)))
@@ -156,7 +157,8 @@ def free_port() -> int:
 
 def start_secagg_servers(group: ProcessGroup, spec, certs: Path, out_dir: Path,
                          coordinator_env: dict | None = None) -> int:
-    """Compute parties (+ dealer when needed) and the coordinator as processes on loopback; returns the coordinator's port.
+    """Compute parties (+ dealer when needed) and the coordinator as processes (on loopback, or each on its host of
+    the group's placement); returns the coordinator's port.
 
     Parties and dealer are restarted when they exit asking for it (a new MPC world after a party failed).
     Every server has a fixed port, so that one restarted is where its peers look. The coordinator
