@@ -75,6 +75,22 @@ def test_a_testbed_that_fails_half_built_is_torn_down(monkeypatch):
     assert len(calls) == 3 and _leftovers(bed.prefix) == []
 
 
+def test_a_link_made_before_its_namespace_failed_is_deleted_too(monkeypatch):
+    real = testbed._run
+
+    def run(*cmd):
+        if cmd[:3] == ("ip", "netns", "add") and cmd[3].endswith("-h3"):  # after the pair for host 3 was made
+            raise NetworkUnavailable("netns refused (injected)")
+        real(*cmd)
+
+    monkeypatch.setattr(testbed, "_run", run)
+    bed = testbed.Testbed(PROFILES["wan"], clients=["a", "b"], servers=["s"])
+    with pytest.raises(NetworkUnavailable, match="injected"):
+        with bed:
+            pass
+    assert _leftovers(bed.prefix) == []
+
+
 def test_a_failure_inside_the_testbed_still_tears_it_down():
     bed = testbed.Testbed(PROFILES["lan"], clients=["a"], servers=["s"], here="a")
     with pytest.raises(RuntimeError, match="boom"):

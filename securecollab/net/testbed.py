@@ -126,10 +126,11 @@ class Testbed:
         self.roles = {**{c: profile.client for c in clients}, **{s: profile.server for s in servers}}
         n = next(_BUILT)  # several testbeds of one process at once get distinct names and subnets
         key = (os.getpid() * 31 + n) % 12_800
-        self.prefix, self.subnet = f"sc{os.getpid() % 100_000}{chr(97 + n % 26)}", f"10.{200 + key // 256}.{key % 256}"
+        self.prefix = f"sc{os.getpid() % 100_000}{chr(97 + n % 26)}"
+        self.subnet = f"10.{200 + key // 256}.{key % 256}"
         self.hub = f"{self.prefix}-hub"
         self.made: list[str] = []  # namespaces made, for tear-down
-        self.here_link: str | None = None
+        self.links: list[str] = []  # veth ends made in this namespace (most move out: deleting those fails, harmlessly)
         # Servers keep serving a while before they stop, so that their last replies cross the slow links whole:
         # long enough for 100 MB from a server down to a client.
         linger = max(1.0, 800 / min(profile.server.up_mbit, profile.client.down_mbit))
@@ -156,12 +157,11 @@ class Testbed:
             ns = "" if party == self.here else f"{self.prefix}-h{i}"
             inner, outer, ip = f"{self.prefix}h{i}a", f"{self.prefix}h{i}b", f"{self.subnet}.{i}"
             _run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+            self.links.append(inner)
             if ns:
                 _run("ip", "netns", "add", ns)
                 self.made.append(ns)
                 _run("ip", "link", "set", inner, "netns", ns)
-            else:
-                self.here_link = inner
             _run("ip", "link", "set", outer, "netns", self.hub)
             _run("ip", "-n", self.hub, "link", "set", outer, "master", "br0", "up")
             at = ["ip", "netns", "exec", ns] if ns else []
@@ -176,9 +176,9 @@ class Testbed:
 
     def close(self) -> None:
         """Delete what was made; deleting a namespace deletes its ends of the veth pairs, and with them the peers."""
-        if self.here_link:
-            subprocess.run(["ip", "link", "del", self.here_link], capture_output=True)
-            self.here_link = None
+        for link in self.links:  # the here host's, and any a failure left before it moved
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        self.links.clear()
         for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.made.clear()
