@@ -14,6 +14,7 @@ import os
 import statistics
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,21 @@ from securecollab.transcript import Kind, load_transcript
 from securecollab.updates import ready_update
 
 
-def _run_clients(n: int, rounds: int, placement: Placement, body, *args,
-                 processes: int = 0) -> tuple[list[float], list[dict]]:
-    """Run `body(i, barrier, starts, meter, placement, *args)` for n clients: each in its own process, as separate
-    hosts would (each on its own host of `placement` under a network profile), or, with `processes`, as threads
-    spread over that many processes (many clients on few cores; loopback only).
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's parties run: the hosts (`placement`), and how many processes the clients share
+    (0: one process each, as separate hosts would be; k: threads spread over k processes, loopback only)."""
+
+    placement: Placement
+    client_processes: int = 0
+
+
+def _run_clients(n: int, rounds: int, layout: Layout, body, *args) -> tuple[list[float], list[dict]]:
+    """Run `body(i, barrier, starts, meter, placement, *args)` for n clients, laid out as `layout` says.
 
     Returns each round's first upload time and every client's cost snapshot."""
-    processes = min(processes or n, n)
+    placement = layout.placement
+    processes = min(layout.client_processes or n, n)
     ctx = mp.get_context("spawn")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned clients
     barrier, starts, results = ctx.Barrier(n), ctx.Array("d", [float("inf")] * rounds), ctx.Queue()
@@ -79,7 +87,7 @@ def _client_main(body, i, barrier, starts, results, placement, *args):
         results.put(meter.snapshot())
     except BaseException as e:  # reported to the parent, which stops the benchmark
         barrier.abort()
-        results.put(f"client-{i}: {type(e).__name__}: {e}")
+        results.put(f"client-{i}: {type(e).__name__}: {e} (at {traceback.extract_tb(e.__traceback__)[-1].line})")
 
 
 def _mark_start(starts, r: int) -> None:
@@ -132,23 +140,21 @@ def _secure_client(i, barrier, starts, meter, placement, port, certs, params, ro
         coord.GetRound(pb.RoundRequest(client_id=cid, round=rounds), timeout=600)
 
 
-def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path, placement: Placement, processes=0):
+def _plain_round_walls(clients, params, rounds, seed, work: Path, certs: Path, layout: Layout):
     plan = FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params, record_transcripts=False)
-    with ProcessGroup(work / "logs", placement) as group:
+    with ProcessGroup(work / "logs", layout.placement) as group:
         port = start_aggregator(group, plan, certs, work)
-        starts, costs = _run_clients(clients, rounds, placement, _plain_client, port, certs, params, rounds, seed,
-                                     processes=processes)
+        starts, costs = _run_clients(clients, rounds, layout, _plain_client, port, certs, params, rounds, seed)
         group.wait("aggregator", timeout=120)
     done = json.loads((work / "rounds_aggregator.json").read_text())["aggregated_at"]
     return [d - s for s, d in zip(starts, done)], costs
 
 
-def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan,
-                        placement: Placement, processes=0):
-    with ProcessGroup(work / "logs", placement) as group:
+def _secure_round_walls(clients, params, rounds, seed, work: Path, certs: Path, spec: SecAggPlan, layout: Layout):
+    with ProcessGroup(work / "logs", layout.placement) as group:
         port = start_secagg_servers(group, spec, certs, work)
-        starts, costs = _run_clients(clients, rounds, placement, _secure_client, port, certs, params, rounds, seed,
-                                     spec.to_json(), processes=processes)
+        starts, costs = _run_clients(clients, rounds, layout, _secure_client, port, certs, params, rounds, seed,
+                                     spec.to_json())
         group.wait("coordinator", timeout=300)
     records = load_transcript(work / "transcripts" / "coordinator.jsonl").of_kind(Kind.AGGREGATE)
     # A round ends when the aggregate is revealed at the coordinator.
@@ -168,7 +174,7 @@ def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
     for i in range(parties):
         name = f"party-{i}"
         stats = json.loads((work / f"mpc_stats_{name}.json").read_text())
-        costs = json.loads((work / f"costs_{name}.json").read_text())
+        costs = _role_costs(work, name)
         out[name] = {"payload_bytes_per_round": stats.get("bytes", 0) / measured,
                      "messages_per_round": stats.get("rounds", 0) / measured,
                      "grpc_bytes_per_round": method_bytes(costs, *MPC_METHODS) / measured,
@@ -176,10 +182,8 @@ def _mpc_traffic(work: Path, parties: int, measured: int) -> dict:
     return out
 
 
-def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan,
-                 placement: Placement, processes=0):
-    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec, placement,
-                                                         processes)
+def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path, spec: SecAggPlan, layout: Layout):
+    walls, costs, revealed, phases = _secure_round_walls(clients, params, rounds, seed, work, certs, spec, layout)
     mpc = [p["shares_received"] - p["aggregate_requested"] for p in phases]
     return {"round_wall_s": statistics.median(walls[warmup:]), "round_wall_s_all": walls,
             "mpc_phase_s": statistics.median(mpc[warmup:]), "mpc_phase_s_all": mpc,
@@ -206,23 +210,23 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
         transports = tuple(t for t in transports if t != "gloo") or ("grpc",)
         log(f"{network}: gloo left out (its world binds loopback only); MPC over grpc")
     measured, rounds = rounds, warmup + rounds
+    spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
+                                          record_transcripts=False),
+                      n_parties=parties, seed_compression=seed_compression, min_clients=clients,
+                      norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
     ids = [f"client-{i}" for i in range(clients)]
-    servers = ["aggregator", "coordinator", *[f"party-{i}" for i in range(parties)], "dealer"]
-    with testbed_or_loopback(network, ids, servers) as placement:
+    servers = ["aggregator", "coordinator", *[f"party-{i}" for i in range(parties)]]
+    # The dealer's certificate is issued where it starts (runs.training); here only its host, when it has one.
+    with testbed_or_loopback(network, ids, [*servers, *(["dealer"] if spec.needs_dealer else [])]) as placement:
         if placement.addresses:
             log(f"network profile {network}: {PROFILES[network].summary}, {len(placement.addresses)} hosts")
-        certs = ensure_certs(work_dir / "certs", [*servers[:-1], *ids], placement)
+        certs = ensure_certs(work_dir / "certs", [*servers, *ids], placement)
+        layout = Layout(placement, client_processes)
         shared = f" (threads of {client_processes} processes)" if client_processes else ""
         log(f"plain: aggregator + {clients} clients{shared}, D={params:,}, {rounds} rounds ...")
-        plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs,
-                                                      placement, client_processes)
-        spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
-                                              record_transcripts=False),
-                          n_parties=parties, seed_compression=seed_compression, min_clients=clients,
-                          norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
+        plain_walls, plain_costs = _plain_round_walls(clients, params, rounds, seed, work_dir / "plain", certs, layout)
         by_transport = {transport: _transport_side(clients, params, rounds, warmup, seed, work_dir, certs,
-                                                   dataclasses.replace(spec, mpc_transport=transport), placement,
-                                                   client_processes, log)
+                                                   dataclasses.replace(spec, mpc_transport=transport), layout, log)
                         for transport in transports}
     # The oracle: the same rule in the clear over the same ready-made updates (FLTrust's root update: index K).
     vectors = [np.append(ready_update(i, params, seed).astype(np.float64), 1.0) for i in range(clients)]
@@ -231,7 +235,7 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     expected = rule.clear(vectors, np.ones(clients))
     plain = {"round_wall_s": statistics.median(plain_walls[warmup:]), "round_wall_s_all": plain_walls,
              "upload_bytes_per_client": _upload_per_client(plain_costs, "/SubmitUpdate", rounds),
-             "peak_rss_mb": {"aggregator": _peak_rss(work_dir / "plain", "aggregator"),
+             "peak_rss_mb": {"aggregator": _role_costs(work_dir / "plain", "aggregator")["peak_rss_mb"],
                              "clients_process": max(c["peak_rss_mb"] for c in plain_costs)}}
     for side in by_transport.values():
         side["ratio_round_wall"] = side["round_wall_s"] / plain["round_wall_s"]
@@ -259,19 +263,20 @@ def _upload_per_client(costs, method, rounds):
     return statistics.mean(method_bytes(c, method, directions=("sent",)) for c in costs) / rounds
 
 
-def _peak_rss(work: Path, party: str) -> float:
-    return json.loads((work / f"costs_{party}.json").read_text())["peak_rss_mb"]
+def _role_costs(work: Path, party: str) -> dict:
+    """The cost file a server process wrote as it stopped (bytes by method, peak RSS)."""
+    return json.loads((work / f"costs_{party}.json").read_text())
 
 
-def _transport_side(clients, params, rounds, warmup, seed, work_dir, certs, run: SecAggPlan, placement, processes,
+def _transport_side(clients, params, rounds, warmup, seed, work_dir, certs, run: SecAggPlan, layout: Layout,
                     log) -> dict:
     transport = run.mpc_transport
     log(f"secure over {transport}{' (INSECURE, for comparison)' if transport == 'gloo' else ''}: coordinator + "
         f"{run.n_parties} compute parties{' + dealer' if run.needs_dealer else ''} + {clients} clients ...")
     work = work_dir / f"secure_{transport}"
-    side = _secure_side(clients, params, rounds, warmup, seed, work, certs, run, placement, processes)
+    side = _secure_side(clients, params, rounds, warmup, seed, work, certs, run, layout)
     costs = side.pop("costs")
-    rss = {"coordinator": _peak_rss(work, "coordinator"),
+    rss = {"coordinator": _role_costs(work, "coordinator")["peak_rss_mb"],
            **{name: t["peak_rss_mb"] for name, t in side["mpc_traffic"].items()},
            "clients_process": max(c["peak_rss_mb"] for c in costs)}
     return {**side, "upload_bytes_per_client": _upload_per_client(costs, "/SubmitShare", rounds), "peak_rss_mb": rss,
