@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -29,7 +30,19 @@ def refusals(context):
 
 
 def rpc_errors(method):
-    """:func:`refusals` around a whole (unary-response) method."""
+    """:func:`refusals` around a whole (unary-response) method, `async def` ones included (whose context
+    aborts with await, on an asynchronous server)."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def refusing(self, request, context):
+            try:
+                return await method(self, request, context)
+            except ProtocolError as e:
+                await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            except WireError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        return refusing
 
     @functools.wraps(method)
     def wrapper(self, request, context):
@@ -56,6 +69,20 @@ def require_role(context, role: str, party_id: str | None = None):
         raise ProtocolError("PERMISSION_DENIED",
                             f"{identity.role} {identity.party_id!r} may not call this as {party_id or role}")
     return identity
+
+
+class RoundReplies:
+    """The reply for a round, built once: the clients waiting for the same round (a thousand, at scale) share
+    one message rather than each holding its own copy of the global model until it is sent."""
+
+    def __init__(self, build):
+        self._build = build  # (round, done, params) -> reply
+        self._key = self._reply = None
+
+    def reply(self, round_: int, done: bool, params):
+        if self._key != (round_, done):  # a round's model never changes once it is out
+            self._key, self._reply = (round_, done), self._build(round_, done, params)
+        return self._reply
 
 
 def write_port_file(path, port: int) -> None:

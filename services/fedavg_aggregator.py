@@ -18,7 +18,7 @@ from securecollab.net.wire import decode_named, encode_named
 from securecollab.plans import FedAvgPlan
 from securecollab.protocols.fedavg import FedAvgRounds
 from securecollab.transcript import Kind, TranscriptRecorder
-from services.common import require_caller, rpc_errors, write_port_file
+from services.common import RoundReplies, require_caller, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["FedAvgAggregator"].full_name
@@ -29,6 +29,8 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
         self.rounds = rounds
         self.transcript = transcript
         self.wait_s = wait_s
+        self.replies = RoundReplies(lambda r, done, params: pb.ModelReply(round=r, done=done,
+                                                                          params=encode_named(params)))
 
     def _caller(self, client_id: str, context) -> None:
         self.rounds.check_client(client_id)
@@ -41,12 +43,13 @@ class FedAvgAggregatorServicer(pb_grpc.FedAvgAggregatorServicer):
         return pb.JoinReply(plan_json=self.rounds.plan.to_json(), num_clients=self.rounds.plan.num_clients)
 
     @rpc_errors
-    def GetModel(self, request, context):
+    async def GetModel(self, request, context):
+        # A task on the server's event loop: a thousand waiting clients hold no thread each.
         self._caller(request.client_id, context)
         wait = wait_budget(context, self.wait_s)
-        round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait,
-                                                          client_id=request.client_id)
-        return pb.ModelReply(round=round_, done=done, params=encode_named(params))
+        round_, done, params = await self.rounds.wait_for_round_async(request.round, timeout=wait,
+                                                                      client_id=request.client_id)
+        return self.replies.reply(round_, done, params)
 
     @rpc_errors
     def SubmitUpdate(self, request, context):
@@ -71,9 +74,9 @@ def serve(plan: FedAvgPlan, *, tls: TlsFiles, port: int = 0, host: str = "[::]",
     transcript = TranscriptRecorder(out_dir / "transcripts" / "aggregator.jsonl" if record else None,
                                     party="aggregator", role="aggregator")
     transcript.record(Kind.PLAN, round=0, sender="aggregator", meta={"plan": json.loads(plan.to_json())})  # its own knowledge
-    # Each client waiting for the next round holds a server thread: with fewer threads than clients,
-    # waiting clients starve the others' uploads and reports until the upload deadline.
-    server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.num_clients + 16)
+    # Clients waiting for the next round wait as tasks on the server's event loop (GetModel is asynchronous);
+    # the threads serve the uploads.
+    server = make_server(tls=tls, port=port, host=host, meter=meter, asynchronous=True)
     servicer = FedAvgAggregatorServicer(rounds, transcript)
     server.add(pb_grpc.add_FedAvgAggregatorServicer_to_server, servicer, SERVICE)
     server.start()

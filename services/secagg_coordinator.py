@@ -22,7 +22,7 @@ from securecollab.protocols.round_store import RoundStore
 from securecollab.protocols.secagg import SecAggRounds
 from securecollab.secagg.driver import RoundDriver, party_links
 from securecollab.transcript import Kind, TranscriptRecorder
-from services.common import require_role, rpc_errors, write_port_file
+from services.common import RoundReplies, require_role, rpc_errors, write_port_file
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -33,6 +33,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.rounds = rounds
         self.party_targets = party_targets
         self.party_names = party_names
+        self.replies = RoundReplies(lambda r, done, params: pb.RoundInfo(round=r, done=done,
+                                                                         params=encode_named(params)))
 
     def _client(self, client_id: str, context) -> None:
         self.rounds.check_client(client_id)
@@ -48,11 +50,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                   seed_compression=self.rounds.plan.seed_compression)
 
     @rpc_errors
-    def GetRound(self, request, context):
+    async def GetRound(self, request, context):
+        # A task on the server's event loop: a thousand waiting clients hold no thread each.
         self._client(request.client_id, context)
-        round_, done, params = self.rounds.wait_for_round(request.round, timeout=wait_budget(context, 3600.0),
-                                                          client_id=request.client_id)
-        return pb.RoundInfo(round=round_, done=done, params=encode_named(params))
+        round_, done, params = await self.rounds.wait_for_round_async(
+            request.round, timeout=wait_budget(context, 3600.0), client_id=request.client_id)
+        return self.replies.reply(round_, done, params)
 
     @rpc_errors
     def ReportUploaded(self, request, context):
@@ -91,9 +94,9 @@ def serve(plan: SecAggPlan, party_targets: list[str], *, tls: TlsFiles, port: in
         transcript.record(Kind.PLAN, round=0, sender="coordinator", meta={"plan": json.loads(plan.to_json())})
     servicer = CoordinatorServicer(rounds, party_targets, names)
     parties = party_links(party_targets, names, tls, meter)
-    # Each client waiting for the next round holds a server thread: with fewer threads than clients,
-    # waiting clients starve the others' uploads and reports until the upload deadline.
-    server = make_server(tls=tls, port=port, host=host, meter=meter, max_workers=plan.training.num_clients + 16)
+    # Clients waiting for the next round wait as tasks on the server's event loop (GetRound is asynchronous);
+    # the threads serve only the short calls (Join, ReportUploaded).
+    server = make_server(tls=tls, port=port, host=host, meter=meter, asynchronous=True)
     server.add(pb_grpc.add_CoordinatorServicer_to_server, servicer, SERVICE)
     server.start()
     write_port_file(port_file, server.port)

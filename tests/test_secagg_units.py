@@ -149,3 +149,42 @@ def test_bad_input_party_answers_a_repeated_aggregation_alike_and_refuses_a_diff
     with pytest.raises(ProtocolError):  # same clients, other noise: also a second aggregation
         party._job_for(pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.0))
     assert jobs.qsize() == 1
+
+
+def test_asynchronous_wait_for_a_round_is_woken_by_the_driver_thread_and_keeps_deadline_and_abort():
+    """GetRound waits as a task: woken when another thread opens the round (clients learn which), refused
+    DEADLINE_EXCEEDED when the round does not come in time, ABORTED when training fails while it waits."""
+    import asyncio
+    import threading
+
+    plan = SecAggPlan(training=FedAvgPlan(num_clients=2, rounds=2, vector_length=3), n_parties=3, min_clients=1)
+    rounds = SecAggRounds(plan, [("w", np.zeros(3, np.float32))])
+
+    async def scenario():
+        waiters = [asyncio.create_task(rounds.wait_for_round_async(1, timeout=10.0)) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        assert not any(w.done() for w in waiters)
+        woken = []  # a waiter of round 1 beside the tasks: a report must not wake it, the new round must
+        with rounds._cond:
+            rounds._waiting[1].add(lambda: woken.append(1))
+        rounds.report("client-0", 0)
+        assert woken == []
+        opener = threading.Timer(0.2, rounds.advance, args=([("w", np.ones(3, np.float32))], ["client-0"]))
+        opener.start()
+        results = await asyncio.gather(*waiters)
+        assert woken == [1]
+        with rounds._cond:
+            rounds._waiting.pop(1, None)
+        assert {(r, done) for r, done, _ in results} == {(1, False)}
+        assert all(np.array_equal(dict(p)["w"], np.ones(3)) for _, _, p in results)
+        with pytest.raises(ProtocolError, match="not reached in time") as late:
+            await rounds.wait_for_round_async(2, timeout=0.2)
+        assert late.value.code == "DEADLINE_EXCEEDED"
+        failing = asyncio.create_task(rounds.wait_for_round_async(2, timeout=10.0))
+        threading.Timer(0.2, rounds.fail, args=("party-1 is gone",)).start()
+        with pytest.raises(ProtocolError, match="party-1 is gone") as aborted:
+            await failing
+        assert aborted.value.code == "ABORTED"
+        assert not rounds._waiting  # no waiter left registered
+
+    asyncio.run(scenario())

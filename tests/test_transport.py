@@ -22,7 +22,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from securecollab.errors import ProtocolError
 from securecollab.net.certs import TlsFiles
+from securecollab.net.costs import CostMeter
 from securecollab.net.transport import (
     MAX_MESSAGE_BYTES,
     check_health,
@@ -30,7 +32,9 @@ from securecollab.net.transport import (
     make_server,
     peer_identity,
     wait_ready,
+    wait_budget,
 )
+from securecollab.protocols.rounds import RoundState
 
 SERVICE = "test.Identity"
 
@@ -47,7 +51,10 @@ class Handlers:
     def who(self, request, context):
         with self.lock:
             self.who_calls += 1
-        ident = peer_identity(context)
+        try:
+            ident = peer_identity(context)
+        except ProtocolError as e:  # as every servicer's refusals map it
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
         return f"{ident.party_id}/{ident.role}".encode()
 
     def sleep(self, request, context):
@@ -111,6 +118,50 @@ def _code(fn) -> grpc.StatusCode:
     return err.value.code()
 
 
+# --------------------------------------------------------------------------- the asynchronous server
+
+def test_asynchronous_server_holds_no_thread_per_waiting_caller(tls_for):
+    """Fifty callers wait for the next round on a server with two threads: they wait as tasks, so a plain
+    call still gets a thread and is served, and then all fifty are answered. (A threaded server with two
+    workers would queue the plain call behind the waiters until their deadline.)"""
+    state = RoundState(total_rounds=3, client_ids=[], initial=[])
+
+    async def wait(round_, context):
+        reached, _done, _ = await state.wait_for_round_async(round_, timeout=wait_budget(context, 30.0))
+        return str(reached).encode()
+
+    def advance(_request, context):
+        with state._cond:
+            state._advance([])
+        return b"advanced"
+
+    as_round = lambda data: int(data.decode())  # noqa: E731  (fails on bytes that are not a number)
+    generic = grpc.method_handlers_generic_handler(SERVICE, {
+        "Wait": grpc.unary_unary_rpc_method_handler(wait, request_deserializer=as_round),
+        "Advance": grpc.unary_unary_rpc_method_handler(advance)})
+    meter = CostMeter("server")
+    server = make_server(tls=tls_for("server"), port=0, max_workers=2, asynchronous=True, meter=meter)
+    server.add(lambda _s, grpc_server: grpc_server.add_generic_rpc_handlers((generic,)), None, SERVICE)
+    server.start()
+    try:
+        with make_channel(f"localhost:{server.port}", tls=tls_for("client-0")) as channel:
+            wait_ready(channel, timeout=10)
+            threads = threading.active_count()
+            waiting = [channel.unary_unary(f"/{SERVICE}/Wait").future(b"1", timeout=30) for _ in range(50)]
+            time.sleep(1.0)
+            assert not any(f.done() for f in waiting)
+            assert threading.active_count() <= threads + 2  # at most the pool's two, not fifty
+            assert _call(channel, "Advance", timeout=5) == b"advanced"
+            assert [f.result(timeout=10) for f in waiting] == [b"1"] * 50
+            # The refusal of an unparsable request, and the meter, work on asynchronous handlers too.
+            assert _code(lambda: _call(channel, "Wait", b"not a round")) == grpc.StatusCode.INVALID_ARGUMENT
+            assert check_health(channel) == "SERVING"
+        # 51 requests, each with gRPC's 5-byte length prefix
+        assert meter.snapshot()["by_method"]["received"][f"/{SERVICE}/Wait"] == 50 * 1 + len(b"not a round") + 51 * 5
+    finally:
+        server.stop(0)
+
+
 # --------------------------------------------------------------------------- mutual TLS and identity
 
 @pytest.mark.parametrize("party,expected", [("client-1", "client-1/client"), ("aggregator", "aggregator/aggregator"),
@@ -157,7 +208,7 @@ def test_plaintext_client_is_refused(target):
         assert _code(lambda: _call(channel, "Who", timeout=5)) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_peer_identity_aborts_unauthenticated_without_client_cert(tls_for, cert_dir, handlers):
+def test_peer_identity_refuses_unauthenticated_without_client_cert(tls_for, cert_dir, handlers):
     server = _start(tls_for("server"), handlers, require_client_auth=False)
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=(cert_dir / "ca.pem").read_bytes())

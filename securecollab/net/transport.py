@@ -6,6 +6,8 @@ all share message-size limits, keepalive, retry policy and TLS settings.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from securecollab.errors import ProtocolError
 from securecollab.net.certs import PartyIdentity, TlsFiles, identity_from_auth_context
 from securecollab.net.costs import CostMeter
 
@@ -66,14 +69,36 @@ def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+class _LoopThread:
+    """An asyncio event loop on a thread of its own: where an asynchronous server's handlers run, so a
+    handler that waits (a client asking for the next round) holds a task rather than a thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine):
+        """Run `coroutine` on the loop and wait for its result, from any other thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5.0)
+
+
 @dataclass
 class Server:
-    """A gRPC server with health checking and reflection; services are added before start()."""
+    """A gRPC server with health checking and reflection; services are added before start().
 
-    grpc_server: grpc.Server
+    An asynchronous one (`make_server(asynchronous=True)`) is a grpc.aio server on its own event-loop
+    thread: its `async def` handlers wait as tasks, its plain ones run in the thread pool as usual."""
+
+    grpc_server: grpc.Server | grpc.aio.Server
     port: int
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    loop: _LoopThread | None = None
 
     def add(self, add_to_server: Callable, servicer, service_name: str) -> None:
         add_to_server(servicer, self.grpc_server)
@@ -82,7 +107,10 @@ class Server:
     def start(self) -> "Server":
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
-        self.grpc_server.start()
+        if self.loop:
+            self.loop.run(self.grpc_server.start())
+        else:
+            self.grpc_server.start()
         self.set_serving(True)
         return self
 
@@ -99,10 +127,17 @@ class Server:
         # their way, and a closed server that leaves the client's flow-control frames unread resets the
         # connection, losing them. $SECURECOLLAB_LINGER_S keeps reading (and serving) that long first.
         time.sleep(float(os.environ.get(LINGER_ENV) or 0))
-        self.grpc_server.stop(grace).wait()
+        if self.loop:
+            self.loop.run(self.grpc_server.stop(grace))
+            self.loop.close()
+        else:
+            self.grpc_server.stop(grace).wait()
 
     def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
+        if self.loop:
+            self.loop.run(self.grpc_server.wait_for_termination())
+        else:
+            self.grpc_server.wait_for_termination()
 
     def serve_until_signal(self, grace: float = 5.0) -> None:
         """Block until SIGTERM/SIGINT, then drain in-flight calls for up to `grace` seconds."""
@@ -156,6 +191,21 @@ class _UnparsableRequests(grpc.ServerInterceptor):
             for request in requests:
                 yield checked(request, context)
 
+        async def checked_async(request, context):  # an asynchronous server's context aborts with await
+            if isinstance(request, _Unparsable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            return request
+
+        if inspect.iscoroutinefunction(handler.unary_unary):
+            behavior = handler.unary_unary
+
+            async def wrapped_async(request, context):
+                return await behavior(await checked_async(request, context), context)
+
+            return handler._replace(request_deserializer=safe_parse, unary_unary=wrapped_async)
+        if any(inspect.iscoroutinefunction(b) or inspect.isasyncgenfunction(b) for b in
+               (handler.unary_stream, handler.stream_unary, handler.stream_stream)):
+            return handler  # asynchronous streams (reflection's, on an asynchronous server) are grpc.aio's to refuse
         if handler.request_streaming:
             kind, behavior = ("stream_stream", handler.stream_stream) if handler.response_streaming else \
                 ("stream_unary", handler.stream_unary)
@@ -167,28 +217,53 @@ class _UnparsableRequests(grpc.ServerInterceptor):
         return handler._replace(request_deserializer=safe_parse, **{kind: wrapped})
 
 
+class _OnAsyncServer(grpc.aio.ServerInterceptor):
+    """One of the interceptors above, on an asynchronous server: they only rewrite the handler they are given."""
+
+    def __init__(self, interceptor: grpc.ServerInterceptor):
+        self._interceptor = interceptor
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self._interceptor.intercept_service(lambda _details: handler, handler_call_details)
+
+
 def make_server(*, tls: TlsFiles, port: int = 0, host: str = "[::]",
                 meter: CostMeter | None = None, require_client_auth: bool = True,
-                max_message_bytes: int = MAX_MESSAGE_BYTES, max_workers: int = 32) -> Server:
-    """Build a TLS gRPC server (mutual TLS by default) bound to host:port (0 picks a free port)."""
+                max_message_bytes: int = MAX_MESSAGE_BYTES, max_workers: int = 32,
+                asynchronous: bool = False) -> Server:
+    """Build a TLS gRPC server (mutual TLS by default) bound to host:port (0 picks a free port).
+
+    `asynchronous`: a grpc.aio server (see `Server`) for services whose callers wait long for an event;
+    `max_workers` then bounds only the threads of its plain handlers."""
     ca, cert, key = tls.read()
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                         require_client_auth=require_client_auth)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        # The meter first: it counts the bytes of every request, parsable or not.
-        interceptors=[*([meter.server_interceptor()] if meter else []), _UnparsableRequests()],
-        options=[*_size_options(max_message_bytes), *_SERVER_KEEPALIVE],
-    )
+    # The meter first: it counts the bytes of every request, parsable or not.
+    interceptors = [*([meter.server_interceptor()] if meter else []), _UnparsableRequests()]
+    options = [*_size_options(max_message_bytes), *_SERVER_KEEPALIVE]
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers)
+    loop = _LoopThread() if asynchronous else None
+    if loop:
+        async def build():  # an aio server belongs to the loop it is made on
+            return grpc.aio.server(pool, interceptors=[_OnAsyncServer(i) for i in interceptors], options=options)
+        server = loop.run(build())
+    else:
+        server = grpc.server(pool, interceptors=interceptors, options=options)
     try:
         bound = server.add_secure_port(f"{host}:{port}", creds)
     except RuntimeError as e:  # grpc raises rather than returning 0 on a failed bind
-        raise OSError(f"could not bind {host}:{port}: {e}") from None
+        bound = 0
+        error = f": {e}"
+    else:
+        error = ""
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        if loop:
+            loop.close()
+        raise OSError(f"could not bind {host}:{port}{error}")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return Server(server, bound, health_servicer)
+    return Server(server, bound, health_servicer, loop=loop)
 
 
 def make_channel(target: str, *, tls: TlsFiles, meter: CostMeter | None = None,
@@ -231,8 +306,8 @@ def wait_budget(context: grpc.ServicerContext, limit: float) -> float:
 
 
 def peer_identity(context: grpc.ServicerContext) -> PartyIdentity:
-    """The calling party's identity from its client certificate; aborts UNAUTHENTICATED if absent."""
+    """The calling party's identity from its client certificate; refuses UNAUTHENTICATED (ProtocolError) if absent."""
     identity = identity_from_auth_context(context.auth_context())
-    if identity is None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+    if identity is None:  # refused by the handler's refusals, on a threaded and an asynchronous server alike
+        raise ProtocolError("UNAUTHENTICATED", "no client certificate")
     return identity

@@ -147,7 +147,7 @@ class SecAggRounds(RoundState):
                 self.store.add_report(round_, client_id, time.time())
             self.reported.add(client_id)
             self.first_report_at = self.first_report_at or time.monotonic()
-            self._cond.notify_all()
+            self._notify()
             return len(self.reported)
 
     def wait_reports(self, open_timeout: float = 3600.0, check=lambda: None, poll_s: float = 1.0) -> set[str]:
@@ -201,7 +201,7 @@ class SecAggRounds(RoundState):
             self.aborted += 1
             self.abort_reason, self.closing = reason, None
             self._save()
-            self._cond.notify_all()
+            self._notify()
         if self.aborted > self.plan.max_aborted_rounds:
             raise ProtocolError("ABORTED", f"{self.aborted} rounds aborted, the last: {reason}")
 
@@ -211,7 +211,7 @@ class SecAggRounds(RoundState):
             self.reported, self.first_report_at, self.abort_reason = set(), None, None
             self.round += 1
             self._save()
-            self._cond.notify_all()
+            self._notify()
 
     def last_included(self) -> list[str]:
         """The clients of the last round: those the coordinator waits for before stopping."""
