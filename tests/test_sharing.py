@@ -5,7 +5,7 @@ What must hold:
   included; NaN/Inf and values at or past the safe bound are refused with a message naming them;
 * shares for 2 and 3 parties, with and without seed compression, add up to the secret exactly
   (mod 2^64), for every length including 0 and 1;
-* a seed expands deterministically with ChaCha20 and different seeds give different streams;
+* a seed expands deterministically with AES-256-CTR and different seeds give different streams;
 * any single share looks uniform whatever the secret, and is uncorrelated with it;
 * adding K clients' shares party by party reconstructs the exact encoded sum.
 """
@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -119,10 +120,15 @@ def test_non_numbers_and_non_int64_are_refused():
 
 # --- PRG ---------------------------------------------------------------------------------------
 
-def test_prg_is_chacha20_keystream():
-    # RFC 8439 A.1 test vector #1: all-zero key and nonce, counter 0.
-    expected = bytes.fromhex("76b8e0ada0f13d90405d6ae55386bd28")
-    assert prg_int64(bytes(32), 2).astype("<i8").tobytes() == expected
+def test_prg_is_aes256_ctr_keystream():
+    # Known answer: AES-256 of the zero block under the zero key.
+    assert prg_int64(bytes(32), 2).astype("<i8").tobytes() == bytes.fromhex("dc95c078a2408989ad48a21492842087")
+    # Block i of the stream is AES-256 under the seed of the counter i (from 0, big-endian), as a client
+    # written elsewhere would compute it.
+    seed = bytes(range(32))
+    ecb = Cipher(algorithms.AES256(seed), modes.ECB()).encryptor()
+    blocks = b"".join(ecb.update(i.to_bytes(16, "big")) for i in range(4))
+    assert prg_int64(seed, 8).astype("<i8").tobytes() == blocks
 
 
 def test_prg_is_deterministic_per_seed_and_differs_across_seeds():

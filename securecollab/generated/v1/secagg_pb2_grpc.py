@@ -226,7 +226,8 @@ class ComputePartyServicer:
     """
 
     def SubmitShare(self, request_iterator, context):
-        """A client's share for a round: a dense int64 share, or a PRG seed (seed compression).
+        """A client's share for a round: a dense int64 share, or a PRG seed (seed compression): 32 bytes whose
+        AES-256-CTR keystream (the seed as key, counter block from 0), read as little-endian int64, is the share.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
