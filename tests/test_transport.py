@@ -160,6 +160,8 @@ def test_asynchronous_server_holds_no_thread_per_waiting_caller(tls_for):
         assert meter.snapshot()["by_method"]["received"][f"/{SERVICE}/Wait"] == 50 * 1 + len(b"not a round") + 51 * 5
     finally:
         server.stop(0)
+    server.stop(0)  # a second stop returns (the loop is gone), as it does for a threaded server
+    assert not server.loop.thread.is_alive()
 
 
 # --------------------------------------------------------------------------- mutual TLS and identity

@@ -80,6 +80,9 @@ class _LoopThread:
 
     def run(self, coroutine):
         """Run `coroutine` on the loop and wait for its result, from any other thread."""
+        if not self.thread.is_alive():  # stopped already (a second stop): its result would never come
+            coroutine.close()
+            raise RuntimeError("this server's event loop has stopped")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def close(self) -> None:
@@ -128,8 +131,9 @@ class Server:
         # connection, losing them. $SECURECOLLAB_LINGER_S keeps reading (and serving) that long first.
         time.sleep(float(os.environ.get(LINGER_ENV) or 0))
         if self.loop:
-            self.loop.run(self.grpc_server.stop(grace))
-            self.loop.close()
+            if self.loop.thread.is_alive():  # stopping twice is a no-op, as for a threaded server
+                self.loop.run(self.grpc_server.stop(grace))
+                self.loop.close()
         else:
             self.grpc_server.stop(grace).wait()
 
