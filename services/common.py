@@ -18,15 +18,22 @@ from securecollab.transcript import Kind
 log = logging.getLogger(__name__)
 
 
+REFUSALS = (ProtocolError, WireError)
+
+
+def refusal_status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a refusal is answered with: a protocol error names its own, a wire error is bad input."""
+    code = getattr(grpc.StatusCode, e.code) if isinstance(e, ProtocolError) else grpc.StatusCode.INVALID_ARGUMENT
+    return code, str(e)
+
+
 @contextlib.contextmanager
 def refusals(context):
     """Turn refusals inside the block into a status with a clear message; the service keeps serving."""
     try:
         yield
-    except ProtocolError as e:
-        context.abort(getattr(grpc.StatusCode, e.code), str(e))
-    except WireError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except REFUSALS as e:
+        context.abort(*refusal_status(e))
 
 
 def rpc_errors(method):
@@ -37,10 +44,8 @@ def rpc_errors(method):
         async def refusing(self, request, context):
             try:
                 return await method(self, request, context)
-            except ProtocolError as e:
-                await context.abort(getattr(grpc.StatusCode, e.code), str(e))
-            except WireError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except REFUSALS as e:
+                await context.abort(*refusal_status(e))
 
         return refusing
 

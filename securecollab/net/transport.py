@@ -195,16 +195,13 @@ class _UnparsableRequests(grpc.ServerInterceptor):
             for request in requests:
                 yield checked(request, context)
 
-        async def checked_async(request, context):  # an asynchronous server's context aborts with await
-            if isinstance(request, _Unparsable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            return request
-
         if inspect.iscoroutinefunction(handler.unary_unary):
             behavior = handler.unary_unary
 
-            async def wrapped_async(request, context):
-                return await behavior(await checked_async(request, context), context)
+            async def wrapped_async(request, context):  # an asynchronous server's context aborts with await
+                if isinstance(request, _Unparsable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                return await behavior(request, context)
 
             return handler._replace(request_deserializer=safe_parse, unary_unary=wrapped_async)
         if any(inspect.iscoroutinefunction(b) or inspect.isasyncgenfunction(b) for b in
