@@ -197,6 +197,27 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     return Dataset("npz", x_train, y_train, x_test, y_test, num_classes)
 
 
+def write_medmnist_shaped(path: str | os.PathLike, *, size: int = 28, seed: int = 0) -> Path:
+    """The digits, resized (bilinear) to ``size`` x ``size`` and written as a MedMNIST archive: uint8 images
+    (n, size, size), labels (n, 1), the split of ``load_dataset("digits", seed=seed)``. A stand-in with
+    MedMNIST's shape and format where the real archives cannot be downloaded."""
+    import torch
+    from torch.nn import functional as F
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    ds = load_dataset("digits", seed=seed)
+
+    def resized(x: np.ndarray) -> np.ndarray:
+        big = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
+        return np.rint(big[:, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, train_images=resized(ds.x_train), train_labels=ds.y_train[:, None].astype(np.uint8),
+                        test_images=resized(ds.x_test), test_labels=ds.y_test[:, None].astype(np.uint8))
+    return path
+
+
 def _npz_images(images: np.ndarray, key: str) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"{key} must be uint8 pixels, got dtype {images.dtype}")

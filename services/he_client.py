@@ -148,10 +148,11 @@ class HEClient:
         """Logits of one input, computed by the server on its encryption."""
         self._require_session()
         t0 = time.perf_counter()
-        ct = encrypt_input_bytes(self.context, x, self.description.input_encoding)
+        first, *more = encrypt_input_bytes(self.context, x, self.description.input_encoding)
         t1 = time.perf_counter()
         qid = next(self._query_ids)
-        reply = self.stub.Infer(pb.InferRequest(session_id=self.session_id, query_id=qid, ciphertext=ct,
+        reply = self.stub.Infer(pb.InferRequest(session_id=self.session_id, query_id=qid, ciphertext=first,
+                                                more_ciphertexts=more,
                                                 result_format=pb.PACKED_COEFFICIENTS if self.packed_results
                                                 else pb.SEAL_CIPHERTEXT), timeout=DEFAULT_DEADLINE_S)
         t2 = time.perf_counter()

@@ -55,7 +55,8 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
             galois_steps=d["galois_steps"], min_slots=d["min_slots"],
             input_encoding_json=json.dumps(d["input_encoding"]), max_batch_size=d["max_batch_size"],
             max_context_bytes=d["max_context_bytes"], ckks=pb.CkksParameters(**d["ckks"]),
-            input_layout=pb.SlotLayout(period=d["input_period"], source=d["input_sources"]),
+            input_layout=pb.SlotLayout(period=d["input_period"], source=d["input_sources"],
+                                       ciphertexts=d["input_ciphertexts"]),
             logit_slots=d["logit_slots"])
 
     @rpc_errors
@@ -89,16 +90,19 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
     def Infer(self, request, context):
         owner = _client(context)
         session = self.host.session(request.session_id, owner)
-        if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
+        ciphertexts = [request.ciphertext, *request.more_ciphertexts]
+        if any(len(c) > MAX_CIPHERTEXT_BYTES for c in ciphertexts):
             raise ProtocolError("INVALID_ARGUMENT", "ciphertext too large")
         if request.result_format not in (pb.SEAL_CIPHERTEXT, pb.PACKED_COEFFICIENTS):
             raise ProtocolError("INVALID_ARGUMENT", f"unknown result format {request.result_format}")
         packed = request.result_format == pb.PACKED_COEFFICIENTS
         t0 = time.perf_counter()
-        out = self.host.infer(session, request.query_id, request.ciphertext, packed=packed)
+        out = self.host.infer(session, request.query_id, ciphertexts, packed=packed)
         server_s = time.perf_counter() - t0
         self.transcript.record(Kind.QUERY, round=0, step=request.query_id, sender=owner,
-                               meta={"session": session.session_id}, blobs={"ciphertext": request.ciphertext})
+                               meta={"session": session.session_id},
+                               blobs={"ciphertext": request.ciphertext,
+                                      **{f"ciphertext_{i}": c for i, c in enumerate(request.more_ciphertexts, 1)}})
         if packed:
             return pb.InferReply(query_id=request.query_id, server_s=server_s, packed=pb.PackedCiphertext(
                 modulus=out.modulus, scale=out.scale, degree=out.degree, dropped_bits=out.dropped_bits,

@@ -86,19 +86,22 @@ source = np.array(d.input_layout.source, dtype=np.int64)
 images = np.load(IMAGES)  # allow_pickle stays False
 he_logits, plain_logits, up, down = [], [], 0, 0
 for qid, x in enumerate(images):
-    one_period = np.where(source >= 0, x.ravel()[np.maximum(source, 0)], 0.0)
-    plain = sealapi.Plaintext()
-    encoder.encode(np.tile(one_period, slots // d.input_layout.period).tolist(), seal.first_parms_id(),
-                   2.0 ** p.scale_bits, plain)
-    ciphertext = seal_bytes(encryptor.encrypt_symmetric(plain))
-    reply = stub.Infer(he_pb2.InferRequest(session_id=session.session_id, query_id=qid, ciphertext=ciphertext),
-                       timeout=120)
+    periods = np.where(source >= 0, x.ravel()[np.maximum(source, 0)], 0.0).reshape(-1, d.input_layout.period)
+    ciphertexts = []
+    for one_period in periods:  # one ciphertext per period of the layout (several for a large input)
+        plain = sealapi.Plaintext()
+        encoder.encode(np.tile(one_period, slots // d.input_layout.period).tolist(), seal.first_parms_id(),
+                       2.0 ** p.scale_bits, plain)
+        ciphertexts.append(seal_bytes(encryptor.encrypt_symmetric(plain)))
+    assert len(ciphertexts) == max(1, d.input_layout.ciphertexts)
+    reply = stub.Infer(he_pb2.InferRequest(session_id=session.session_id, query_id=qid, ciphertext=ciphertexts[0],
+                                           more_ciphertexts=ciphertexts[1:]), timeout=120)
     result = seal_load(sealapi.Ciphertext(), seal, reply.ciphertext)
     decrypted = sealapi.Plaintext()
     decryptor.decrypt(result, decrypted)
     values = np.asarray(encoder.decode_double(decrypted))
     he_logits.append(values[list(d.logit_slots)].tolist())
-    up, down = up + len(ciphertext), down + len(reply.ciphertext)
+    up, down = up + sum(map(len, ciphertexts)), down + len(reply.ciphertext)
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, *d.input_shape],
                                data=np.asarray(x, "<f4").tobytes())
     answer = stub.PredictPlain(he_pb2.PlainRequest(inputs=tensor), timeout=60).logits

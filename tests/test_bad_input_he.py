@@ -78,7 +78,7 @@ def _assert_still_correct(he, client=None, i=0):
 
 def _ciphertext(client, x) -> bytes:
     kit = kit_of(client.context)
-    return kit.encrypt_bytes(client.description.input_encoding.slots(x, kit.slot_count))
+    return kit.encrypt_bytes(client.description.input_encoding.slots(x, kit.slot_count)[0])
 
 
 @pytest.fixture(scope="module")

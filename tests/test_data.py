@@ -14,6 +14,7 @@ from securecollab.data import (
     PARTITION_SCHEMES,
     Dataset,
     load_dataset,
+    load_npz,
     partition,
     partition_dirichlet,
     partition_iid,
@@ -304,3 +305,22 @@ def test_a_process_that_finds_the_split_cached_does_not_import_scikit_learn(tmp_
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
             for _ in range(2)]
     assert [r.stdout.split() for r in runs] == [["1347", "True"], ["1347", "False"]], [r.stderr for r in runs]
+
+
+def test_medmnist_shaped_archive_is_the_digits_split_resized(tmp_path):
+    import torch
+
+    from securecollab.data import write_medmnist_shaped
+    path = write_medmnist_shaped(tmp_path / "d28.npz", size=28)
+    with np.load(path, allow_pickle=False) as z:
+        assert z["train_images"].dtype == np.uint8 and z["train_images"].shape[1:] == (28, 28)
+        assert z["train_labels"].shape[1] == 1
+    ds, digits = load_npz(path), load_dataset("digits")
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    assert np.array_equal(ds.y_train, digits.y_train) and np.array_equal(ds.y_test, digits.y_test)
+    # the same images, only larger: shrunk back, each is far closer to its own 8x8 digit than to another one
+    shrunk = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(ds.x_test), 8).numpy()
+    own = np.abs(shrunk - digits.x_test).mean()
+    assert own < 0.1 and own < 0.4 * np.abs(shrunk - np.roll(digits.x_test, 1, axis=0)).mean()
+    with pytest.raises(ValueError, match="at least 8"):
+        write_medmnist_shaped(tmp_path / "tiny.npz", size=4)

@@ -76,10 +76,10 @@ def test_default_context_fits_the_mlp_in_degree_8192(single):
 def test_single_query_over_the_wire(single, trained, digits):
     ctx, _, he = single
     kit = SealKit(ctx)
-    upload = encrypt_input_bytes(ctx, digits.x_test[0])
+    [upload] = encrypt_input_bytes(ctx, digits.x_test[0])
     # Seeded symmetric encryption: about half a public-key ciphertext.
-    assert len(upload) < 0.6 * len(kit.ciphertext_bytes(encrypt_input(ctx, digits.x_test[0])))
-    reply = he.evaluate_bytes(upload)
+    assert len(upload) < 0.6 * len(kit.ciphertext_bytes(encrypt_input(ctx, digits.x_test[0])[0]))
+    reply = he.evaluate_bytes([upload])
     assert len(upload) + len(reply) <= 500_000
     got = decrypt_logits(ctx, kit.ciphertext_from_bytes(reply), 10)
     assert np.abs(got - predict_logits(trained, digits.x_test[:1])[0]).max() <= LOGIT_TOL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,7 @@ def test_im2col_slots_times_weights_sum_to_the_convolution():
     assert (g.windows, g.kernel_elements, g.block, g.kpad, g.period) == (36, 9, 256, 16, 4096)
     x = np.random.default_rng(1).random((1, 8, 8))
     prod = (g.input_slots(x, 4096) * g.weight_slots(conv.weight.detach().numpy(), 4096)).reshape(g.kpad, g.block)
+    assert g.ciphertexts == 1
     with torch.no_grad():
         expected = conv(torch.from_numpy(x)[None])[0].numpy().ravel() - np.repeat(conv.bias.detach().numpy(), 36)
     np.testing.assert_allclose(prod.sum(0)[:g.out_features], expected, atol=1e-12)
@@ -82,12 +85,60 @@ def test_encrypted_im2col_convolution_matches_plaintext():
     server = load_public(public_bytes(ctx, g.galois_steps())).kit
     layer = Im2colConv(server, g, conv.weight.detach().numpy(), conv.bias.detach().numpy(), in_scale=server.scale)
     x = np.random.default_rng(2).random((1, 8, 8))
-    out = kit_of(ctx).decrypt(layer(kit_of(ctx).encrypt(g.input_slots(x, 4096))))
+    out = kit_of(ctx).decrypt(layer([kit_of(ctx).encrypt(g.input_slots(x, 4096)[0])]))
     with torch.no_grad():
         expected = conv(torch.from_numpy(x)[None])[0].numpy().ravel()
     # the output is repeated with period `block`, as the next diagonal layer expects
     for copy in out.reshape(-1, g.block):
         np.testing.assert_allclose(copy[:g.out_features], expected, atol=2e-3)
+
+
+def test_an_im2col_layout_larger_than_the_slots_goes_in_groups_of_kernel_elements():
+    """28x28, 7x7 stride 3 (the convnet's first layer on MedMNIST's shape): 64 padded kernel elements x 256
+    outputs is 4x the 4096 slots, so 4 ciphertexts of 16 kernel elements each; products summed across them
+    and within each are the convolution, and the server encrypts-evaluates it with 4 rotations."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(1, 4, 7, stride=3).double()
+    g = Im2colGeometry.of(conv, (1, 28, 28))
+    assert g.fitted(16384).group == 0 and g.fitted(16384).ciphertexts == 1
+    g = g.fitted(4096)
+    assert (g.windows, g.kernel_elements, g.block, g.group, g.ciphertexts, g.period) == (64, 49, 256, 16, 4, 4096)
+    assert g.galois_steps() == [256, 512, 1024, 2048]
+    assert Im2colGeometry.from_dict(g.to_dict()) == g
+    with pytest.raises(ValueError, match="power of two"):
+        Im2colGeometry.from_dict({**g.to_dict(), "group": 12})
+    x = np.random.default_rng(3).random((1, 28, 28))
+    inputs, weights = g.input_slots(x, 4096), g.weight_slots(conv.weight.detach().numpy(), 4096)
+    assert inputs.shape == weights.shape == (4, 4096)
+    with torch.no_grad():
+        expected = conv(torch.from_numpy(x)[None])[0].numpy().ravel()
+    summed = (inputs * weights).reshape(-1, g.block).sum(0)[:g.out_features]
+    np.testing.assert_allclose(summed, expected - np.repeat(conv.bias.detach().numpy(), 64), atol=1e-12)
+
+    ctx = make_context(1)
+    server = load_public(public_bytes(ctx, g.galois_steps())).kit
+    layer = Im2colConv(server, g, conv.weight.detach().numpy(), conv.bias.detach().numpy(), in_scale=server.scale)
+    with pytest.raises(ValueError, match="4 input ciphertexts"):
+        layer([kit_of(ctx).encrypt(inputs[0])])
+    out = kit_of(ctx).decrypt(layer([kit_of(ctx).encrypt(row) for row in inputs]))
+    for copy in out.reshape(-1, g.block):
+        np.testing.assert_allclose(copy[:g.out_features], expected, atol=5e-3)
+
+
+def test_a_28x28_convnet_answers_single_queries_in_four_ciphertexts_like_plaintext():
+    model = build_model("convnet", (1, 28, 28), 10, activation="square", seed=0).double()
+    he = HENet.from_torch(model, (1, 28, 28))
+    assert he.input_encoding.ciphertexts == 4 and he.min_slots == 4096
+    ctx = make_context(he.depth)
+    he.bind(load_public(public_bytes(ctx, he.galois_steps)))
+    x = np.random.default_rng(4).random((3, 1, 28, 28))
+    with torch.no_grad():
+        plain = model(torch.from_numpy(x)).numpy()
+    got = np.stack([decrypt_logits(ctx, he.evaluate(encrypt_input(ctx, xi, he.input_encoding)), 10) for xi in x])
+    assert (got.argmax(1) == plain.argmax(1)).all()
+    np.testing.assert_allclose(got, plain, atol=1e-3 + 1e-3 * np.abs(plain).max())
+    with pytest.raises(ValueError, match="4 ciphertext"):
+        he.evaluate(encrypt_input(ctx, x[0], he.input_encoding)[:1])
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +171,19 @@ def test_single_query_convnet_uses_im2col_and_matches_plaintext(digits):
     assert np.abs(got - plain).max() <= 0.05
 
 
-@pytest.mark.parametrize("name", ["convnet", "mlp"])
-def test_the_described_slot_layout_gathers_exactly_the_encoded_input(name):
+@pytest.mark.parametrize("name, shape, ciphertexts", [("convnet", (1, 8, 8), 1), ("mlp", (1, 8, 8), 1),
+                                                     ("convnet", (1, 28, 28), 4)])
+def test_the_described_slot_layout_gathers_exactly_the_encoded_input(name, shape, ciphertexts):
     """What Describe sends a client written elsewhere (InputEncoding.slot_sources): gathering input values
-    into one period by it and repeating gives the very slots the project's own client encrypts."""
-    model = build_model(name, (1, 8, 8), 10, activation="square", seed=0)
-    encoding = HENet.from_torch(model, (1, 8, 8)).input_encoding
-    assert (encoding.im2col is not None) == (name == "convnet")
+    into one period per ciphertext by it and repeating gives the very slots the project's own client encrypts."""
+    model = build_model(name, shape, 10, activation="square", seed=0)
+    encoding = HENet.from_torch(model, shape).input_encoding
+    assert (encoding.im2col is not None) == (name == "convnet") and encoding.ciphertexts == ciphertexts
     source = np.array(encoding.slot_sources())
-    x = np.random.default_rng(0).random((1, 8, 8)) + 0.5  # no zero pixel: a -1 can only be padding
-    gathered = np.where(source >= 0, x.ravel()[np.maximum(source, 0)], 0.0)
-    assert len(source) == encoding.period and np.array_equal(np.tile(gathered, 4096 // encoding.period),
-                                                             encoding.slots(x, 4096))
-    assert set(source[source >= 0]) == set(range(64))
+    x = np.random.default_rng(0).random(shape) + 0.5  # no zero pixel: a -1 can only be padding
+    gathered = np.where(source >= 0, x.ravel()[np.maximum(source, 0)], 0.0).reshape(ciphertexts, encoding.period)
+    assert len(source) == ciphertexts * encoding.period
+    assert np.array_equal(np.tile(gathered, (1, 4096 // encoding.period)), encoding.slots(x, 4096))
+    assert set(source[source >= 0]) == set(range(math.prod(shape)))
     # im2col: each pixel once per window that covers it and per output channel; slots past them empty
     assert (source == -1).any() == (name == "convnet")

@@ -14,7 +14,7 @@ import tenseal as ts
 from securecollab.generated.v1 import he_pb2 as pb
 from securecollab.he import make_context
 from securecollab.he.context import _MAGIC, split_public
-from securecollab.he.net import kit_of
+from securecollab.he.net import encrypt_input_bytes, kit_of
 from securecollab.launch import ProcessGroup
 from securecollab.net.certs import TlsFiles
 from securecollab.net.wire import encode_tensor, iter_chunks
@@ -89,7 +89,7 @@ def test_transcripts_hold_what_each_side_received(served, batched_run, tmp_path)
         query = server.of_kind("query")[-1]
         kit = kit_of(ctx)
         sent = kit.decrypt(kit.ciphertext_from_bytes(query.blobs["ciphertext"]))
-        expected = c.description.input_encoding.slots(ds.x_test[7], kit.slot_count)
+        expected = c.description.input_encoding.slots(ds.x_test[7], kit.slot_count)[0]
         np.testing.assert_allclose(sent, expected, atol=1e-3)
 
 
@@ -176,13 +176,15 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(served):
     with client(served) as c, client(served, party=PLAIN_CLIENT) as other:
         c.open_session()
         good = c.context
-        ct = kit_of(good).encrypt_bytes(c.description.input_encoding.slots(ds.x_test[0], kit_of(good).slot_count))
+        ct = kit_of(good).encrypt_bytes(c.description.input_encoding.slots(ds.x_test[0], kit_of(good).slot_count)[0])
         req = lambda **kw: pb.InferRequest(**{"session_id": c.session_id, "query_id": 10**6, "ciphertext": ct, **kw})
         assert _status(lambda: c.stub.Infer(req(session_id="nope"))) == grpc.StatusCode.NOT_FOUND
         assert _status(lambda: other.stub.Infer(req())) == grpc.StatusCode.PERMISSION_DENIED
         assert _status(lambda: c.stub.Infer(req(ciphertext=b"garbage"))) == grpc.StatusCode.INVALID_ARGUMENT
         assert _status(lambda: c.stub.Infer(req(ciphertext=ct[:len(ct) // 2]))) == grpc.StatusCode.INVALID_ARGUMENT
         assert _status(lambda: c.stub.Infer(req(result_format=7))) == grpc.StatusCode.INVALID_ARGUMENT
+        # this model's input is one ciphertext: a second one is refused, not ignored
+        assert _status(lambda: c.stub.Infer(req(more_ciphertexts=[ct]))) == grpc.StatusCode.INVALID_ARGUMENT
         first = c.stub.Infer(req())
         assert _status(lambda: c.stub.Infer(req())) == grpc.StatusCode.ALREADY_EXISTS  # replay
         # an evaluated (lower-level) ciphertext is not a fresh input
@@ -249,16 +251,20 @@ def test_a_client_written_from_the_proto_alone_gets_the_plaintext_models_answers
     """The wire contract is complete: he.proto and tensor.proto compiled fresh into a temporary directory, and a
     client (tests/he_outsider_client.py) that imports only those stubs, grpc, TenSEAL and numpy, in an isolated
     interpreter beside the installed project; the stubs' package is not securecollab's."""
+    model, ds, *_ = served
+    _outsider_agrees(served, model, ds.x_test[:12], tmp_path, max_bytes=500_000)
+
+
+def _outsider_agrees(served, model, images, tmp_path, *, max_bytes: int) -> None:
     from pathlib import Path
 
-    model, ds, certs, target, _, _ = served
+    _, _, certs, target, _, _ = served
     root = Path(__file__).resolve().parents[1]
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     protos = [str(root / "protos" / "securecollab_wire" / "v1" / f"{name}.proto") for name in ("tensor", "he")]
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(root / "protos"),
                     f"--python_out={stubs}", f"--grpc_python_out={stubs}", *protos], check=True, timeout=120)
-    images = ds.x_test[:12]
     np.save(tmp_path / "images.npy", images)
     tls = TlsFiles.for_party(certs, CLIENT)
     out = tmp_path / "out.json"
@@ -273,4 +279,37 @@ def test_a_client_written_from_the_proto_alone_gets_the_plaintext_models_answers
     assert np.abs(plain - reference).max() < 1e-4            # the plain API, decoded from the Tensor message
     assert (he.argmax(1) == reference.argmax(1)).all()
     assert np.abs(he - reference).max() <= LOGIT_TOL
-    assert got["bytes_per_query"] < 500_000
+    assert got["bytes_per_query"] < max_bytes
+
+
+@pytest.fixture(scope="module")
+def served_28(tmp_path_factory):
+    """A convnet served on MedMNIST's 28x28 shape (`make-npz`), whose input takes 4 ciphertexts."""
+    from securecollab.data import write_medmnist_shaped
+    work = tmp_path_factory.mktemp("he28")
+    plan = HEModelPlan(dataset="npz", dataset_path=str(write_medmnist_shaped(work / "digits28.npz")), epochs=3)
+    model, ds, weights, certs = prepare(plan, work)
+    with ProcessGroup(work / "logs") as group:
+        port = start_server(group, plan, weights, certs, work / "server", max_batch=0)
+        yield model, ds, certs, f"localhost:{port}", group.procs["he-server"].pid, work / "server"
+
+
+def test_a_28x28_input_goes_in_four_ciphertexts_end_to_end(served_28, tmp_path):
+    """Single queries on 28x28 images: the described layout takes 4 ciphertexts (im2col in groups of kernel
+    elements), the answers equal the plaintext model's, the server's transcript holds all 4, a query with the
+    wrong number of ciphertexts is refused and the server keeps serving; a client from the proto alone agrees."""
+    model, ds, *_, out = served_28
+    assert ds.input_shape == (1, 28, 28)
+    images = ds.x_test[:4]
+    with client(served_28) as c:
+        assert c.description.input_encoding.ciphertexts == 4
+        c.open_session()
+        cts = encrypt_input_bytes(c.context, images[0], c.description.input_encoding)
+        req = pb.InferRequest(session_id=c.session_id, query_id=10**6, ciphertext=cts[0], more_ciphertexts=cts[1:3])
+        assert _status(lambda: c.stub.Infer(req)) == grpc.StatusCode.INVALID_ARGUMENT
+        got = np.stack([c.infer(x) for x in images])
+    reference = predict_logits(model, images)
+    assert (got.argmax(1) == reference.argmax(1)).all() and np.abs(got - reference).max() <= LOGIT_TOL
+    query = load_transcript(out / "transcripts" / "he-server.jsonl").of_kind("query")[-1]
+    assert sorted(query.blobs) == ["ciphertext", "ciphertext_1", "ciphertext_2", "ciphertext_3"]
+    _outsider_agrees(served_28, model, images[:3], tmp_path, max_bytes=1_200_000)

@@ -81,7 +81,7 @@ def _bench_he(plan, queries, batch_size, batch_rounds, work_dir, placement, netw
             session_key_bytes = method_bytes(client.meter.snapshot(), "/OpenSession")
         peak_rss = server_peak_rss_mb(group)
 
-    t = client.single
+    t, encoding = client.single, client.description.input_encoding
     single_check = agreement(single, reference[:len(x_test)])
     batch_check = agreement(batched, np.resize(reference, (batch_size, reference.shape[1])))
     n = t.queries
@@ -103,6 +103,8 @@ def _bench_he(plan, queries, batch_size, batch_rounds, work_dir, placement, netw
                                  "server": client.batched.server_s / batch_rounds,
                                  "decrypt": client.batched.decrypt_s / batch_rounds}},
         "session": {k: session[k] for k in ("keygen_s", "open_s", "server_setup_s", "slot_count", "galois_steps")},
+        "input_layout": {"im2col": encoding.im2col is not None, "ciphertexts": encoding.ciphertexts,
+                         "period": encoding.period},
         "server_peak_rss_mb": peak_rss,
     }
     plain_stats = {"latency_s": statistics.median(plain.plain.latencies), "query_bytes": plain_bytes}

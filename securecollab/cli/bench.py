@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from securecollab.cli.options import BatchSize, Seed, defence_options, uses
+from securecollab.cli.options import BatchSize, DatasetOpt, DatasetPath, Seed, defence_options, uses
 from securecollab.cli.output import console, print_table, table, write_json
 
 app = typer.Typer(help="Measure a protocol's overhead against its plain counterpart (writes JSON).",
@@ -201,15 +201,22 @@ def he(
     queries: Annotated[int, typer.Option(min=0, help="Single encrypted queries: the first N test images (0: all).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batched query (4096 fills every slot).")] = 4096,
     batch_rounds: Annotated[int, typer.Option(min=1, help="Batches timed (median reported).")] = 2,
-    seed: Seed = 0, network: Network = "loopback",
+    seed: Seed = 0, network: Network = "loopback", dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_he.json"),
 ):
-    """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness."""
+    """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness.
+
+    MedMNIST's 28x28 shape: `securecollab make-npz results/digits28.npz`, then `--dataset npz --dataset-path
+    results/digits28.npz` (the convnet's first layer then takes 4 ciphertexts per query)."""
     from securecollab.bench.he import bench_he
     from securecollab.plans import HEModelPlan
-    r = _measure(bench_he, HEModelPlan(model=model, seed=seed), queries=queries, batch_size=batch_size,
+    if dataset == "npz" and dataset_path is None:
+        raise typer.BadParameter("--dataset npz needs --dataset-path (make one with `securecollab make-npz`)")
+    plan = HEModelPlan(model=model, seed=seed, dataset=dataset,
+                       dataset_path=str(dataset_path) if dataset_path else None)
+    r = _measure(bench_he, plan, queries=queries, batch_size=batch_size,
                  batch_rounds=batch_rounds, network=_network(network), prefix="bench-he-", out=out)
-    he, st = r["he"], r["he"]["single"]["stages_s"]
+    he, st, layout = r["he"], r["he"]["single"]["stages_s"], r["he"]["input_layout"]
     print_table(table(f"HE inference: {model} on {r['dataset']} ({r['single_queries']} single queries, "
                       f"batches of {batch_size})", ["", "latency s (1 query)", "bytes / query", "throughput img/s"],
                       [["plain", f"{r['plain']['latency_s']:.4f}", f"{r['plain']['query_bytes']:,.0f}", "-"],
@@ -217,7 +224,8 @@ def he(
                         f"{he['throughput_per_s']:.0f}"]]))
     console.print(f"stages per query: keygen {st['keygen']:.2f}s (once per session), encrypt {st['encrypt']:.4f}s, "
                   f"network+server {st['network_and_server']:.3f}s (server {st['server']:.3f}s), "
-                  f"decrypt {st['decrypt']:.4f}s; session keys {he['session_key_bytes'] / 1e6:.1f} MB")
+                  f"decrypt {st['decrypt']:.4f}s; session keys {he['session_key_bytes'] / 1e6:.1f} MB; input "
+                  f"{'im2col' if layout['im2col'] else 'dense'} in {layout['ciphertexts']} ciphertext(s)")
     console.print(f"argmax agreement {he['argmax_agreement']:.4f}, max |logit error| {he['max_abs_logit_error']:.2e} "
                   f"over the whole test set; accuracy plaintext {r['plaintext_accuracy']:.3f}, "
                   f"HE {r['he_accuracy']:.3f}")

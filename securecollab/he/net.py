@@ -77,13 +77,19 @@ class InputEncoding:
     features: int
     im2col: Im2colGeometry | None = None
 
+    @property
+    def ciphertexts(self) -> int:
+        """Ciphertexts one input takes (several only for an im2col layout split into groups)."""
+        return self.im2col.ciphertexts if self.im2col is not None else 1
+
     def slots(self, x: np.ndarray, slot_count: int) -> np.ndarray:
+        """(ciphertexts, slot_count): the values each of the input's ciphertexts encrypts."""
         x = np.asarray(x, dtype=np.float64)
         if x.size != self.features:
             raise ValueError(f"expected an input of {self.features} values, got {x.size}")
         if self.im2col is not None:
             return self.im2col.input_slots(x, slot_count)
-        return replicate(x.ravel(), next_pow2(self.features), slot_count)
+        return replicate(x.ravel(), next_pow2(self.features), slot_count)[None]
 
     @property
     def period(self) -> int:
@@ -92,9 +98,10 @@ class InputEncoding:
 
     def slot_sources(self) -> list[int]:
         """The layout as data, for clients written elsewhere: slot i of one period holds input value
-        ``sources[i]`` of the flattened input, or 0 where it is -1 (padding, unused slots)."""
+        ``sources[i]`` of the flattened input, or 0 where it is -1 (padding, unused slots); with several
+        ciphertexts, ciphertext c's period follows ciphertext c-1's."""
         marks = self.slots(np.arange(1, self.features + 1, dtype=np.float64), self.period)
-        return [int(round(m)) - 1 for m in marks]
+        return [int(round(m)) - 1 for m in marks.ravel()]
 
     def to_dict(self) -> dict:
         return {"features": self.features, "im2col": self.im2col.to_dict() if self.im2col else None}
@@ -126,7 +133,8 @@ class HENet:
 
     @classmethod
     def from_torch(cls, model: nn.Module, input_shape: tuple[int, ...], slot_count: int = 4096) -> "HENet":
-        """Lower ``model``; a leading Conv2d -> Square goes by im2col when its layout fits ``slot_count``."""
+        """Lower ``model``; a leading Conv2d -> Square goes by im2col, in one ciphertext when its layout fits
+        ``slot_count``, else in groups of kernel elements (several ciphertexts)."""
         from securecollab.models import Square
 
         layers = affine_layers(model, input_shape)
@@ -134,8 +142,8 @@ class HENet:
         first_conv = None
         if (len(modules) > 1 and isinstance(modules[0], nn.Conv2d) and isinstance(modules[1], Square)
                 and len(input_shape) == 3):
-            geometry = Im2colGeometry.of(modules[0], input_shape)
-            if slot_count % geometry.period == 0:
+            geometry = Im2colGeometry.of(modules[0], input_shape).fitted(slot_count)
+            if geometry is not None:
                 conv = modules[0]
                 bias = conv.bias.detach().double().numpy() if conv.bias is not None else None
                 first_conv = (geometry, conv.weight.detach().double().numpy(), bias)
@@ -184,31 +192,35 @@ class HENet:
         self.kit, self._compiled = kit, compiled
         return self
 
-    def evaluate(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
-        """Encrypted logits (slots 0..n_classes-1, repeated) from an encrypted input."""
+    def evaluate(self, cts: list[sealapi.Ciphertext]) -> sealapi.Ciphertext:
+        """Encrypted logits (slots 0..n_classes-1, repeated) from an encrypted input (its ciphertexts)."""
         if self._compiled is None:
             raise RuntimeError("call bind(context) before evaluate")
+        if len(cts) != self.input_encoding.ciphertexts:
+            raise ValueError(f"an input takes {self.input_encoding.ciphertexts} ciphertext(s), got {len(cts)}")
+        ct = cts if self.first_conv else cts[0]
         for i, layer in enumerate(self._compiled):
             ct = layer(ct)
             if i < len(self._compiled) - 1:
                 square_in_place(self.kit, ct)
         return ct
 
-    def evaluate_bytes(self, data: bytes) -> bytes:
+    def evaluate_bytes(self, data: list[bytes]) -> bytes:
         """Wire form of :meth:`evaluate`: SEAL ciphertext bytes in and out."""
-        return self.kit.ciphertext_bytes(self.evaluate(self.kit.load_fresh(data)))
+        return self.kit.ciphertext_bytes(self.evaluate([self.kit.load_fresh(d) for d in data]))
 
 
-def encrypt_input(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> sealapi.Ciphertext:
-    """Client side: one input in :class:`HENet`'s layout (default: flattened and repeated)."""
+def encrypt_input(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> list[sealapi.Ciphertext]:
+    """Client side: one input in :class:`HENet`'s layout (default: flattened and repeated), as its ciphertexts."""
     kit = kit_of(ctx)
-    return kit.encrypt((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
+    return [kit.encrypt(row) for row in (encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count)]
 
 
-def encrypt_input_bytes(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> bytes:
+def encrypt_input_bytes(ctx, x: np.ndarray, encoding: InputEncoding | None = None) -> list[bytes]:
     """Wire form of :func:`encrypt_input`; seeded symmetric encryption halves it."""
     kit = kit_of(ctx)
-    return kit.encrypt_bytes((encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count))
+    return [kit.encrypt_bytes(row) for row in
+            (encoding or InputEncoding(np.asarray(x).size)).slots(x, kit.slot_count)]
 
 
 def decrypt_logits(ctx, ct: sealapi.Ciphertext, n_classes: int) -> np.ndarray:

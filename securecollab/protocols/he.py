@@ -66,6 +66,7 @@ class HEModelHost:
                 "input_encoding": self.net.input_encoding.to_dict(), "max_batch_size": self.max_batch_size,
                 "max_context_bytes": self.max_context_bytes, "ckks": default_parameters(self.net.depth),
                 "input_period": self.net.input_encoding.period,
+                "input_ciphertexts": self.net.input_encoding.ciphertexts,
                 "input_sources": self.net.input_encoding.slot_sources(),
                 "logit_slots": list(range(self.num_classes))}  # decrypt_logits reads the first slots
 
@@ -142,14 +143,18 @@ class HEModelHost:
             raise ProtocolError("ALREADY_EXISTS", f"query {query_id} was already answered in this session (replay)")
         session.queries.add(query_id)
 
-    def infer(self, session: Session, query_id: int, ciphertext: bytes, *, packed: bool = False
+    def infer(self, session: Session, query_id: int, ciphertexts: list[bytes], *, packed: bool = False
               ) -> bytes | PackedCiphertext:
-        """The encrypted logits: SEAL's serialization, or the compact form (he/packing.py) if ``packed``."""
+        """The encrypted logits of one input (its ciphertexts): SEAL's serialization, or the compact form
+        (he/packing.py) if ``packed``."""
+        expected = session.net.input_encoding.ciphertexts
+        if len(ciphertexts) != expected:
+            raise ProtocolError("INVALID_ARGUMENT", f"an input takes {expected} ciphertext(s) with this model, "
+                                                    f"got {len(ciphertexts)}")
         with session.lock:
             self._claim(session, query_id)
             try:
-                ct = session.net.kit.load_fresh(ciphertext)
-                result = session.net.evaluate(ct)
+                result = session.net.evaluate([session.net.kit.load_fresh(c) for c in ciphertexts])
                 return pack(session.net.kit, result) if packed else session.net.kit.ciphertext_bytes(result)
             except (ValueError, RuntimeError) as e:  # SEAL refusing a crafted ciphertext mid-evaluation
                 session.queries.discard(query_id)
@@ -180,8 +185,9 @@ class HEModelHost:
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ProtocolError("INVALID_ARGUMENT", f"inputs must be shaped (n, {', '.join(map(str, self.input_shape))}), "
                                                     f"got {x.shape}")
-        if not 1 <= len(x) <= self.max_batch_size:
-            raise ProtocolError("INVALID_ARGUMENT", f"1..{self.max_batch_size} inputs per request, got {len(x)}")
+        most = max(1, self.max_batch_size)  # batched mode off (0) still answers one input at a time
+        if not 1 <= len(x) <= most:
+            raise ProtocolError("INVALID_ARGUMENT", f"1..{most} inputs per request, got {len(x)}")
         logits = predict_logits(self.model, x).astype(np.float32)
         if not np.isfinite(logits).all():
             raise ProtocolError("INVALID_ARGUMENT", "these inputs overflow the model (non-finite logits)")

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from securecollab.generated.v1 import tensor_pb2 as securecollab__wire_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecurecollab_wire/v1/he.proto\x12\x0fsecurecollab.v1\x1a!securecollab_wire/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xca\x02\n\x10ModelDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x14\n\x0cgalois_steps\x18\x05 \x03(\x05\x12\x11\n\tmin_slots\x18\x06 \x01(\r\x12\x1b\n\x13input_encoding_json\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_context_bytes\x18\t \x01(\x04\x12-\n\x04\x63kks\x18\n \x01(\x0b\x32\x1f.securecollab.v1.CkksParameters\x12\x31\n\x0cinput_layout\x18\x0b \x01(\x0b\x32\x1b.securecollab.v1.SlotLayout\x12\x13\n\x0blogit_slots\x18\x0c \x03(\r\"^\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\",\n\nSlotLayout\x12\x0e\n\x06period\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x03(\x11\"$\n\x0eSessionOptions\x12\x12\n\nbatch_size\x18\x01 \x01(\r\"t\n\x0bSessionPart\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.securecollab.v1.SessionOptionsH\x00\x12)\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x16.securecollab.v1.ChunkH\x00\x42\x06\n\x04part\"^\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcontext_bytes\x18\x02 \x01(\x04\x12\x12\n\nslot_count\x18\x03 \x01(\r\x12\x0f\n\x07setup_s\x18\x04 \x01(\x01\"~\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\x04\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x34\n\rresult_format\x18\x04 \x01(\x0e\x32\x1d.securecollab.v1.ResultFormat\"w\n\nInferReply\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x10\n\x08server_s\x18\x03 \x01(\x01\x12\x31\n\x06packed\x18\x04 \x01(\x0b\x32!.securecollab.v1.PackedCiphertext\"|\n\x10PackedCiphertext\x12\x0f\n\x07modulus\x18\x01 \x01(\x04\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65gree\x18\x03 \x01(\r\x12\x14\n\x0c\x64ropped_bits\x18\x04 \x03(\r\x12\x12\n\nvalue_bits\x18\x05 \x03(\r\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"w\n\tBatchPart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\x04\x12\x12\n\nnum_inputs\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"E\n\nBatchReply\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\x12\x10\n\x08server_s\x18\x03 \x01(\x01\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0c\n\nCloseReply\"7\n\x0cPlainRequest\x12\'\n\x06inputs\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"G\n\nPlainReply\x12\'\n\x06logits\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x10\n\x08server_s\x18\x02 \x01(\x01*<\n\x0cResultFormat\x12\x13\n\x0fSEAL_CIPHERTEXT\x10\x00\x12\x17\n\x13PACKED_COEFFICIENTS\x10\x01\x32\xd2\x03\n\x0bHEInference\x12O\n\x08\x44\x65scribe\x12 .securecollab.v1.DescribeRequest\x1a!.securecollab.v1.ModelDescription\x12L\n\x0bOpenSession\x12\x1c.securecollab.v1.SessionPart\x1a\x1d.securecollab.v1.SessionReply(\x01\x12\x43\n\x05Infer\x12\x1d.securecollab.v1.InferRequest\x1a\x1b.securecollab.v1.InferReply\x12G\n\nInferBatch\x12\x1a.securecollab.v1.BatchPart\x1a\x1b.securecollab.v1.BatchReply(\x01\x12J\n\x0c\x43loseSession\x12\x1d.securecollab.v1.CloseRequest\x1a\x1b.securecollab.v1.CloseReply\x12J\n\x0cPredictPlain\x12\x1d.securecollab.v1.PlainRequest\x1a\x1b.securecollab.v1.PlainReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecurecollab_wire/v1/he.proto\x12\x0fsecurecollab.v1\x1a!securecollab_wire/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xca\x02\n\x10ModelDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x14\n\x0cgalois_steps\x18\x05 \x03(\x05\x12\x11\n\tmin_slots\x18\x06 \x01(\r\x12\x1b\n\x13input_encoding_json\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_context_bytes\x18\t \x01(\x04\x12-\n\x04\x63kks\x18\n \x01(\x0b\x32\x1f.securecollab.v1.CkksParameters\x12\x31\n\x0cinput_layout\x18\x0b \x01(\x0b\x32\x1b.securecollab.v1.SlotLayout\x12\x13\n\x0blogit_slots\x18\x0c \x03(\r\"^\n\x0e\x43kksParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x12\n\nscale_bits\x18\x03 \x01(\r\"A\n\nSlotLayout\x12\x0e\n\x06period\x18\x01 \x01(\r\x12\x0e\n\x06source\x18\x02 \x03(\x11\x12\x13\n\x0b\x63iphertexts\x18\x03 \x01(\r\"$\n\x0eSessionOptions\x12\x12\n\nbatch_size\x18\x01 \x01(\r\"t\n\x0bSessionPart\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.securecollab.v1.SessionOptionsH\x00\x12)\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x16.securecollab.v1.ChunkH\x00\x42\x06\n\x04part\"^\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcontext_bytes\x18\x02 \x01(\x04\x12\x12\n\nslot_count\x18\x03 \x01(\r\x12\x0f\n\x07setup_s\x18\x04 \x01(\x01\"\x98\x01\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\x04\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x34\n\rresult_format\x18\x04 \x01(\x0e\x32\x1d.securecollab.v1.ResultFormat\x12\x18\n\x10more_ciphertexts\x18\x05 \x03(\x0c\"w\n\nInferReply\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x10\n\x08server_s\x18\x03 \x01(\x01\x12\x31\n\x06packed\x18\x04 \x01(\x0b\x32!.securecollab.v1.PackedCiphertext\"|\n\x10PackedCiphertext\x12\x0f\n\x07modulus\x18\x01 \x01(\x04\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65gree\x18\x03 \x01(\r\x12\x14\n\x0c\x64ropped_bits\x18\x04 \x03(\r\x12\x12\n\nvalue_bits\x18\x05 \x03(\r\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"w\n\tBatchPart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\x04\x12\x12\n\nnum_inputs\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"E\n\nBatchReply\x12\x10\n\x08query_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\x12\x10\n\x08server_s\x18\x03 \x01(\x01\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0c\n\nCloseReply\"7\n\x0cPlainRequest\x12\'\n\x06inputs\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\"G\n\nPlainReply\x12\'\n\x06logits\x18\x01 \x01(\x0b\x32\x17.securecollab.v1.Tensor\x12\x10\n\x08server_s\x18\x02 \x01(\x01*<\n\x0cResultFormat\x12\x13\n\x0fSEAL_CIPHERTEXT\x10\x00\x12\x17\n\x13PACKED_COEFFICIENTS\x10\x01\x32\xd2\x03\n\x0bHEInference\x12O\n\x08\x44\x65scribe\x12 .securecollab.v1.DescribeRequest\x1a!.securecollab.v1.ModelDescription\x12L\n\x0bOpenSession\x12\x1c.securecollab.v1.SessionPart\x1a\x1d.securecollab.v1.SessionReply(\x01\x12\x43\n\x05Infer\x12\x1d.securecollab.v1.InferRequest\x1a\x1b.securecollab.v1.InferReply\x12G\n\nInferBatch\x12\x1a.securecollab.v1.BatchPart\x1a\x1b.securecollab.v1.BatchReply(\x01\x12J\n\x0c\x43loseSession\x12\x1d.securecollab.v1.CloseRequest\x1a\x1b.securecollab.v1.CloseReply\x12J\n\x0cPredictPlain\x12\x1d.securecollab.v1.PlainRequest\x1a\x1b.securecollab.v1.PlainReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'securecollab_wire.v1.he_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTFORMAT']._serialized_start=1578
-  _globals['_RESULTFORMAT']._serialized_end=1638
+  _globals['_RESULTFORMAT']._serialized_start=1626
+  _globals['_RESULTFORMAT']._serialized_end=1686
   _globals['_DESCRIBEREQUEST']._serialized_start=85
   _globals['_DESCRIBEREQUEST']._serialized_end=102
   _globals['_MODELDESCRIPTION']._serialized_start=105
@@ -41,31 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CKKSPARAMETERS']._serialized_start=437
   _globals['_CKKSPARAMETERS']._serialized_end=531
   _globals['_SLOTLAYOUT']._serialized_start=533
-  _globals['_SLOTLAYOUT']._serialized_end=577
-  _globals['_SESSIONOPTIONS']._serialized_start=579
-  _globals['_SESSIONOPTIONS']._serialized_end=615
-  _globals['_SESSIONPART']._serialized_start=617
-  _globals['_SESSIONPART']._serialized_end=733
-  _globals['_SESSIONREPLY']._serialized_start=735
-  _globals['_SESSIONREPLY']._serialized_end=829
-  _globals['_INFERREQUEST']._serialized_start=831
-  _globals['_INFERREQUEST']._serialized_end=957
-  _globals['_INFERREPLY']._serialized_start=959
-  _globals['_INFERREPLY']._serialized_end=1078
-  _globals['_PACKEDCIPHERTEXT']._serialized_start=1080
-  _globals['_PACKEDCIPHERTEXT']._serialized_end=1204
-  _globals['_BATCHPART']._serialized_start=1206
-  _globals['_BATCHPART']._serialized_end=1325
-  _globals['_BATCHREPLY']._serialized_start=1327
-  _globals['_BATCHREPLY']._serialized_end=1396
-  _globals['_CLOSEREQUEST']._serialized_start=1398
-  _globals['_CLOSEREQUEST']._serialized_end=1432
-  _globals['_CLOSEREPLY']._serialized_start=1434
-  _globals['_CLOSEREPLY']._serialized_end=1446
-  _globals['_PLAINREQUEST']._serialized_start=1448
-  _globals['_PLAINREQUEST']._serialized_end=1503
-  _globals['_PLAINREPLY']._serialized_start=1505
-  _globals['_PLAINREPLY']._serialized_end=1576
-  _globals['_HEINFERENCE']._serialized_start=1641
-  _globals['_HEINFERENCE']._serialized_end=2107
+  _globals['_SLOTLAYOUT']._serialized_end=598
+  _globals['_SESSIONOPTIONS']._serialized_start=600
+  _globals['_SESSIONOPTIONS']._serialized_end=636
+  _globals['_SESSIONPART']._serialized_start=638
+  _globals['_SESSIONPART']._serialized_end=754
+  _globals['_SESSIONREPLY']._serialized_start=756
+  _globals['_SESSIONREPLY']._serialized_end=850
+  _globals['_INFERREQUEST']._serialized_start=853
+  _globals['_INFERREQUEST']._serialized_end=1005
+  _globals['_INFERREPLY']._serialized_start=1007
+  _globals['_INFERREPLY']._serialized_end=1126
+  _globals['_PACKEDCIPHERTEXT']._serialized_start=1128
+  _globals['_PACKEDCIPHERTEXT']._serialized_end=1252
+  _globals['_BATCHPART']._serialized_start=1254
+  _globals['_BATCHPART']._serialized_end=1373
+  _globals['_BATCHREPLY']._serialized_start=1375
+  _globals['_BATCHREPLY']._serialized_end=1444
+  _globals['_CLOSEREQUEST']._serialized_start=1446
+  _globals['_CLOSEREQUEST']._serialized_end=1480
+  _globals['_CLOSEREPLY']._serialized_start=1482
+  _globals['_CLOSEREPLY']._serialized_end=1494
+  _globals['_PLAINREQUEST']._serialized_start=1496
+  _globals['_PLAINREQUEST']._serialized_end=1551
+  _globals['_PLAINREPLY']._serialized_start=1553
+  _globals['_PLAINREPLY']._serialized_end=1624
+  _globals['_HEINFERENCE']._serialized_start=1689
+  _globals['_HEINFERENCE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

@@ -58,12 +58,14 @@ class CkksParameters(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ...) -> None: ...
 
 class SlotLayout(_message.Message):
-    __slots__ = ("period", "source")
+    __slots__ = ("period", "source", "ciphertexts")
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     period: int
     source: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, period: _Optional[int] = ..., source: _Optional[_Iterable[int]] = ...) -> None: ...
+    ciphertexts: int
+    def __init__(self, period: _Optional[int] = ..., source: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[int] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
     __slots__ = ("batch_size",)
@@ -92,16 +94,18 @@ class SessionReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., context_bytes: _Optional[int] = ..., slot_count: _Optional[int] = ..., setup_s: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("session_id", "query_id", "ciphertext", "result_format")
+    __slots__ = ("session_id", "query_id", "ciphertext", "result_format", "more_ciphertexts")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MORE_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     query_id: int
     ciphertext: bytes
     result_format: ResultFormat
-    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., result_format: _Optional[_Union[ResultFormat, str]] = ...) -> None: ...
+    more_ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, session_id: _Optional[str] = ..., query_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., result_format: _Optional[_Union[ResultFormat, str]] = ..., more_ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("query_id", "ciphertext", "server_s", "packed")

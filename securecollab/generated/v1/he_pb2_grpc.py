@@ -91,8 +91,8 @@ class HEInferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
-        """One encrypted input (one ciphertext) -> encrypted logits. The input is
-        laid out as ModelDescription.input_layout says, encoded at the scale
+        """One encrypted input -> encrypted logits. The input is laid out as
+        ModelDescription.input_layout says (in as many ciphertexts as it says), encoded at the scale
         2^ckks.scale_bits, encrypted at the top level (the first parms_id); a
         symmetric, seeded encryption halves it. The logits come back in the
         slots ModelDescription.logit_slots names.
