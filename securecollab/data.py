@@ -197,19 +197,23 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     return Dataset("npz", x_train, y_train, x_test, y_test, num_classes)
 
 
-def write_medmnist_shaped(path: str | os.PathLike, *, size: int = 28, seed: int = 0) -> Path:
+def write_medmnist_shaped(path: str | os.PathLike, *, size: int = 28, channels: int = 1, seed: int = 0) -> Path:
     """The digits, resized (bilinear) to ``size`` x ``size`` and written as a MedMNIST archive: uint8 images
-    (n, size, size), labels (n, 1), the split of ``load_dataset("digits", seed=seed)``. A stand-in with
+    (n, size, size), or (n, size, size, 3) for ``channels=3`` (the gray digit in each, as in MedMNIST's colour
+    sets' layout), labels (n, 1), the split of ``load_dataset("digits", seed=seed)``. A stand-in with
     MedMNIST's shape and format where the real archives cannot be downloaded."""
     import torch
     from torch.nn import functional as F
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
     ds = load_dataset("digits", seed=seed)
 
     def resized(x: np.ndarray) -> np.ndarray:
         big = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
-        return np.rint(big[:, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+        gray = np.rint(big[:, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+        return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -283,15 +283,18 @@ class HEModelPlan(ModelPlan):
     model: str = "convnet"
     activation: str = "square"
     # x^2 networks diverge at the ReLU models' lr 0.1; 0.01 and 30 epochs reach ~0.98 on digits. 0 = by image
-    # size: 0.01 below 16 pixels, 0.003 from 16 up, where the convnet's 7x7 convolution sums 49 pixels and x^2
-    # diverges at 0.01 (28x28 digits, `securecollab make-npz`: 0.01 diverges, 0.003 gives 0.973).
+    # size: 0.01 below 16 pixels, 0.003 / channels from 16 up, where the convnet's 7x7 convolution sums 49 pixels
+    # per channel and x^2 diverges sooner (`securecollab make-npz`: 28x28 gray diverges at 0.01 and gives 0.973
+    # at 0.003; RGB diverges at 0.003 and gives 0.964 at 0.001).
     lr: float = 0.0
     epochs: int = 30
 
     def learning_rate(self, ds: Dataset) -> float:
         if self.lr:
             return self.lr
-        return 0.003 if ds.is_image and min(ds.input_shape[1:]) >= 16 else 0.01
+        if ds.is_image and min(ds.input_shape[1:]) >= 16:
+            return 0.003 / ds.input_shape[0]
+        return 0.01
 
     def train(self, ds: Dataset | None = None):
         """(model, dataset): trained in plaintext, deterministically from the seed."""

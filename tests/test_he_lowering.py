@@ -93,52 +93,67 @@ def test_encrypted_im2col_convolution_matches_plaintext():
         np.testing.assert_allclose(copy[:g.out_features], expected, atol=2e-3)
 
 
-def test_an_im2col_layout_larger_than_the_slots_goes_in_groups_of_kernel_elements():
+@pytest.mark.parametrize("channels, rotated, ciphertexts", [(4, True, 1), (3, False, 4)])
+def test_an_im2col_layout_larger_than_the_slots_makes_channels_by_rotation_or_goes_in_groups(
+        channels, rotated, ciphertexts):
     """28x28, 7x7 stride 3 (the convnet's first layer on MedMNIST's shape): 64 padded kernel elements x 256
-    outputs is 4x the 4096 slots, so 4 ciphertexts of 16 kernel elements each; products summed across them
-    and within each are the convolution, and the server encrypts-evaluates it with 4 rotations."""
+    outputs is 4x the 4096 slots. With 4 channels x 64 windows filling the block, the patches go once in one
+    ciphertext and the server rotates them into the channels' copies; with 3 channels, kernel elements go in
+    groups of 16, one ciphertext each. Either way the products, summed, are the convolution, in plaintext and
+    encrypted."""
     torch.manual_seed(3)
-    conv = nn.Conv2d(1, 4, 7, stride=3).double()
+    conv = nn.Conv2d(1, channels, 7, stride=3).double()
     g = Im2colGeometry.of(conv, (1, 28, 28))
-    assert g.fitted(16384).group == 0 and g.fitted(16384).ciphertexts == 1
+    assert g.fitted(16384).group == 0 and not g.fitted(16384).rotated_channels and g.fitted(16384).ciphertexts == 1
     g = g.fitted(4096)
-    assert (g.windows, g.kernel_elements, g.block, g.group, g.ciphertexts, g.period) == (64, 49, 256, 16, 4, 4096)
-    assert g.galois_steps() == [256, 512, 1024, 2048]
+    assert (g.windows, g.kernel_elements, g.block, g.period) == (64, 49, 256, 4096)
+    assert (g.rotated_channels, g.group, g.ciphertexts) == (rotated, 0 if rotated else 16, ciphertexts)
+    assert g.sum_steps() == [256, 512, 1024, 2048]
+    assert g.galois_steps() == [256, 512, 1024, 2048] + ([3904, 3968, 4032] if rotated else [])
     assert Im2colGeometry.from_dict(g.to_dict()) == g
     with pytest.raises(ValueError, match="power of two"):
         Im2colGeometry.from_dict({**g.to_dict(), "group": 12})
+    if not rotated:
+        with pytest.raises(ValueError, match="rotations"):
+            Im2colGeometry.from_dict({**g.to_dict(), "group": 0, "rotated_channels": True})
     x = np.random.default_rng(3).random((1, 28, 28))
     inputs, weights = g.input_slots(x, 4096), g.weight_slots(conv.weight.detach().numpy(), 4096)
-    assert inputs.shape == weights.shape == (4, 4096)
+    assert inputs.shape == (ciphertexts, 4096) and weights.shape == (len(g.terms()), 4096)
     with torch.no_grad():
         expected = conv(torch.from_numpy(x)[None])[0].numpy().ravel()
-    summed = (inputs * weights).reshape(-1, g.block).sum(0)[:g.out_features]
-    np.testing.assert_allclose(summed, expected - np.repeat(conv.bias.detach().numpy(), 64), atol=1e-12)
+    summed = sum(np.roll(inputs[i], -step) * w for (i, step), w in zip(g.terms(), weights))
+    for step in g.sum_steps():
+        summed = summed + np.roll(summed, -step)
+    for copy in summed.reshape(-1, g.block):
+        np.testing.assert_allclose(copy[:g.out_features], expected - np.repeat(conv.bias.detach().numpy(), 64),
+                                   atol=1e-12)
 
     ctx = make_context(1)
     server = load_public(public_bytes(ctx, g.galois_steps())).kit
     layer = Im2colConv(server, g, conv.weight.detach().numpy(), conv.bias.detach().numpy(), in_scale=server.scale)
-    with pytest.raises(ValueError, match="4 input ciphertexts"):
-        layer([kit_of(ctx).encrypt(inputs[0])])
+    with pytest.raises(ValueError, match=f"{ciphertexts} input ciphertexts"):
+        layer([kit_of(ctx).encrypt(inputs[0])] * (ciphertexts + 1))
     out = kit_of(ctx).decrypt(layer([kit_of(ctx).encrypt(row) for row in inputs]))
     for copy in out.reshape(-1, g.block):
         np.testing.assert_allclose(copy[:g.out_features], expected, atol=5e-3)
 
 
-def test_a_28x28_convnet_answers_single_queries_in_four_ciphertexts_like_plaintext():
-    model = build_model("convnet", (1, 28, 28), 10, activation="square", seed=0).double()
-    he = HENet.from_torch(model, (1, 28, 28))
-    assert he.input_encoding.ciphertexts == 4 and he.min_slots == 4096
+@pytest.mark.parametrize("channels, ciphertexts", [(1, 1), (3, 10)])
+def test_a_28x28_convnet_answers_single_queries_like_plaintext(channels, ciphertexts):
+    """Gray 28x28: one ciphertext (channels by rotation); RGB: 147 kernel elements in 10 groups of 16."""
+    model = build_model("convnet", (channels, 28, 28), 10, activation="square", seed=0).double()
+    he = HENet.from_torch(model, (channels, 28, 28))
+    assert he.input_encoding.ciphertexts == ciphertexts and he.min_slots == 4096
     ctx = make_context(he.depth)
     he.bind(load_public(public_bytes(ctx, he.galois_steps)))
-    x = np.random.default_rng(4).random((3, 1, 28, 28))
+    x = np.random.default_rng(4).random((2, channels, 28, 28))
     with torch.no_grad():
         plain = model(torch.from_numpy(x)).numpy()
     got = np.stack([decrypt_logits(ctx, he.evaluate(encrypt_input(ctx, xi, he.input_encoding)), 10) for xi in x])
     assert (got.argmax(1) == plain.argmax(1)).all()
     np.testing.assert_allclose(got, plain, atol=1e-3 + 1e-3 * np.abs(plain).max())
-    with pytest.raises(ValueError, match="4 ciphertext"):
-        he.evaluate(encrypt_input(ctx, x[0], he.input_encoding)[:1])
+    with pytest.raises(ValueError, match=f"{ciphertexts} ciphertext"):
+        he.evaluate(encrypt_input(ctx, x[0], he.input_encoding) * 2)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +187,7 @@ def test_single_query_convnet_uses_im2col_and_matches_plaintext(digits):
 
 
 @pytest.mark.parametrize("name, shape, ciphertexts", [("convnet", (1, 8, 8), 1), ("mlp", (1, 8, 8), 1),
-                                                     ("convnet", (1, 28, 28), 4)])
+                                                     ("convnet", (1, 28, 28), 1), ("convnet", (3, 28, 28), 10)])
 def test_the_described_slot_layout_gathers_exactly_the_encoded_input(name, shape, ciphertexts):
     """What Describe sends a client written elsewhere (InputEncoding.slot_sources): gathering input values
     into one period per ciphertext by it and repeating gives the very slots the project's own client encrypts."""

@@ -284,25 +284,27 @@ def _outsider_agrees(served, model, images, tmp_path, *, max_bytes: int) -> None
 
 @pytest.fixture(scope="module")
 def served_28(tmp_path_factory):
-    """A convnet served on MedMNIST's 28x28 shape (`make-npz`), whose input takes 4 ciphertexts."""
+    """A convnet served on MedMNIST's RGB 28x28 shape (`make-npz --channels 3`), whose input takes 10 ciphertexts
+    (147 kernel elements in groups of 16)."""
     from securecollab.data import write_medmnist_shaped
     work = tmp_path_factory.mktemp("he28")
-    plan = HEModelPlan(dataset="npz", dataset_path=str(write_medmnist_shaped(work / "digits28.npz")), epochs=3)
+    archive = write_medmnist_shaped(work / "digits28.npz", channels=3)
+    plan = HEModelPlan(dataset="npz", dataset_path=str(archive), epochs=3)
     model, ds, weights, certs = prepare(plan, work)
     with ProcessGroup(work / "logs") as group:
         port = start_server(group, plan, weights, certs, work / "server", max_batch=0)
         yield model, ds, certs, f"localhost:{port}", group.procs["he-server"].pid, work / "server"
 
 
-def test_a_28x28_input_goes_in_four_ciphertexts_end_to_end(served_28, tmp_path):
-    """Single queries on 28x28 images: the described layout takes 4 ciphertexts (im2col in groups of kernel
-    elements), the answers equal the plaintext model's, the server's transcript holds all 4, a query with the
+def test_a_28x28_rgb_input_goes_in_ten_ciphertexts_end_to_end(served_28, tmp_path):
+    """Single queries on 3x28x28 images: the described layout takes 10 ciphertexts (im2col in groups of kernel
+    elements), the answers equal the plaintext model's, the server's transcript holds all 10, a query with the
     wrong number of ciphertexts is refused and the server keeps serving; a client from the proto alone agrees."""
     model, ds, *_, out = served_28
-    assert ds.input_shape == (1, 28, 28)
-    images = ds.x_test[:4]
+    assert ds.input_shape == (3, 28, 28)
+    images = ds.x_test[:3]
     with client(served_28) as c:
-        assert c.description.input_encoding.ciphertexts == 4
+        assert c.description.input_encoding.ciphertexts == 10
         c.open_session()
         cts = encrypt_input_bytes(c.context, images[0], c.description.input_encoding)
         req = pb.InferRequest(session_id=c.session_id, query_id=10**6, ciphertext=cts[0], more_ciphertexts=cts[1:3])
@@ -311,5 +313,5 @@ def test_a_28x28_input_goes_in_four_ciphertexts_end_to_end(served_28, tmp_path):
     reference = predict_logits(model, images)
     assert (got.argmax(1) == reference.argmax(1)).all() and np.abs(got - reference).max() <= LOGIT_TOL
     query = load_transcript(out / "transcripts" / "he-server.jsonl").of_kind("query")[-1]
-    assert sorted(query.blobs) == ["ciphertext", "ciphertext_1", "ciphertext_2", "ciphertext_3"]
-    _outsider_agrees(served_28, model, images[:3], tmp_path, max_bytes=1_200_000)
+    assert sorted(query.blobs) == sorted(["ciphertext", *(f"ciphertext_{i}" for i in range(1, 10))])
+    _outsider_agrees(served_28, model, images[:2], tmp_path, max_bytes=2_600_000)

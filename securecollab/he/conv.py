@@ -15,13 +15,23 @@ the 8x8 digits network. The geometry (not the weights) is public: the
 server sends it to the client in the model description.
 
 When ``kpad * block`` exceeds the slots (28x28 images: 64 kernel elements x
-256 outputs against 4096 slots) the kernel elements are split into groups of
-``group`` blocks, one ciphertext per group. The server multiplies each by its
-own weights and adds the products -- a sum across ciphertexts, without
-rotations -- before the same rotate-and-adds within one ciphertext: more
-bytes up (one ciphertext per group) but still a single product level and
-``log2(group)`` rotations, where the dense fallback needed a diagonal method
-over a 784 x 256 matrix.
+256 outputs against 4096 slots) there are two ways out:
+
+* ``rotated_channels``, when the outputs fill their block exactly (channels x
+  windows a power of two, as 4 x 64 for 28x28): the client sends the patches
+  once, not once per channel (``kpad * windows`` slots, one ciphertext), and
+  the server makes the channels' copies itself with ``channels - 1``
+  rotations by whole windows. Copy ``d`` (shifted by ``d`` blocks of
+  ``windows``) is multiplied by weights that give block ``m`` channel ``m mod
+  channels``' weight of the kernel element now there, so each (channel,
+  element) product lands once in a block of its channel; the rotate-and-adds
+  by ``block`` then sum them.
+* otherwise ``group``: kernel elements in groups of ``group`` blocks, one
+  ciphertext per group; the server adds the groups' products (a sum across
+  ciphertexts, no rotation) before the same rotate-and-adds.
+
+Either way one product level and a few rotations, where the dense fallback
+needs a diagonal method over a 784 x 256 matrix.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ class Im2colGeometry:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     group: int = 0  # kernel elements per ciphertext, a power of two (0: all of them, kpad, in one)
+    rotated_channels: bool = False  # patches sent once, the channels' copies made by the server's rotations
 
     @classmethod
     def of(cls, conv: nn.Conv2d, in_shape) -> "Im2colGeometry":
@@ -63,20 +74,29 @@ class Im2colGeometry:
         try:
             geometry = cls(**{k: tuple(int(v) for v in d[k]) for k in ("in_shape", "kernel", "stride", "padding",
                                                                       "dilation")},
-                           out_channels=int(d["out_channels"]), group=int(d.get("group", 0)))
+                           out_channels=int(d["out_channels"]), group=int(d.get("group", 0)),
+                           rotated_channels=bool(d.get("rotated_channels", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed im2col geometry: {e}") from None
         if geometry.group < 0 or geometry.group & (geometry.group - 1):
             raise ValueError(f"malformed im2col geometry: group {geometry.group} is not a power of two")
+        if geometry.rotated_channels and (geometry.group or not geometry._channels_rotate()):
+            raise ValueError("malformed im2col geometry: these channels cannot be made by rotations")
         return geometry
 
+    def _channels_rotate(self) -> bool:
+        return self.out_features == self.block and self.kpad % self.out_channels == 0
+
     def fitted(self, slot_count: int) -> "Im2colGeometry | None":
-        """This layout in ``slot_count`` slots: one ciphertext if a period fits, else groups of kernel elements
-        (one ciphertext each); None if not even one block of outputs fits."""
+        """This layout in ``slot_count`` slots: one ciphertext if a period fits; else one ciphertext with the
+        channels made by rotations, if they can be; else groups of kernel elements (one ciphertext each);
+        None if not even one block of outputs fits."""
         if slot_count % (self.kpad * self.block) == 0:
-            return replace(self, group=0)
+            return replace(self, group=0, rotated_channels=False)
+        if self._channels_rotate() and slot_count % (self.kpad * self.windows) == 0:
+            return replace(self, group=0, rotated_channels=True)
         if slot_count % self.block == 0:
-            return replace(self, group=slot_count // self.block)
+            return replace(self, group=slot_count // self.block, rotated_channels=False)
         return None
 
     def to_dict(self) -> dict:
@@ -119,19 +139,30 @@ class Im2colGeometry:
     @property
     def period(self) -> int:
         """Slots one copy of the layout takes in each ciphertext; the slot count must be a multiple."""
-        return self.per_ciphertext * self.block
+        return self.kpad * self.windows if self.rotated_channels else self.per_ciphertext * self.block
+
+    def sum_steps(self) -> list[int]:
+        """The rotate-and-adds that sum a ciphertext's blocks of one output channel."""
+        summed = self.kpad // self.out_channels if self.rotated_channels else self.per_ciphertext
+        return [self.block << i for i in range(summed.bit_length() - 1)]
+
+    def terms(self) -> list[tuple[int, int]]:
+        """(input ciphertext, left rotation) for each weight plaintext: the products the server adds."""
+        if self.rotated_channels:  # copy d: the patches d windows-blocks to the right (the layout is periodic)
+            return [(0, (self.period - d * self.windows) % self.period) for d in range(self.out_channels)]
+        return [(i, 0) for i in range(self.ciphertexts)]
 
     def galois_steps(self) -> list[int]:
-        return [self.block << i for i in range(self.per_ciphertext.bit_length() - 1)]
+        return sorted(set(self.sum_steps()) | {step for _, step in self.terms() if step})
 
-    def _tile(self, per_element: np.ndarray, slot_count: int) -> np.ndarray:
-        """(kernel_elements, out_features) values -> (ciphertexts, slot_count): each ciphertext's group of
-        blocks, repeated to fill its slots."""
+    def _tile(self, per_element: np.ndarray, rows: int, width: int, slot_count: int) -> np.ndarray:
+        """(kernel_elements, values) -> (rows, slot_count): one block of ``width`` slots per kernel element,
+        ``period`` slots of blocks per row, each row repeated to fill the slots."""
         if slot_count % self.period:
             raise ValueError(f"the im2col layout needs a multiple of {self.period} slots, have {slot_count}")
-        cube = np.zeros((self.ciphertexts * self.per_ciphertext, self.block))
-        cube[:self.kernel_elements, :self.out_features] = per_element
-        return np.tile(cube.reshape(self.ciphertexts, self.period), (1, slot_count // self.period))
+        cube = np.zeros((rows * self.period // width, width))
+        cube[:len(per_element), :per_element.shape[1]] = per_element
+        return np.tile(cube.reshape(rows, self.period), (1, slot_count // self.period))
 
     def input_slots(self, x: np.ndarray, slot_count: int) -> np.ndarray:
         """Client side: the image's patches, one block per kernel element, repeated per channel
@@ -141,12 +172,24 @@ class Im2colGeometry:
             raise ValueError(f"expected an input of shape {self.in_shape}, got {x.shape}")
         patches = F.unfold(torch.from_numpy(x.reshape(1, *self.in_shape)), self.kernel, dilation=self.dilation,
                            padding=self.padding, stride=self.stride)[0].numpy()   # (K, windows)
-        return self._tile(np.tile(patches, self.out_channels), slot_count)
+        if self.rotated_channels:  # once; the server makes the channels' copies
+            return self._tile(patches, 1, self.windows, slot_count)
+        return self._tile(np.tile(patches, self.out_channels), self.ciphertexts, self.block, slot_count)
 
     def weight_slots(self, kernel: np.ndarray, slot_count: int) -> np.ndarray:
-        """Server side: w[c, k] at every window of channel c in block k."""
-        k = np.asarray(kernel, dtype=np.float64).reshape(self.out_channels, self.kernel_elements)
-        return self._tile(np.repeat(k.T, self.windows, axis=1), slot_count)
+        """Server side: w[c, k] at every window of channel c in block k; with rotated channels, one row per
+        copy d of the patches: block m holds channel (m mod channels)' weight of element m - d."""
+        w = np.asarray(kernel, dtype=np.float64).reshape(self.out_channels, self.kernel_elements)
+        if not self.rotated_channels:
+            return self._tile(np.repeat(w.T, self.windows, axis=1), self.ciphertexts, self.block, slot_count)
+        blocks = np.arange(self.kpad)
+        rows = []
+        for d in range(self.out_channels):
+            element = (blocks - d) % self.kpad
+            per_block = np.where(element < self.kernel_elements,
+                                 w[blocks % self.out_channels, np.minimum(element, self.kernel_elements - 1)], 0.0)
+            rows.append(self._tile(np.repeat(per_block[:, None], self.windows, axis=1), 1, self.windows, slot_count))
+        return np.concatenate(rows)
 
 
 class Im2colConv:
@@ -173,16 +216,20 @@ class Im2colConv:
 
     def __call__(self, cts: list[sealapi.Ciphertext]) -> sealapi.Ciphertext:
         ev, keys = self.kit.evaluator, self.kit.galois_keys
-        if len(cts) != len(self.weights):
-            raise ValueError(f"this convolution takes {len(self.weights)} input ciphertexts, got {len(cts)}")
-        out, product = sealapi.Ciphertext(), sealapi.Ciphertext()
-        ev.multiply_plain(cts[0], self.weights[0], out)
-        for ct, weights in zip(cts[1:], self.weights[1:]):  # the groups' products add up without rotations
-            ev.multiply_plain(ct, weights, product)
-            ev.add_inplace(out, product)
+        if len(cts) != self.geometry.ciphertexts:
+            raise ValueError(f"this convolution takes {self.geometry.ciphertexts} input ciphertexts, got {len(cts)}")
+        out, product, rotated = sealapi.Ciphertext(), sealapi.Ciphertext(), sealapi.Ciphertext()
+        for i, ((index, step), weights) in enumerate(zip(self.geometry.terms(), self.weights)):
+            source = cts[index]
+            if step:  # a channel's copy of the patches
+                ev.rotate_vector(source, step, keys, rotated)
+                source = rotated
+            ev.multiply_plain(source, weights, out if i == 0 else product)
+            if i:  # the groups' (or copies') products add up without rotations
+                ev.add_inplace(out, product)
         ev.rescale_to_next_inplace(out)  # rotations are cheaper one prime down
         shifted = sealapi.Ciphertext()
-        for step in self.galois_steps:
+        for step in self.geometry.sum_steps():
             ev.rotate_vector(out, step, keys, shifted)
             ev.add_inplace(out, shifted)
         if self.bias is not None:
