@@ -108,8 +108,10 @@ class RoundDriver:
             self.rounds.wait_reports(check=self.check_parties)
             failpoint("coordinator.reports_closed", r)
             phases = {"uploads_closed": time.time()}
-            held = [set(self._call(p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30)).client_ids)
-                    for p in self.parties]
+            asked = [self.pool.submit(self._call, p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30))
+                     for p in self.parties]  # at once: each party answers while the others do
+            held = [set(f.result().client_ids) for f in asked]
+            phases["held_answered"] = time.time()
             self.rounds.set_closing(self.rounds.include(held))
         else:  # a restarted coordinator: ask again for what it asked before (the parties answer the same)
             phases = {"resumed": time.time()}
