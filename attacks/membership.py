@@ -197,8 +197,9 @@ class Recipe:
                    plan.batch_size)
 
     @classmethod
-    def of_he(cls, plan) -> "Recipe":
-        return cls(plan.model, plan.activation, plan.epochs, plan.lr, plan.momentum, plan.batch_size)
+    def of_he(cls, plan, ds) -> "Recipe":
+        """The HE server's recipe; its learning rate follows the data (HEModelPlan.learning_rate)."""
+        return cls(plan.model, plan.activation, plan.epochs, plan.learning_rate(ds), plan.momentum, plan.batch_size)
 
     def fit(self, ds, seed: int) -> Callable[[np.ndarray, np.ndarray, int], Callable]:
         """A ``fit`` for :func:`train_shadows`: shadow s starts from its own seed (init and batch order)."""

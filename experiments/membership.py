@@ -145,7 +145,7 @@ def he_rows(out_dir: Path, *, seed: int, n_shadows: int, progress, curves: dict,
     he_logits = transcript_logits(transcript, Kind.LOGITS, len(queries))
     plain_logits = transcript_logits(plain_transcript, Kind.PLAIN_LOGITS, len(queries))
     progress(f"{n_shadows} shadow models ({plan.model}, x^2) ...")
-    shadows = train_shadows(cand.x, cand.y, Recipe.of_he(plan).fit(ds, seed), n_shadows=n_shadows, seed=seed)
+    shadows = train_shadows(cand.x, cand.y, Recipe.of_he(plan, ds).fit(ds, seed), n_shadows=n_shadows, seed=seed)
     he_scores = attack_scores(he_logits, cand, shadows)
     plain_scores = attack_scores(plain_logits, cand, shadows)
     curves["he"] = {v: roc_points(s, cand.is_member) for v, s in he_scores.items()}

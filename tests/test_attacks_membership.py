@@ -184,3 +184,16 @@ def test_a_diverged_shadow_model_is_dropped_not_averaged_in():
     shadows = mia.train_shadows(x, y, fit, n_shadows=4, seed=0)
     assert shadows.count == 3 and np.isfinite(shadows.logits).all()
     assert shadows.inside.shape == (3, 20)
+
+
+def test_the_he_shadow_recipe_trains_at_the_servers_learning_rate():
+    """Shadows must train as the HE server did: its learning rate follows the image size unless the plan sets one."""
+    from attacks.membership import Recipe
+    from securecollab.data import Dataset, load_dataset
+
+    digits = load_dataset("digits")
+    assert Recipe.of_he(HEModelPlan(), digits).lr == HEModelPlan().learning_rate(digits) == 0.01
+    x, y = np.zeros((4, 3, 28, 28), np.float32), np.arange(4) % 2
+    colour = Dataset("npz", x, y, x, y, 2)
+    assert Recipe.of_he(HEModelPlan(), colour).lr == 0.001
+    assert Recipe.of_he(HEModelPlan(lr=0.05), colour).lr == 0.05
