@@ -217,8 +217,9 @@ def write_medmnist_shaped(path: str | os.PathLike, *, size: int = 28, channels: 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, train_images=resized(ds.x_train), train_labels=ds.y_train[:, None].astype(np.uint8),
-                        test_images=resized(ds.x_test), test_labels=ds.y_test[:, None].astype(np.uint8))
+    with open(path, "wb") as f:  # a file, so numpy writes this very name (it adds .npz to a bare path)
+        np.savez_compressed(f, train_images=resized(ds.x_train), train_labels=ds.y_train[:, None].astype(np.uint8),
+                            test_images=resized(ds.x_test), test_labels=ds.y_test[:, None].astype(np.uint8))
     return path
 
 

@@ -324,5 +324,5 @@ def test_medmnist_shaped_archive_is_the_digits_split_resized(tmp_path):
     assert own < 0.1 and own < 0.4 * np.abs(shrunk - np.roll(digits.x_test, 1, axis=0)).mean()
     with pytest.raises(ValueError, match="at least 8"):
         write_medmnist_shaped(tmp_path / "tiny.npz", size=4)
-    rgb = load_npz(write_medmnist_shaped(tmp_path / "rgb.npz", channels=3))
+    rgb = load_npz(write_medmnist_shaped(tmp_path / "rgb", channels=3))  # the name as given, no .npz added
     assert rgb.input_shape == (3, 28, 28) and all(np.array_equal(rgb.x_test[:, c], ds.x_test[:, 0]) for c in range(3))

@@ -109,10 +109,14 @@ def test_an_im2col_layout_larger_than_the_slots_makes_channels_by_rotation_or_go
     assert (g.windows, g.kernel_elements, g.block, g.period) == (64, 49, 256, 4096)
     assert (g.rotated_channels, g.group, g.ciphertexts) == (rotated, 0 if rotated else 16, ciphertexts)
     assert g.sum_steps() == [256, 512, 1024, 2048]
-    assert g.galois_steps() == [256, 512, 1024, 2048] + ([3904, 3968, 4032] if rotated else [])
+    assert g.galois_steps() == ([64, 128, 192] if rotated else []) + [256, 512, 1024, 2048]
     assert Im2colGeometry.from_dict(g.to_dict()) == g
-    with pytest.raises(ValueError, match="power of two"):
-        Im2colGeometry.from_dict({**g.to_dict(), "group": 12})
+    # what a client refuses to lay out (the server describes the geometry)
+    for bad, why in [({"group": 12}, "power of two"), ({"stride": [0, 3]}, "positive"), ({"kernel": [7]}, "2 each"),
+                     ({"rotated_channels": "false"}, "true or false"), ({"kernel": [29, 29]}, "does not fit"),
+                     ({"in_shape": [3, 28, 28], "group": 1, "rotated_channels": False}, "at most 64")]:
+        with pytest.raises(ValueError, match=why):
+            Im2colGeometry.from_dict({**g.to_dict(), **bad})
     if not rotated:
         with pytest.raises(ValueError, match="rotations"):
             Im2colGeometry.from_dict({**g.to_dict(), "group": 0, "rotated_channels": True})

@@ -141,13 +141,20 @@ def test_saving_the_closing_request_does_not_rewrite_the_model(tmp_path):
     rounds.set_closing(["client-0", "client-1"])
     assert 0 < wal.stat().st_size < 64 << 10
     assert SecAggRounds(plan, initial, RoundStore(path, plan.to_json())).closing["included"] == ["client-0", "client-1"]
-    # a state file of the version that kept the request in the model's row is refused with a clear message
+    # a state file of the version that kept the request in the model's row: the request moves out, kept
     old = tmp_path / "old.sqlite"
-    with sqlite3.connect(old) as db:
-        db.execute("CREATE TABLE training (id INTEGER PRIMARY KEY, closing TEXT)")
-    with pytest.raises(ProtocolError, match="older version") as e:
-        RoundStore(old, plan.to_json())
-    assert e.value.code == "FAILED_PRECONDITION"
+    with sqlite3.connect(path) as db:  # the same state in the old layout
+        db.execute("ATTACH ? AS old", (str(old),))
+        db.execute("CREATE TABLE old.training (id INTEGER PRIMARY KEY CHECK (id = 0), plan TEXT NOT NULL, "
+                   "round INTEGER NOT NULL, aborted INTEGER NOT NULL, abort_reason TEXT, closing TEXT, "
+                   "history TEXT NOT NULL, aggregated_at TEXT NOT NULL, params BLOB NOT NULL)")
+        db.execute("INSERT INTO old.training SELECT t.id, t.plan, t.round, t.aborted, t.abort_reason, c.request, "
+                   "t.history, t.aggregated_at, t.params FROM training t, closing c")
+    resumed = SecAggRounds(plan, initial, RoundStore(old, plan.to_json()))
+    assert resumed.resumed and resumed.closing["included"] == ["client-0", "client-1"]
+    np.testing.assert_array_equal(resumed.params[0][1], initial[0][1])
+    resumed.set_closing(["client-1", "client-2"])  # and it is written where it now lives
+    assert SecAggRounds(plan, initial, RoundStore(old, plan.to_json())).closing["included"] == ["client-1", "client-2"]
 
 
 def test_bad_input_party_answers_a_repeated_aggregation_alike_and_refuses_a_different_one():

@@ -207,7 +207,8 @@ def he(
     """Encrypted inference (CKKS) vs plain inference: one-query latency, batched throughput, bytes, exactness.
 
     MedMNIST's 28x28 shape: `securecollab make-npz results/digits28.npz`, then `--dataset npz --dataset-path
-    results/digits28.npz` (the convnet's first layer then takes 4 ciphertexts per query)."""
+    results/digits28.npz` (one ciphertext per query, the channels made by rotations; `make-npz --channels 3`
+    gives colour images, whose patches take 10 ciphertexts)."""
     from securecollab.bench.he import bench_he
     from securecollab.plans import HEModelPlan
     if dataset == "npz" and dataset_path is None:

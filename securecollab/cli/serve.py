@@ -218,7 +218,7 @@ def he(
         min=0, help="Largest batch a session may ask for (0: single queries only).")] = 4096,
 ):
     """Encrypted inference (CKKS): trains its square-activation model on the embedded data at start
-    (HE defaults: 30 epochs, lr 0.01, or 0.003 per channel for images of 16 pixels and more; --plan-json takes
+    (HE defaults: 30 epochs, lr 0.01, or 0.003 / channels for images of 16 pixels and more; --plan-json takes
     a full HE model plan) or loads --weights."""
     from securecollab.plans import HEModelPlan, save_weights
     from securecollab.protocols.he import HEModelHost

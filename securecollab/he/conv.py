@@ -49,6 +49,9 @@ from securecollab.he.linear import next_pow2
 from securecollab.he.seal import SealKit
 
 
+MAX_CIPHERTEXTS = 64  # per input: a described layout asking a client for more is refused
+
+
 @dataclass(frozen=True)
 class Im2colGeometry:
     """Shapes of a zero-padded, ungrouped Conv2d on one ``in_shape`` image."""
@@ -71,17 +74,32 @@ class Im2colGeometry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Im2colGeometry":
+        """A geometry described by the server; refused (ValueError) unless it is one a client can lay out."""
+        def fail(why: str):
+            raise ValueError(f"malformed im2col geometry: {why}")
+
         try:
-            geometry = cls(**{k: tuple(int(v) for v in d[k]) for k in ("in_shape", "kernel", "stride", "padding",
-                                                                      "dilation")},
-                           out_channels=int(d["out_channels"]), group=int(d.get("group", 0)),
-                           rotated_channels=bool(d.get("rotated_channels", False)))
+            sizes = {k: tuple(int(v) for v in d[k]) for k in ("in_shape", "kernel", "stride", "padding", "dilation")}
+            out_channels, group = int(d["out_channels"]), int(d.get("group", 0))
+            rotated = d.get("rotated_channels", False)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed im2col geometry: {e}") from None
-        if geometry.group < 0 or geometry.group & (geometry.group - 1):
-            raise ValueError(f"malformed im2col geometry: group {geometry.group} is not a power of two")
-        if geometry.rotated_channels and (geometry.group or not geometry._channels_rotate()):
-            raise ValueError("malformed im2col geometry: these channels cannot be made by rotations")
+            fail(str(e))
+        if len(sizes["in_shape"]) != 3 or any(len(sizes[k]) != 2 for k in ("kernel", "stride", "padding", "dilation")):
+            fail("in_shape takes 3 sizes, kernel, stride, padding and dilation 2 each")
+        if min(*sizes["in_shape"], *sizes["kernel"], *sizes["stride"], *sizes["dilation"], out_channels) < 1 \
+                or min(sizes["padding"]) < 0:
+            fail("sizes must be positive (padding at least 0)")
+        if not isinstance(rotated, bool):
+            fail(f"rotated_channels must be true or false, got {rotated!r}")
+        if group < 0 or group & (group - 1):
+            fail(f"group {group} is not a power of two")
+        geometry = cls(**sizes, out_channels=out_channels, group=group, rotated_channels=rotated)
+        if min(geometry.out_hw) < 1:
+            fail(f"a {geometry.kernel} kernel does not fit a {geometry.in_shape} input")
+        if rotated and (group or not geometry._channels_rotate()):
+            fail("these channels cannot be made by rotations")
+        if geometry.ciphertexts > MAX_CIPHERTEXTS:
+            fail(f"{geometry.ciphertexts} ciphertexts per input (at most {MAX_CIPHERTEXTS})")
         return geometry
 
     def _channels_rotate(self) -> bool:
@@ -148,8 +166,8 @@ class Im2colGeometry:
 
     def terms(self) -> list[tuple[int, int]]:
         """(input ciphertext, left rotation) for each weight plaintext: the products the server adds."""
-        if self.rotated_channels:  # copy d: the patches d windows-blocks to the right (the layout is periodic)
-            return [(0, (self.period - d * self.windows) % self.period) for d in range(self.out_channels)]
+        if self.rotated_channels:  # copy d: the patches d windows-blocks to the left (steps the dense layers share)
+            return [(0, d * self.windows) for d in range(self.out_channels)]
         return [(i, 0) for i in range(self.ciphertexts)]
 
     def galois_steps(self) -> list[int]:
@@ -178,14 +196,14 @@ class Im2colGeometry:
 
     def weight_slots(self, kernel: np.ndarray, slot_count: int) -> np.ndarray:
         """Server side: w[c, k] at every window of channel c in block k; with rotated channels, one row per
-        copy d of the patches: block m holds channel (m mod channels)' weight of element m - d."""
+        copy d of the patches: block m holds channel (m mod channels)' weight of element m + d."""
         w = np.asarray(kernel, dtype=np.float64).reshape(self.out_channels, self.kernel_elements)
         if not self.rotated_channels:
             return self._tile(np.repeat(w.T, self.windows, axis=1), self.ciphertexts, self.block, slot_count)
         blocks = np.arange(self.kpad)
         rows = []
         for d in range(self.out_channels):
-            element = (blocks - d) % self.kpad
+            element = (blocks + d) % self.kpad
             per_block = np.where(element < self.kernel_elements,
                                  w[blocks % self.out_channels, np.minimum(element, self.kernel_elements - 1)], 0.0)
             rows.append(self._tile(np.repeat(per_block[:, None], self.windows, axis=1), 1, self.windows, slot_count))

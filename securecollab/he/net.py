@@ -133,8 +133,9 @@ class HENet:
 
     @classmethod
     def from_torch(cls, model: nn.Module, input_shape: tuple[int, ...], slot_count: int = 4096) -> "HENet":
-        """Lower ``model``; a leading Conv2d -> Square goes by im2col, in one ciphertext when its layout fits
-        ``slot_count``, else in groups of kernel elements (several ciphertexts)."""
+        """Lower ``model``; a leading Conv2d -> Square goes by im2col (:meth:`Im2colGeometry.fitted`): in one
+        ciphertext when its layout fits ``slot_count``, or when the server can make the channels' copies by
+        rotations; else in groups of kernel elements (several ciphertexts)."""
         from securecollab.models import Square
 
         layers = affine_layers(model, input_shape)

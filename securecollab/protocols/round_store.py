@@ -83,12 +83,17 @@ class RoundStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a saved round survives a power cut, not only a crash
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(training)")}
-        if "closing" in columns:
-            raise ProtocolError("FAILED_PRECONDITION", f"{self.path} is the state file of an older version; remove "
-                                "it, or start the coordinator with --fresh")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """A state file of the version that kept the closing request in the model's row: move it out."""
+        if "closing" not in {row[1] for row in self._db.execute("PRAGMA table_info(training)")}:
+            return
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO closing SELECT 0, closing FROM training WHERE id = 0")
+            self._db.execute("ALTER TABLE training DROP COLUMN closing")
 
     def load(self) -> SavedRounds | None:
         """The saved training, or None; refuses a file that holds another plan's training."""

@@ -110,6 +110,10 @@ class RoundDriver:
             phases = {"uploads_closed": time.time()}
             asked = [self.pool.submit(self._call, p, lambda s: s.Held(pb.HeldRequest(round=r), timeout=30))
                      for p in self.parties]  # at once: each party answers while the others do
+            done, _ = futures_wait(asked, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception()), None)
+            if failed:  # at once, whichever party it was (the others' calls end within their 30 s)
+                failed.result()
             held = [set(f.result().client_ids) for f in asked]
             phases["held_answered"] = time.time()
             self.rounds.set_closing(self.rounds.include(held))
