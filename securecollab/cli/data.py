@@ -24,9 +24,10 @@ def make_npz(
     train/test split): MedMNIST's shape for `--dataset npz --dataset-path OUT` where the real archives cannot be
     downloaded."""
     from securecollab.data import load_npz, write_medmnist_shaped
-    if channels == 2:
-        raise typer.BadParameter("--channels is 1 or 3")
-    path = write_medmnist_shaped(out, size=size, channels=channels, seed=seed)
+    try:
+        path = write_medmnist_shaped(out, size=size, channels=channels, seed=seed)
+    except ValueError as e:  # --channels 2
+        raise typer.BadParameter(str(e)) from None
     ds = load_npz(path)
     console.print(f"wrote {path}: {len(ds.x_train)} train and {len(ds.x_test)} test images of shape "
                   f"{ds.input_shape}, {ds.num_classes} classes")

@@ -228,10 +228,6 @@ class Im2colConv:
             padded[:len(per_channel)] = per_channel
             self.bias = kit.encode(np.tile(padded, kit.slot_count // geometry.block), parms[1], in_scale)
 
-    @property
-    def galois_steps(self) -> list[int]:
-        return self.geometry.galois_steps()
-
     def __call__(self, cts: list[sealapi.Ciphertext]) -> sealapi.Ciphertext:
         ev, keys = self.kit.evaluator, self.kit.galois_keys
         if len(cts) != self.geometry.ciphertexts:
