@@ -116,10 +116,11 @@ class SplitClient:
             grad = self._grad(back.gradient, sent.shape)
             self.transcript.record(Kind.GRADIENT, round=epoch, step=step, sender="split-server",
                                    tensors={"server_outputs": outputs.detach().numpy(), "gradient": grad.numpy()})
-        objective = (act * grad).sum()  # backpropagates exactly the server's gradient through the bottom
         if self.plan.nopeek_alpha and len(x) > 1:  # one example has no distance correlation (NaN gradient)
-            objective = objective + self.plan.nopeek_alpha * distance_correlation(x, act)
-        objective.backward()
+            penalty = self.plan.nopeek_alpha * distance_correlation(x, act)
+            torch.autograd.backward([act, penalty], [grad, None])  # the server's gradient, plus the penalty's
+        else:
+            act.backward(grad)  # backpropagates exactly the server's gradient through the bottom
         self.opt.step()
 
     def _receive_turn(self, epoch: int) -> None:

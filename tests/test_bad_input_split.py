@@ -204,6 +204,35 @@ def test_bad_input_split_refused_batches_leave_training_identical_to_a_clean_run
         np.testing.assert_allclose(_array(reply.outputs), ref.part.eval()(torch.from_numpy(x)).numpy(), atol=1e-6)
 
 
+def test_bad_input_split_weight_gradients_that_overflow_change_no_weight(split):
+    """Finite activations, outputs, loss and cut gradient whose *weight* gradients overflow float32: the
+    unary Forward refuses the batch (step not used up); on the Train stream, where the cut's gradient goes
+    back before the weights' gradients are computed, the server skips its step. Either way no weight moves."""
+    s = split(mode="vanilla")
+    first, *_, last = [m for m in s.state.part if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        first.weight[:, 0] = 0  # the huge input unit reaches no output, and gets a zero cut gradient
+        first.bias.fill_(0.5)   # every hidden unit active, so its gradient reaches the first layer
+        last.weight.mul_(1e3)   # hidden gradients of order one: times 3e38, summed over the batch, overflow
+    before = _weights(s.state.part)
+    act, labels = _batch(0)
+    act = np.zeros_like(act)
+    act.reshape(len(act), -1)[:, 0] = 3e38
+    c0 = s.stubs["client-0"]
+    code, details = refusal(c0.Forward, _fwd(step=0, act=act, labels=labels), timeout=10)
+    assert code == SC.INVALID_ARGUMENT and "non-finite" in details, details
+    (reply,) = list(c0.Train(iter([_fwd(step=0, act=act, labels=labels)]), timeout=10))  # step 0 not used up
+    assert np.isfinite(_array(reply.gradient)).all()
+    s.state.flush()
+    after = _weights(s.state.part)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    # and the next, ordinary batch trains as usual
+    good, labels1 = _batch(1)
+    c0.Forward(_fwd(step=1, act=good, labels=labels1), timeout=10)
+    assert any(not np.array_equal(_weights(s.state.part)[n], before[n]) for n in before)
+
+
 def test_bad_input_split_refused_gradient_keeps_the_forward_pass_waiting(split):
     """U-shaped: a refused Backward must leave its forward pass usable (it used to free the autograd
     graph, so the client's corrected gradient then failed with UNKNOWN)."""

@@ -1,6 +1,7 @@
 """The public command line, as a user runs it: help, certificates, benchmark JSON, and the demo's scorecard."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,11 @@ def test_bench_split_writes_the_documented_json(tmp_path):
     # one client, vanilla: activations and gradients (64 floats each) and a label per example, plus framing
     assert r["split"]["payload_bytes_per_epoch"] == 1347 * (64 * 4 * 2 + 8)
     assert 1.0 <= r["split"]["bytes_ratio_to_payload"] <= 1.05
+    # a vanilla step's computation alone: both parts measured, and their serial sum gives the floor
+    alone, steps = r["split"]["per_step"]["computation_alone"], math.ceil(1347 / 32)
+    assert alone["client_s"] > 0 and alone["server_until_reply_s"] > 0 and alone["server_deferred_s"] > 0
+    assert r["ratio"]["computation_floor"] == pytest.approx(
+        (alone["client_s"] + alone["server_until_reply_s"]) * steps / r["centralized"]["epoch_wall_s"])
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import torch
 from securecollab.net.costs import method_bytes
 from securecollab.net.testbed import PROFILES, latency_model, network_description, testbed_or_loopback
 from securecollab.plans import FedAvgPlan, SplitPlan
-from securecollab.protocols.split import sgd
+from securecollab.protocols.split import SplitServerState, sgd
 from securecollab.runs import run_protocol
 from securecollab.training import accuracy, batch_order
 
@@ -55,6 +55,43 @@ def centralized_epochs(plan: SplitPlan) -> tuple[list[float], float]:
     return walls, accuracy(model, ds.x_test, ds.y_test)
 
 
+def compute_per_step(plan: SplitPlan) -> dict:
+    """A vanilla step's computation with no transport, in this process on one thread: the client's part (its
+    forward, then backward and step) and the server's (its code until the reply, then what it defers).
+
+    The sum of the serial parts is what a step would cost if messages were free and no process ever waited."""
+    ds = plan.load_data()
+    client = plan.build_model(ds)
+    bottom = plan.parts(client)[0]
+    opt = sgd(bottom, plan)
+    server = SplitServerState(replace(plan, num_clients=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = {"client_s": 0.0, "server_until_reply_s": 0.0, "server_deferred_s": 0.0}
+    try:
+        x, y = torch.from_numpy(ds.x_train), ds.y_train
+        steps = batch_order(len(x), plan.batch_size, plan.seed, 0)
+        for step, idx in enumerate(steps):
+            t0 = time.perf_counter()
+            act = bottom(x[torch.from_numpy(idx)])
+            sent = act.detach().numpy()
+            t1 = time.perf_counter()
+            grad, _ = server.forward(server.clients[0], 0, step, sent, y[idx], defer_step=True)
+            t2 = time.perf_counter()
+            server.flush()
+            t3 = time.perf_counter()
+            opt.zero_grad()
+            act.backward(torch.from_numpy(grad))
+            opt.step()
+            t4 = time.perf_counter()
+            t["client_s"] += (t1 - t0) + (t4 - t3)
+            t["server_until_reply_s"] += t2 - t1
+            t["server_deferred_s"] += t3 - t2
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v / len(steps) for k, v in t.items()}
+
+
 def payload_bytes_per_epoch(plan: SplitPlan) -> int:
     """Raw bytes of the tensors one epoch must exchange: activations and gradients at each cut, labels."""
     ds = plan.load_data()
@@ -80,8 +117,9 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
             log(f"network profile {network}: {PROFILES[network].summary}")
         result = run_protocol("split", FedAvgPlan(), work_dir, split=plan, placement=placement)
     # The machine's speed drifts: time the baseline again after, and take the median of both runs.
-    log("centralized again ...")
+    log("centralized again, and a split step's computation alone ...")
     central_walls += centralized_epochs(plan)[0]
+    alone = compute_per_step(plan) if plan.mode == "vanilla" else None
     clients = [json.loads((work_dir / f"result_{c}.json").read_text()) for c in plan.client_ids()]
     epoch_walls = [max(c["epoch_times"][e][1] for c in clients) - min(c["epoch_times"][e][0] for c in clients)
                    for e in range(plan.epochs)]
@@ -94,7 +132,8 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
         wait = sum(c["step_profile"]["wait_s"] for c in clients) / steps
         server = sum(c["step_profile"]["server_s"] for c in clients) / steps
         profile = {"step_wait_s": wait, "server_handling_s": server, "transport_s": wait - server,
-                   "client_s": statistics.median(epoch_walls) / (steps / plan.epochs) - wait}
+                   "client_s": statistics.median(epoch_walls) / (steps / plan.epochs) - wait,
+                   "computation_alone": alone}
     split = {"epoch_wall_s": statistics.median(epoch_walls), "epoch_wall_s_all": epoch_walls,
              "bytes_per_epoch": sent / plan.epochs, "payload_bytes_per_epoch": payload,
              "handoff_bytes_per_epoch": handoff / plan.epochs, "accuracy": result["accuracy"],
@@ -106,11 +145,14 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
     lm["added_s_per_epoch"] = lm["steps_per_epoch"] * lm["added_s_per_step"]
     central = {"epoch_wall_s": statistics.median(central_walls), "epoch_wall_s_all": central_walls,
                "accuracy": central_acc}
+    ratio = {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"],
+             "epoch_wall_with_rtt": (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}
+    if alone:  # the floor of this design here: the serial computation of a step, no message, no wait
+        ratio["computation_floor"] = (alone["client_s"] + alone["server_until_reply_s"]) * lm["steps_per_epoch"] \
+            / central["epoch_wall_s"]
     return {"benchmark": "split", "model": plan.model, "cut": plan.cut, "mode": plan.mode,
             "clients": plan.num_clients, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "client_weights": plan.client_weights, "tls": "mutual", "network": network_description(PROFILES[network]),
             "latency_model": lm,
             "centralized": central, "split": split,
-            "ratio": {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"],
-                      "epoch_wall_with_rtt":
-                          (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}}
+            "ratio": ratio}

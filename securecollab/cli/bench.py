@@ -193,6 +193,12 @@ def split(
     _print_network(r, "step")
     console.print(f"ratio.epoch_wall {r['ratio']['epoch_wall']:.2f}; bytes / raw activations+gradients(+labels) "
                   f"{s_['bytes_ratio_to_payload']:.4f} (hand-off {s_['handoff_bytes_per_epoch']:,.0f} B/epoch); wrote {out}")
+    if s_["per_step"]:
+        p, alone = s_["per_step"], s_["per_step"]["computation_alone"]
+        console.print(f"per step (ms): client {p['client_s'] * 1e3:.2f}, server {p['server_handling_s'] * 1e3:.2f}, "
+                      f"transport {p['transport_s'] * 1e3:.2f}; computation alone: client {alone['client_s'] * 1e3:.2f}, "
+                      f"server until its reply {alone['server_until_reply_s'] * 1e3:.2f} "
+                      f"(ratio floor {r['ratio']['computation_floor']:.2f})")
 
 
 @app.command("he")

@@ -9,6 +9,7 @@ Keys are ECDSA P-256, signatures SHA-256.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import os
 import re
@@ -268,8 +269,12 @@ class TlsFiles:
         return out[0], out[1], out[2]
 
 
+@functools.lru_cache(maxsize=4096)
 def identity_from_pem(cert_pem: bytes) -> PartyIdentity:
-    """Read the party identity from a PEM certificate (SAN URI, else CN/OU)."""
+    """Read the party identity from a PEM certificate (SAN URI, else CN/OU).
+
+    Cached: every call of a party carries the same certificate, and parsing it is a good part of a
+    small call's handling (a split-learning step)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

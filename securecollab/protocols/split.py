@@ -14,6 +14,7 @@ equivalence with centralized training.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -22,6 +23,8 @@ from torch import nn
 
 from securecollab.errors import ProtocolError
 from securecollab.plans import SplitPlan
+
+log = logging.getLogger(__name__)
 
 
 def sgd(module: nn.Module, plan: SplitPlan) -> torch.optim.SGD:
@@ -58,6 +61,11 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return dcov_xz.clamp_min(0).sqrt() / (dvar_x * dvar_z).clamp_min(1e-24).sqrt().sqrt()
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    """All entries finite, checked in one pass (one synchronisation instead of one per tensor)."""
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all()) if tensors else True
+
+
 class SplitServerState:
     """The server's part of the model, its optimizer, the turn order and each client's step counter."""
 
@@ -83,27 +91,36 @@ class SplitServerState:
         self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self.finished: set[str] = set()
         self.all_finished = threading.Event()
-        self._step_pending = False
+        self._step_pending: torch.Tensor | None = None  # a vanilla batch's loss, its step not yet taken
         self._version = 0
         self._waiting: set[str] = set()
 
     def flush(self) -> None:
-        """Apply an optimizer step that :meth:`forward` left pending (see ``defer_step``)."""
+        """Take the optimizer step that :meth:`forward` left pending (see ``defer_step``)."""
         with self._lock:
             self._flush()
 
     def _flush(self) -> None:
-        if self._step_pending:
-            self._step()
-            self._step_pending = False
+        if self._step_pending is None:
+            return
+        loss, self._step_pending = self._step_pending, None
+        self.opt.zero_grad()
+        loss.backward(inputs=list(self.part.parameters()))  # the weights' gradients; the cut's went back already
+        if not self._gradients_finite():
+            # Finite activations, outputs, loss and cut gradient whose weight gradients still overflow: the
+            # batch's gradient has gone back to the client, but nothing of it reaches the server's weights.
+            self.opt.zero_grad()
+            log.warning("a batch's weight gradients overflow float32: the server skipped its step")
+            return
+        self._step()
 
     def _step(self) -> None:
         self.opt.step()
         self._version += 1  # the weights a pending U-shaped forward used are gone
 
     def _gradients_finite(self, *tensors: torch.Tensor) -> bool:
-        grads = [p.grad for p in self.part.parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(t).all()) for t in (*tensors, *grads))
+        """Whether `tensors` and the weights' gradients are all finite."""
+        return _finite(*tensors, *(p.grad for p in self.part.parameters() if p.grad is not None))
 
     # -- who may act ----------------------------------------------------------
 
@@ -176,9 +193,10 @@ class SplitServerState:
                 *, defer_step: bool = False):
         """Vanilla: (gradient at the cut, loss). U-shaped: (server outputs, None).
 
-        ``defer_step`` (vanilla) returns the gradient before the server's
-        optimizer step, which then runs on :meth:`flush` -- while the client
-        back-propagates -- or before anything else reads the weights.
+        ``defer_step`` (vanilla) returns the cut's gradient before the
+        weights' gradients and the optimizer step, which then run on
+        :meth:`flush` -- while the client back-propagates -- or before
+        anything else reads the weights.
         """
         self.check_client(client_id)
         ushaped = self.plan.mode == "ushaped"
@@ -200,16 +218,22 @@ class SplitServerState:
                 self._pending[client_id] = (epoch, step, act, out, self._version)
                 return out.detach().numpy(), None
             loss = nn.functional.cross_entropy(out, torch.from_numpy(labels))
-            self.opt.zero_grad()
-            loss.backward()
-            if not self._gradients_finite(loss, act.grad):
-                self.opt.zero_grad()  # nothing of this batch reaches the weights
+            # The cut's gradient first: it is all the client waits for. The weights' gradients and the step
+            # come on flush, from the same graph.
+            (cut_grad,) = torch.autograd.grad(loss, act, retain_graph=True)
+            if not _finite(loss, cut_grad):
                 raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
+            if not defer_step:  # refused whole if the weights' gradients overflow
+                self.opt.zero_grad()
+                loss.backward(inputs=list(self.part.parameters()))
+                if not self._gradients_finite():
+                    self.opt.zero_grad()  # nothing of this batch reaches the weights
+                    raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
+                self._step()
+            else:
+                self._step_pending = loss
             self._last_step[client_id] = (epoch, step)
-            self._step_pending = True
-            if not defer_step:
-                self._flush()
-            return act.grad.numpy(), float(loss.detach())
+            return cut_grad.numpy(), float(loss.detach())
 
     def backward(self, client_id: str, epoch: int, step: int, gradient: np.ndarray) -> np.ndarray:
         """U-shaped: the gradient of the server's outputs in, the gradient at the cut out."""
