@@ -207,7 +207,8 @@ def test_bad_input_split_refused_batches_leave_training_identical_to_a_clean_run
 def test_bad_input_split_weight_gradients_that_overflow_change_no_weight(split):
     """Finite activations, outputs, loss and cut gradient whose *weight* gradients overflow float32: the
     unary Forward refuses the batch (step not used up); on the Train stream, where the cut's gradient goes
-    back before the weights' gradients are computed, the server skips its step. Either way no weight moves."""
+    back before the weights' gradients are computed, the server skips its step and refuses the client's next
+    call once, saying so. Either way no server weight moves."""
     s = split(mode="vanilla")
     first, *_, last = [m for m in s.state.part if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
@@ -227,10 +228,29 @@ def test_bad_input_split_weight_gradients_that_overflow_change_no_weight(split):
     after = _weights(s.state.part)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    # and the next, ordinary batch trains as usual
+    # the client hears of the skipped step on its next call (once), then trains as usual
     good, labels1 = _batch(1)
+    code, details = refusal(c0.Forward, _fwd(step=1, act=good, labels=labels1), timeout=10)
+    assert code == SC.FAILED_PRECONDITION and "step 0 of epoch 0" in details and "skipped" in details, details
     c0.Forward(_fwd(step=1, act=good, labels=labels1), timeout=10)
     assert any(not np.array_equal(_weights(s.state.part)[n], before[n]) for n in before)
+
+
+def test_deferred_steps_are_taken_before_the_next_batch_reads_the_weights():
+    """A step left pending (the Train stream's) is taken before the next batch's forward pass, even when nothing
+    flushed it in between: the same weights, losses and gradients as stepping at once."""
+    plan = SplitPlan(num_clients=1, epochs=1)
+    deferred, at_once = SplitServerState(plan), SplitServerState(plan)
+    for k in range(4):
+        act, labels = _batch(k)
+        got = deferred.forward("client-0", 0, k, act, labels, defer_step=True)
+        expected = at_once.forward("client-0", 0, k, act, labels)
+        np.testing.assert_array_equal(got[0], expected[0])
+        assert got[1] == expected[1]
+    deferred.flush()
+    got, expected = _weights(deferred.part), _weights(at_once.part)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_bad_input_split_refused_gradient_keeps_the_forward_pass_waiting(split):

@@ -57,9 +57,13 @@ def centralized_epochs(plan: SplitPlan) -> tuple[list[float], float]:
 
 def compute_per_step(plan: SplitPlan) -> dict:
     """A vanilla step's computation with no transport, in this process on one thread: the client's part (its
-    forward, then backward and step) and the server's (its code until the reply, then what it defers).
+    forward, then backward and step; no noise, penalty or encoding) and the server's (its state machine until
+    the reply, then what it defers; no decoding, identity check or transcript).
 
-    The sum of the serial parts is what a step would cost if messages were free and no process ever waited."""
+    A step cannot cost less than the server's part until its reply plus the longer of the client's part and
+    the server's deferred part (they overlap), if messages were free and no process ever waited."""
+    if plan.mode != "vanilla":
+        raise ValueError("the computation alone is timed for vanilla steps (a U-shaped step is two calls)")
     ds = plan.load_data()
     client = plan.build_model(ds)
     bottom = plan.parts(client)[0]
@@ -148,8 +152,8 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
     ratio = {"epoch_wall": split["epoch_wall_s"] / central["epoch_wall_s"],
              "epoch_wall_with_rtt": (split["epoch_wall_s"] + lm["added_s_per_epoch"]) / central["epoch_wall_s"]}
     if alone:  # the floor of this design here: the serial computation of a step, no message, no wait
-        ratio["computation_floor"] = (alone["client_s"] + alone["server_until_reply_s"]) * lm["steps_per_epoch"] \
-            / central["epoch_wall_s"]
+        step = alone["server_until_reply_s"] + max(alone["client_s"], alone["server_deferred_s"])
+        ratio["computation_floor"] = step * lm["steps_per_epoch"] / central["epoch_wall_s"]
     return {"benchmark": "split", "model": plan.model, "cut": plan.cut, "mode": plan.mode,
             "clients": plan.num_clients, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "client_weights": plan.client_weights, "tls": "mutual", "network": network_description(PROFILES[network]),

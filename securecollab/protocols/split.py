@@ -91,7 +91,8 @@ class SplitServerState:
         self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self.finished: set[str] = set()
         self.all_finished = threading.Event()
-        self._step_pending: torch.Tensor | None = None  # a vanilla batch's loss, its step not yet taken
+        self._step_pending: tuple | None = None  # (client, epoch, step, loss) of a vanilla batch not yet stepped
+        self.skipped: dict[str, tuple[int, int]] = {}  # client -> (epoch, step) whose server step was skipped
         self._version = 0
         self._waiting: set[str] = set()
 
@@ -103,16 +104,26 @@ class SplitServerState:
     def _flush(self) -> None:
         if self._step_pending is None:
             return
-        loss, self._step_pending = self._step_pending, None
+        (client_id, epoch, step, loss), self._step_pending = self._step_pending, None
         self.opt.zero_grad()
         loss.backward(inputs=list(self.part.parameters()))  # the weights' gradients; the cut's went back already
         if not self._gradients_finite():
             # Finite activations, outputs, loss and cut gradient whose weight gradients still overflow: the
             # batch's gradient has gone back to the client, but nothing of it reaches the server's weights.
+            # The client's next call is refused, so training does not go on silently without this step.
             self.opt.zero_grad()
-            log.warning("a batch's weight gradients overflow float32: the server skipped its step")
+            self.skipped[client_id] = (epoch, step)
+            log.warning("%s: step %d of epoch %d: its weight gradients overflow float32; the server skipped its "
+                        "step", client_id, step, epoch)
             return
         self._step()
+
+    def _check_not_skipped(self, client_id: str) -> None:
+        """Refuse (once) the next call of a client whose last batch the server could not step on."""
+        if client_id in self.skipped:
+            epoch, step = self.skipped.pop(client_id)
+            raise ProtocolError("FAILED_PRECONDITION", f"step {step} of epoch {epoch}: its weight gradients "
+                                "overflowed float32, and the server skipped its optimizer step")
 
     def _step(self) -> None:
         self.opt.step()
@@ -164,6 +175,7 @@ class SplitServerState:
             if self._current() != (epoch, client_id):
                 raise ProtocolError("FAILED_PRECONDITION", f"it is not {client_id}'s turn in epoch {epoch}")
             self._flush()
+            self._check_not_skipped(client_id)
             self._pending.pop(client_id, None)
             self._handoff = (client_id, weights, momentum)
             self._turn += 1
@@ -208,6 +220,7 @@ class SplitServerState:
         with self._lock:
             self._check_step(client_id, epoch, step)
             self._flush()
+            self._check_not_skipped(client_id)
             act = torch.from_numpy(activations).requires_grad_(True)
             self.part.train()
             out = self.part(act)
@@ -231,7 +244,7 @@ class SplitServerState:
                     raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
                 self._step()
             else:
-                self._step_pending = loss
+                self._step_pending = (client_id, epoch, step, loss)
             self._last_step[client_id] = (epoch, step)
             return cut_grad.numpy(), float(loss.detach())
 
@@ -280,6 +293,7 @@ class SplitServerState:
         self.check_client(client_id)
         with self._lock:
             self._flush()
+            self._check_not_skipped(client_id)
             self.finished.add(client_id)
             if self.finished == set(self.clients):
                 self.all_finished.set()

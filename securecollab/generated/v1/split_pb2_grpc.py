@@ -117,6 +117,9 @@ class SplitServerServicer:
     def Train(self, request_iterator, context):
         """Vanilla mode, the same steps as Forward over one stream for a whole turn:
         one request, then its reply, in lockstep (saves a call set-up per batch).
+        The reply comes before the server's own step; a batch whose weight
+        gradients overflow (refused by Forward) has its server step skipped, and
+        the client's next call is refused with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
