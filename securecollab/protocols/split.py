@@ -82,6 +82,7 @@ class SplitServerState:
         with torch.no_grad():
             self.cut_shape = tuple(bottom(torch.from_numpy(ds.x_train[:1])).shape[1:])
         self.opt = sgd(self.part, plan)
+        self._params = list(self.part.parameters())
         self.clients = plan.client_ids()
         self._lock = threading.Lock()
         self._turn_changed = threading.Condition(self._lock)
@@ -92,7 +93,7 @@ class SplitServerState:
         self.finished: set[str] = set()
         self.all_finished = threading.Event()
         self._step_pending: tuple | None = None  # (client, epoch, step, loss) of a vanilla batch not yet stepped
-        self.skipped: dict[str, tuple[int, int]] = {}  # client -> (epoch, step) whose server step was skipped
+        self._skipped: dict[str, tuple[int, int]] = {}  # client -> (epoch, step) whose server step was skipped
         self._version = 0
         self._waiting: set[str] = set()
 
@@ -105,23 +106,29 @@ class SplitServerState:
         if self._step_pending is None:
             return
         (client_id, epoch, step, loss), self._step_pending = self._step_pending, None
-        self.opt.zero_grad()
-        loss.backward(inputs=list(self.part.parameters()))  # the weights' gradients; the cut's went back already
-        if not self._gradients_finite():
-            # Finite activations, outputs, loss and cut gradient whose weight gradients still overflow: the
-            # batch's gradient has gone back to the client, but nothing of it reaches the server's weights.
-            # The client's next call is refused, so training does not go on silently without this step.
-            self.opt.zero_grad()
-            self.skipped[client_id] = (epoch, step)
+        if not self._weights_step(loss):
+            # The batch's cut gradient has gone back to the client, but nothing of it reaches the server's
+            # weights. The client's next call is refused, so training does not go on silently without this step.
+            self._skipped[client_id] = (epoch, step)
             log.warning("%s: step %d of epoch %d: its weight gradients overflow float32; the server skipped its "
                         "step", client_id, step, epoch)
-            return
+
+    def _weights_step(self, loss: torch.Tensor) -> bool:
+        """The weights' gradients of `loss` (the cut's went back already) and, if finite, the optimizer step.
+        False, with nothing of the batch in the weights, when finite activations, outputs, loss and cut
+        gradient still give weight gradients that overflow."""
+        self.opt.zero_grad()
+        loss.backward(inputs=self._params)
+        if not self._gradients_finite():
+            self.opt.zero_grad()
+            return False
         self._step()
+        return True
 
     def _check_not_skipped(self, client_id: str) -> None:
         """Refuse (once) the next call of a client whose last batch the server could not step on."""
-        if client_id in self.skipped:
-            epoch, step = self.skipped.pop(client_id)
+        if client_id in self._skipped:
+            epoch, step = self._skipped.pop(client_id)
             raise ProtocolError("FAILED_PRECONDITION", f"step {step} of epoch {epoch}: its weight gradients "
                                 "overflowed float32, and the server skipped its optimizer step")
 
@@ -131,7 +138,7 @@ class SplitServerState:
 
     def _gradients_finite(self, *tensors: torch.Tensor) -> bool:
         """Whether `tensors` and the weights' gradients are all finite."""
-        return _finite(*tensors, *(p.grad for p in self.part.parameters() if p.grad is not None))
+        return _finite(*tensors, *(p.grad for p in self._params if p.grad is not None))
 
     # -- who may act ----------------------------------------------------------
 
@@ -236,15 +243,10 @@ class SplitServerState:
             (cut_grad,) = torch.autograd.grad(loss, act, retain_graph=True)
             if not _finite(loss, cut_grad):
                 raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
-            if not defer_step:  # refused whole if the weights' gradients overflow
-                self.opt.zero_grad()
-                loss.backward(inputs=list(self.part.parameters()))
-                if not self._gradients_finite():
-                    self.opt.zero_grad()  # nothing of this batch reaches the weights
-                    raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
-                self._step()
-            else:
+            if defer_step:
                 self._step_pending = (client_id, epoch, step, loss)
+            elif not self._weights_step(loss):  # refused whole: the step is not used up
+                raise ProtocolError("INVALID_ARGUMENT", "this batch gives a non-finite loss or gradient")
             self._last_step[client_id] = (epoch, step)
             return cut_grad.numpy(), float(loss.detach())
 
