@@ -58,4 +58,6 @@ def demo(
     if got.failed:
         console.print(f"[red]attack experiments failed:[/red] {', '.join(f['experiment'] for f in got.failed)} "
                       "(see scorecard.json attack_errors)")
+        for f in got.failed:  # the cause where the log's tail shows it (CI keeps only the tail)
+            console.print(f"{f['experiment']}: {f['error']}", markup=False, highlight=False)
         raise typer.Exit(1)
