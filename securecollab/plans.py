@@ -195,6 +195,9 @@ class SecAggPlan(JsonPlan):
     # grpc: the parties' MPC over mutual TLS. gloo: CrypTen's plaintext torch.distributed world, INSECURE
     # (anyone on the link sees the opened values; anyone reaching the rendezvous can join): comparison only.
     mpc_transport: str = "grpc"
+    # A plain sum (no norm bound, FLTrust or noise) travels in Z_2^32: 4-byte words, if every update keeps
+    # |x| < 2^15 / num_clients (honest clients refuse larger ones). False: always the 64-bit ring.
+    narrow_ring: bool = True
 
     def __post_init__(self):
         if self.training.norm_bound or self.training.robust or self.training.norm_mode != "reject":
@@ -212,6 +215,11 @@ class SecAggPlan(JsonPlan):
     def needs_dealer(self) -> bool:
         # Sums are local; norms need multiplications, hence Beaver triples from a dealer.
         return self.norm_bound > 0 or bool(self.robust)
+
+    @property
+    def share_bits(self) -> int:
+        """The ring of shares on the wire: 32 bits for a plain sum (narrow_ring), else CrypTen's 64."""
+        return 32 if self.narrow_ring and not self.needs_dealer and not self.dp_sigma else 64
 
 
 SPLIT_MODES = ("vanilla", "ushaped")

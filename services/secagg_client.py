@@ -21,7 +21,7 @@ from securecollab.net.wire import iter_chunks
 from securecollab.plans import SecAggPlan, client_data
 from securecollab.poisoning import Malice, behaviour
 from securecollab.protocols.fedavg import client_delta
-from securecollab.secagg.sharing import Share, client_shares
+from securecollab.secagg.sharing import Share, client_shares, narrow_bound, to_wire
 from securecollab.training import accuracy
 from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import receive_global_model
@@ -48,19 +48,27 @@ def call_coordinator(method, request, *, timeout: float, client_id: str):
 
 
 def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: int | None = None):
-    """The SubmitShare stream: header, then the dense share in chunks (none for a seed)."""
+    """The SubmitShare stream: header, then the dense share in chunks of its ring's words (none for a seed)."""
     yield pb.ShareChunk(header=pb.ShareHeader(client_id=client_id, round=round_, party=share.party,
                                               length=share.length, seed=share.seed or b""))
     if share.dense is not None:
-        for i, chunk in enumerate(iter_chunks(np.ascontiguousarray(share.dense, dtype="<i8").tobytes())):
+        for i, chunk in enumerate(iter_chunks(to_wire(share.dense, share.bits))):
             if limit_chunks is not None and i >= limit_chunks:
                 os._exit(3)  # simulated crash mid-upload
             yield pb.ShareChunk(chunk=chunk)
 
 
 def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, plan: SecAggPlan,
-           drop: str | None = None) -> None:
-    shares = client_shares(client_id, round_, vector, plan.n_parties, compress=plan.seed_compression)
+           drop: str | None = None, *, honest: bool = True) -> None:
+    """Share `vector` across the parties. An honest client refuses an update the plan's ring cannot sum
+    (a malicious one sends it anyway: it wraps around mod 2^32)."""
+    if honest and plan.share_bits == 32:
+        bound, peak = narrow_bound(plan.training.num_clients), float(np.abs(vector).max())
+        if not peak < bound:
+            raise ValueError(f"max |update| = {peak:.6g} is not below {bound:.6g} (2^15 / {plan.training.num_clients} "
+                             "clients), so the plain sum in Z_2^32 could wrap: set SecAggPlan.narrow_ring=false")
+    shares = client_shares(client_id, round_, vector, plan.n_parties, compress=plan.seed_compression,
+                           bits=plan.share_bits)
     for i, (stub, share) in enumerate(zip(party_stubs, shares)):
         if drop == "partial_upload" and i == 1:
             os._exit(3)  # reached only party 0
@@ -108,7 +116,7 @@ def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server
             os._exit(3)
         vector = np.append(delta * boost, 1.0)
         try:
-            upload(client_id, round_, vector, parties, plan, dropping)
+            upload(client_id, round_, vector, parties, plan, dropping, honest=malice is None)
             if dropping == "after_upload":
                 os._exit(3)  # shares are with every party: this client still counts
             # The shares are with every party now: a restarted coordinator still wants this report.

@@ -27,7 +27,7 @@ from securecollab.plans import SecAggPlan
 from securecollab.protocols.secagg import ShareStore
 from securecollab.secagg.mpc import aggregate_round, mpc_stats, setup_party, setup_party_grpc, shutdown
 from securecollab.secagg.mpc_net import MpcError, start_endpoint
-from securecollab.secagg.sharing import SEED_BYTES, Share
+from securecollab.secagg.sharing import SEED_BYTES, Share, from_wire, to_wire
 from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import require_role, rpc_errors, write_port_file
 
@@ -39,8 +39,10 @@ _mpc_endpoint = None
 
 
 class ComputePartyServicer(pb_grpc.ComputePartyServicer):
-    def __init__(self, index: int, store: ShareStore, jobs: "queue.Queue", transcript: TranscriptRecorder):
+    def __init__(self, index: int, store: ShareStore, jobs: "queue.Queue", transcript: TranscriptRecorder,
+                 share_bits: int = 64):
         self.index = index
+        self.share_bits = share_bits  # the ring of shares on the wire (SecAggPlan.share_bits)
         self.store = store
         self.jobs = jobs
         self.transcript = transcript
@@ -65,15 +67,17 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
                 raise ProtocolError("INVALID_ARGUMENT", f"seed must be {SEED_BYTES} bytes")
             if next(request_iterator, None) is not None:
                 raise ProtocolError("INVALID_ARGUMENT", "a seed share carries no chunks")
-            share = Share(party=h.party, seed=bytes(h.seed), length=h.length)
+            share = Share(party=h.party, seed=bytes(h.seed), length=h.length, bits=self.share_bits)
             record = {"blobs": {"seed": bytes(h.seed)}}
         else:
             chunks = (m.chunk for m in request_iterator if m.WhichOneof("part") == "chunk")
-            _, payload = assemble_chunks(chunks, max_bytes=h.length * 8)
-            if len(payload) != h.length * 8:
-                raise WireError(f"share is {len(payload)} bytes, header says {h.length} int64")
-            dense = np.frombuffer(payload, dtype="<i8").astype(np.int64)
-            share = Share(party=h.party, dense=dense, length=h.length)
+            word = self.share_bits // 8
+            _, payload = assemble_chunks(chunks, max_bytes=h.length * word)
+            if len(payload) != h.length * word:
+                raise WireError(f"share is {len(payload)} bytes, header says {h.length} words of {word} bytes "
+                                f"(this plan's ring is Z_2^{self.share_bits})")
+            dense = from_wire(payload, self.share_bits)
+            share = Share(party=h.party, dense=dense, length=h.length, bits=self.share_bits)
             record = {"tensors": {"share": dense}}
         held = self.store.put(h.client_id, h.round, share)
         self.transcript.record(Kind.SHARE, round=h.round, sender=h.client_id, meta={"length": h.length}, **record)
@@ -93,7 +97,7 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         result = job.result()  # the MPC runs on the main thread, in lock-step with the other parties
         if isinstance(result, BaseException):
             context.abort(grpc.StatusCode.INTERNAL, f"MPC failed: {result}")
-        yield from iter_chunks(np.ascontiguousarray(result, dtype="<i8").tobytes())
+        yield from iter_chunks(to_wire(result, self.share_bits))
 
     def _job_for(self, request) -> Future:
         """The MPC job of this aggregation: a new one, or the one already run for the same request."""
@@ -117,6 +121,9 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
             if reference is not None and self.store.lengths(request.round) - {reference.size + 1}:
                 raise ProtocolError("INVALID_ARGUMENT", f"the root update has {reference.size} coordinates, "
                                     f"the updates {sorted(n - 1 for n in self.store.lengths(request.round))}")
+            if self.share_bits != 64 and not rule.local_sum:
+                raise ProtocolError("FAILED_PRECONDITION", f"rule {rule.name} runs in CrypTen's 64-bit ring; this "
+                                    f"plan's shares are in Z_2^{self.share_bits} (a plain sum only)")
             shares = self.store.take(request.round, list(request.client_ids))
             job = Future()
             self.jobs.put((shares, rule, job))
@@ -182,7 +189,7 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0
                                     party=party_id, role="party", resume=True)
     jobs: queue.Queue = queue.Queue()
     server = make_server(tls=tls, port=port, host=host, meter=meter)
-    servicer = ComputePartyServicer(index, store, jobs, transcript)
+    servicer = ComputePartyServicer(index, store, jobs, transcript, plan.share_bits)
 
     def rejoin():
         # A peer failed, so this MPC world is broken (and this party's main thread may be stuck in

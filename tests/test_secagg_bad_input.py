@@ -25,7 +25,7 @@ from securecollab.net.transport import check_health, make_channel
 from securecollab.net.wire import decode_named, encode_tensor, iter_chunks
 from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.runs.training import start_secagg_servers
-from securecollab.secagg.sharing import Share, encode_fixed, split_shares
+from securecollab.secagg.sharing import Share, encode_fixed, split_shares, to_wire
 from securecollab.updates import apply_aggregate
 from services.secagg_client import share_messages
 
@@ -85,8 +85,9 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
-def shares_of(vector: np.ndarray) -> list[Share]:
-    return split_shares(encode_fixed(vector), 3, compress=False)
+def shares_of(vector: np.ndarray, bits: int = 32) -> list[Share]:
+    """Dense shares in the ring of the federation's plan (a plain sum: Z_2^32)."""
+    return split_shares(encode_fixed(vector), 3, compress=False, bits=bits)
 
 
 def header(client_id="client-2", round_=0, party=0, length=4, seed=b""):
@@ -100,6 +101,8 @@ def chunks(payload: bytes, size: int = 64) -> list[pb.ShareChunk]:
 
 def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_nothing(federation):
     fed = federation
+    bits = fed.plan.share_bits
+    assert bits == 32  # a plain sum: its shares travel in Z_2^32
     coord0 = fed.coordinator("client-0")
     start = coord0.GetRound(pb.RoundRequest(client_id="client-0", round=0), timeout=60)
     params0 = decode_named(start.params)
@@ -113,7 +116,9 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
             ack = fed.party(cid, i).SubmitShare(share_messages(cid, 0, share), timeout=60)
             assert ack.held == len(accepted)
     length = size + 1
-    good = np.ascontiguousarray(shares_of(np.zeros(length))[0].dense, dtype="<i8").tobytes()
+    word = bits // 8
+    good = to_wire(shares_of(np.zeros(length))[0].dense, bits)
+    wide = to_wire(shares_of(np.zeros(length), 64)[0].dense, 64)  # 8-byte words: another ring than this plan's
 
     def tampered():
         msgs = chunks(good)
@@ -140,8 +145,10 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
         "seed of wrong size": (p0, [header(length=length, seed=b"short")], grpc.StatusCode.INVALID_ARGUMENT, "seed"),
         "seed and chunks": (p0, [header(length=length, seed=bytes(32)), *chunks(good)],
                             grpc.StatusCode.INVALID_ARGUMENT, "seed"),
-        "fewer elements than declared": (p0, [header(length=length), *chunks(good[:-8])],
+        "fewer elements than declared": (p0, [header(length=length), *chunks(good[:-word])],
                                          grpc.StatusCode.INVALID_ARGUMENT, "header says"),
+        "words of the 64-bit ring": (p0, [header(length=length), *chunks(wide)], grpc.StatusCode.INVALID_ARGUMENT,
+                                     "limit|exceed|header says"),
         "more bytes than declared": (p0, [header(length=length - 1), *chunks(good)],
                                      grpc.StatusCode.INVALID_ARGUMENT, "limit|exceed"),
         "truncated transfer": (p0, [header(length=length), *chunks(good)[:-1]],
@@ -153,7 +160,7 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
         "bad checksum": (p0, [header(length=length), *tampered()], grpc.StatusCode.INVALID_ARGUMENT, "checksum"),
         "share for another party": (p0, [header(party=1, length=length), *chunks(good)],
                                     grpc.StatusCode.INVALID_ARGUMENT, "party 1"),
-        "length unlike the round's": (p0, [header(length=length - 1), *chunks(good[:-8])],
+        "length unlike the round's": (p0, [header(length=length - 1), *chunks(good[:-word])],
                                       grpc.StatusCode.INVALID_ARGUMENT, "differs"),
         "duplicate submission": (as_client_0, [header("client-0", length=length), *chunks(good)],
                                  grpc.StatusCode.ALREADY_EXISTS, "already sent"),
@@ -201,6 +208,11 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     for name, req in bad_requests.items():
         code, details = code_of(lambda: list(as_coordinator.Aggregate(req, timeout=30)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details, (name, code, details)
+    # a rule computed inside MPC needs CrypTen's 64-bit ring; this plan's shares are residues mod 2^32
+    for rule in ({"norm_bound": 1.0}, {"dp_sigma": 0.1}):
+        code, details = code_of(lambda: list(as_coordinator.Aggregate(
+            pb.AggregateRequest(round=0, client_ids=both, **rule), timeout=30)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "Z_2^32" in details, (rule, code, details)
 
     # nothing accepted was lost: every party still holds exactly the two honest shares
     for i in range(3):

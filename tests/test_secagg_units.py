@@ -221,3 +221,31 @@ def test_asynchronous_wait_for_a_round_is_woken_by_the_driver_thread_and_keeps_d
         assert not rounds._waiting  # no waiter left registered
 
     asyncio.run(scenario())
+
+
+def test_only_a_plain_sum_travels_in_the_32_bit_ring():
+    plan = FedAvgPlan(num_clients=10)
+    assert SecAggPlan(training=plan).share_bits == 32
+    for spec in (SecAggPlan(training=plan, norm_bound=1.0), SecAggPlan(training=plan, dp_sigma=0.1),
+                 SecAggPlan(training=plan, robust="fltrust"), SecAggPlan(training=plan, narrow_ring=False)):
+        assert spec.share_bits == 64, spec  # CrypTen's ring: the rule runs inside MPC (or the user asked)
+
+
+def test_an_honest_client_refuses_an_update_the_32_bit_sum_could_wrap_and_a_malicious_one_sends_it():
+    from services.secagg_client import upload
+
+    class Party:
+        def __init__(self):
+            self.words = []
+
+        def SubmitShare(self, messages, **_):
+            self.words.append(sum(len(m.chunk.data) for m in messages if m.WhichOneof("part") == "chunk"))
+
+    spec = SecAggPlan(training=FedAvgPlan(num_clients=10), seed_compression=False)
+    parties = [Party() for _ in range(3)]
+    with pytest.raises(ValueError, match="narrow_ring"):
+        upload("client-0", 0, np.array([0.1, 3276.8, 1.0]), parties, spec)  # 2^15 / 10
+    assert all(not p.words for p in parties)  # nothing sent
+    upload("client-0", 0, np.array([0.1, 3276.7, 1.0]), parties, spec)
+    upload("client-0", 1, np.array([0.1, 1e6, 1.0]), parties, spec, honest=False)
+    assert [p.words for p in parties] == [[12, 12]] * 3  # 4-byte words

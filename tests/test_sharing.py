@@ -34,9 +34,13 @@ from securecollab.secagg.sharing import (
     client_shares,
     decode_fixed,
     encode_fixed,
+    from_wire,
+    narrow_bound,
     prg_int64,
     reconstruct,
+    reveal,
     split_shares,
+    to_wire,
 )
 
 HALF_ULP = 2.0 ** -(FRAC_BITS + 1)
@@ -341,3 +345,41 @@ def test_share_distribution_does_not_depend_on_the_secret(n_parties, compress):
         stats.append((np.mean(share / 2.0**64), np.mean((share & np.uint64(0xFFFF)) / 65536.0)))
     stats = np.array(stats)
     assert np.ptp(stats[:, 0]) < 0.008 and np.ptp(stats[:, 1]) < 0.008
+
+
+def test_narrow_ring_sums_residues_exactly_up_to_its_bound_and_wraps_beyond_it():
+    """A plain sum in Z_2^32: each party sums the residues of its shares; revealing sign-extends the sum.
+    Exact while the sum's encoding fits int32 (updates under narrow_bound); beyond that it wraps."""
+    k, rng = 10, np.random.default_rng(5)
+    bound = narrow_bound(k)
+    assert bound == 2.0 ** 15 / k
+    updates = rng.uniform(-1, 1, size=(k, 1000)) * bound * 0.999
+    updates[:, 0] = bound * 0.999  # the sum's extreme: just inside int32
+    per_party = [[], [], []]
+    for u in updates:
+        for s in split_shares(encode_fixed(u), 3, bits=32):
+            assert s.expand().dtype == np.uint32 and (s.party == 0 or s.dense is None)  # seeds expand to uint32
+            words = to_wire(s.expand(), 32)
+            assert len(words) == 4 * u.size  # 4-byte words on the wire
+            per_party[s.party].append(from_wire(words, 32))
+    results = [from_wire(to_wire(add_shares(p), 32), 32) for p in per_party]
+    total = reveal(results, 32)
+    np.testing.assert_array_equal(total, encode_fixed(updates).sum(0))
+    assert decode_fixed(total)[0] == pytest.approx(k * bound * 0.999, abs=1e-3)
+    # the residues of 64-bit shares are 32-bit shares too (the reduction is a ring map)
+    wide = [from_wire(to_wire(s.expand(), 32), 32) for s in split_shares(encode_fixed(updates[0]), 3)]
+    np.testing.assert_array_equal(reveal(wide, 32), encode_fixed(updates[0]))
+    # one more update at the bound pushes the sum past 2^31 in fixed point: it wraps to the other sign
+    over = [add_shares([r, s.expand()]) for r, s in
+            zip(results, split_shares(encode_fixed(np.full(1000, bound)), 3, bits=32))]
+    assert decode_fixed(reveal(over, 32))[0] < 0
+    with pytest.raises(TypeError, match="all int64 or all uint32"):
+        add_shares([results[0], results[0].astype(np.int64)])
+    with pytest.raises(ValueError, match="uint32"):
+        Share(party=0, dense=np.zeros(3, np.int64), bits=32)
+    # 64-bit words are the plain ring: no reduction
+    secret = encode_fixed(updates[0])
+    np.testing.assert_array_equal(reveal([from_wire(to_wire(s.expand(), 64), 64) for s in split_shares(secret, 3)],
+                                         64), secret)
+    with pytest.raises(ValueError, match="32 or 64"):
+        to_wire(secret, 16)

@@ -193,6 +193,7 @@ def _secure_side(clients, params, rounds, warmup, seed, work: Path, certs: Path,
 
 def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2, parties: int = 3,
                  seed_compression: bool = True, norm_bound: float = 0.0, norm_mode: str = "reject", robust: str = "",
+                 narrow_ring: bool = True,
                  work_dir: Path, seed: int = 0, network: str = "loopback", client_processes: int = 0,
                  transports=("grpc", "gloo"), log=print) -> dict:
     """Aggregation rounds only: K clients with ready D-float updates, plain aggregator vs secure aggregation
@@ -213,7 +214,7 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     spec = SecAggPlan(training=FedAvgPlan(num_clients=clients, rounds=rounds, vector_length=params + 1,
                                           record_transcripts=False),
                       n_parties=parties, seed_compression=seed_compression, min_clients=clients,
-                      norm_bound=norm_bound, norm_mode=norm_mode, robust=robust)
+                      norm_bound=norm_bound, norm_mode=norm_mode, robust=robust, narrow_ring=narrow_ring)
     ids = [f"client-{i}" for i in range(clients)]
     servers = ["aggregator", "coordinator", *[f"party-{i}" for i in range(parties)]]
     # The dealer's certificate is issued where it starts (runs.training); here only its host, when it has one.
@@ -247,7 +248,7 @@ def bench_secagg(clients: int, params: int, *, rounds: int = 5, warmup: int = 2,
     lm = {"plain": latency_model(1, PROFILES[network]), "secure": latency_model(4 + mpc_rounds, PROFILES[network])}
     return {
         "benchmark": "secagg", "clients": clients, "params": params, "rounds": measured, "warmup_rounds": warmup,
-        "client_processes": client_processes or clients,
+        "client_processes": client_processes or clients, "share_bits": spec.share_bits,
         "tls": "mutual", "network": network_description(PROFILES[network]),
         "plain": plain, "secure": secure, "by_transport": by_transport,
         "ratio": {"round_wall": secure["round_wall_s"] / plain["round_wall_s"],

@@ -63,6 +63,10 @@ def secagg(
     warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and left out of the median (kept in the JSON).")] = 2,
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
+    narrow_ring: Annotated[bool, typer.Option(
+        "--narrow-ring/--wide-ring",
+        help="A plain sum's shares in Z_2^32 (4-byte words; updates must keep |x| < 2^15/K). --wide-ring: "
+             "CrypTen's 64-bit ring, which a rule inside MPC (--norm-bound, --robust) uses anyway.")] = True,
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,
@@ -84,7 +88,7 @@ def secagg(
     if set(transports) - set(MPC_TRANSPORTS):
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {transports}")
     r = _measure(bench_secagg, clients, params, rounds=rounds, warmup=warmup, parties=compute_parties,
-                 seed_compression=seed_compression, **defence,
+                 seed_compression=seed_compression, narrow_ring=narrow_ring, **defence,
                  transports=transports, network=_network(network), client_processes=client_processes,
                  prefix="bench-secagg-", out=out)
     rows = [["plain", f"{r['plain']['round_wall_s']:.3f}", "-", "-", f"{r['plain']['upload_bytes_per_client']:,.0f}"]]

@@ -28,7 +28,7 @@ from securecollab.net.transport import check_health, make_channel, wait_ready
 from securecollab.net.wire import assemble_chunks, encode_tensor
 from securecollab.protocols.fedavg import RootUpdates
 from securecollab.protocols.secagg import SecAggRounds
-from securecollab.secagg.sharing import decode_fixed, reconstruct
+from securecollab.secagg.sharing import decode_fixed, from_wire, reveal
 from securecollab.transcript import Kind, TranscriptRecorder
 from securecollab.updates import apply_aggregate
 
@@ -144,13 +144,13 @@ class RoundDriver:
                     failed.result()  # raises at once: the others may be stuck waiting for that party
                 if pending:
                     self.check_parties()
-            shares = [np.frombuffer(f.result(), dtype="<i8").astype(np.int64) for f in futures]
+            shares = [from_wire(f.result(), plan.share_bits) for f in futures]
         except (PartyFailure, ProtocolError):
             for c in calls:  # the others would wait out their MPC timeout holding the pool's threads
                 c.cancel()
             raise
         phases["shares_received"] = time.time()
-        aggregate = decode_fixed(reconstruct(shares))
+        aggregate = decode_fixed(reveal(shares, plan.share_bits))
         phases["revealed"] = time.time()
         self.transcript.record(Kind.AGGREGATE, round=r, sender="parties",
                                meta={"included": included, "phases": phases},

@@ -163,7 +163,7 @@ def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np
     """This party's int64 share of `rule` applied to the round's client updates.
 
     ``local_shares[i]`` is this party's share of client i's update (int64,
-    length D, scale 2^16). All parties must call this in lock-step with the
+    length D, scale 2^16; for a plain sum also uint32, in Z_2^32). All parties must call this in lock-step with the
     same clients in the same order and the same rule. The shares returned by
     all parties sum (mod 2^64) to the fixed-point encoding of the rule's
     result, e.g. sum_i accept_i * u_i (+ noise) for a norm bound with noise.
@@ -175,13 +175,14 @@ def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np
         raise RuntimeError(f"the {rule.name} rule needs the dealer: setup_party(..., dealer=True)")
     if not local_shares:
         raise ValueError("no client shares to aggregate")
-    if rule.local_sum:  # the sum of shares mod 2^64 is this party's share of the sum: no matrix, no messages
+    if rule.local_sum:  # the sum of shares mod 2^64 (or 2^32) is this party's share of the sum: no messages
         total = None
         for share in local_shares:
-            share = _check_share(share)
-            if total is not None and share.shape != total.shape:
-                raise ValueError(f"shares of different lengths: {total.size} and {share.size}")
-            total = share.copy() if total is None else np.add(total, share, out=total)  # int64 wraps: the ring
+            share = _check_share(share, np.uint32)
+            if total is not None and (share.shape, share.dtype) != (total.shape, total.dtype):
+                raise ValueError(f"shares of different lengths or rings: {total.size} {total.dtype} and "
+                                 f"{share.size} {share.dtype}")
+            total = share.copy() if total is None else np.add(total, share, out=total)  # wraps: the ring
         return total
     updates = np.stack([_check_share(s) for s in local_shares])  # (K, D), one copy
     # precision=None keeps the default 16 fractional bits: the shares are
@@ -190,8 +191,9 @@ def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np
     return rule.in_mpc(x).share.numpy()
 
 
-def _check_share(share) -> np.ndarray:
+def _check_share(share, also=np.int64) -> np.ndarray:
+    """A 1-D int64 share (Z_2^64), or of dtype `also` (a plain sum's uint32: Z_2^32)."""
     share = np.asarray(share)
-    if share.dtype != np.int64 or share.ndim != 1:
+    if share.dtype not in (np.int64, also) or share.ndim != 1:
         raise ValueError(f"each share must be a 1-D int64 array, got {share.dtype} with shape {share.shape}")
     return share

@@ -10,6 +10,11 @@ share: the share is the seed's AES-256-CTR keystream read as int64. Only party 0
 gets a dense share, the correction that makes the shares sum to the secret, so
 a client uploads one vector plus a few seeds instead of n vectors.
 
+A plain sum (no rule computed inside MPC) needs only residues mod 2^32 (``bits=32``): the secret's
+residue is split into uint32 shares, a seed expands to 4-byte words, parties add in uint32, and
+``reveal`` sign-extends the sum; half the bytes on the wire, in the PRG and in every addition, provided
+the sum's encoding fits in int32 (``narrow_bound``; honest clients refuse updates above it).
+
 Rounding differs from CrypTen on purpose: CrypTen's encoder truncates toward
 zero (``(scale * x).long()``, in the input's precision); we scale in float64 and
 round to nearest, so the encoding error is at most 2^-17 per value.
@@ -75,15 +80,57 @@ def decode_fixed(v) -> np.ndarray:
     return v.astype(np.float64) / SCALE
 
 
+def narrow_bound(num_clients: int) -> float:
+    """The largest |x| an update may hold when a sum of ``num_clients`` updates travels in Z_{2^32}: the
+    sum's encoding must stay inside int32 (|sum| < 2^31) to decode to itself instead of wrapping."""
+    return 2.0 ** (31 - FRAC_BITS) / max(1, int(num_clients))
+
+
+# A ring's elements as numpy stores them: Z_2^64 as int64 (CrypTen's), Z_2^32 as uint32.
+RING_DTYPES = {64: np.dtype(np.int64), 32: np.dtype(np.uint32)}
+_UNSIGNED = {64: np.uint64, 32: np.uint32}  # where the ring's additions wrap without warnings
+
+
+def ring_dtype(bits: int) -> np.dtype:
+    if bits not in RING_DTYPES:
+        raise ValueError(f"ring words are 32 or 64 bits, not {bits!r}")
+    return RING_DTYPES[bits]
+
+
+def to_wire(v: np.ndarray, bits: int) -> bytes:
+    """A ring vector's little-endian words: int64, or (bits = 32) its residue mod 2^32 as uint32. Reducing
+    mod 2^32 is a ring map (integer casts keep the low bits), so residues of sums are sums of residues."""
+    return np.asarray(v).astype(ring_dtype(bits).newbyteorder("<"), copy=False).tobytes()
+
+
+def from_wire(payload: bytes, bits: int) -> np.ndarray:
+    """Ring words from the wire, in the ring's dtype (a fresh, writable array)."""
+    return np.frombuffer(payload, dtype=ring_dtype(bits).newbyteorder("<")).astype(ring_dtype(bits))
+
+
+def reveal(shares: Sequence[np.ndarray], bits: int) -> np.ndarray:
+    """The secret from all parties' result shares in Z_{2^bits}, as int64 fixed point (a 32-bit sum is
+    sign-extended: see narrow_bound for when that is the true sum)."""
+    total = reconstruct(shares)
+    return total if bits == 64 else total.astype(np.uint32).view(np.int32).astype(np.int64)
+
+
 def prg_int64(seed: bytes, n: int) -> np.ndarray:
     """Expand a 32-byte seed into n uniformly random int64: the AES-256-CTR keystream under key=seed, counter
     from 0 (the first 16 bytes are AES-256 of the zero block)."""
+    return prg_words(seed, n, 64)
+
+
+def prg_words(seed: bytes, n: int, bits: int = 64) -> np.ndarray:
+    """n uniformly random elements of Z_{2^bits} (int64 or uint32): the seed's AES-256-CTR keystream read as
+    little-endian words of bits / 8 bytes."""
+    dtype = ring_dtype(bits)
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
         raise ValueError(f"seed must be {SEED_BYTES} bytes, got "
                          f"{len(seed) if isinstance(seed, (bytes, bytearray)) else type(seed).__name__}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"length must be a non-negative integer, got {n!r}")
-    out = np.empty(int(n), dtype="<i8")  # little-endian, so a seed expands the same everywhere
+    out = np.empty(int(n), dtype=dtype.newbyteorder("<"))  # little-endian, so a seed expands the same everywhere
     raw = memoryview(out).cast("B")
     encryptor = Cipher(algorithms.AES256(bytes(seed)), modes.CTR(_COUNTER0)).encryptor()
     zeros = bytes(min(len(raw), _PRG_CHUNK))
@@ -91,12 +138,13 @@ def prg_int64(seed: bytes, n: int) -> np.ndarray:
     for start in range(0, len(raw), _PRG_CHUNK):
         stop = min(start + _PRG_CHUNK, len(raw))
         encryptor.update_into(zeros[: stop - start], raw[start:stop])
-    return out.astype(np.int64, copy=False)
+    return out.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on array fields is ambiguous
 class Share:
-    """One party's additive share of a client's vector: a dense int64 vector, or a seed that expands to one.
+    """One party's additive share of a client's vector in Z_{2^bits}: a dense vector (int64, or uint32 for
+    bits = 32), or a seed that expands to one.
 
     ``length`` is the vector's element count; for a dense share it defaults to
     ``dense.size`` and must match it when given.
@@ -106,6 +154,7 @@ class Share:
     dense: np.ndarray | None = None
     seed: bytes | None = None
     length: int = 0
+    bits: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.party, bool) or not isinstance(self.party, (int, np.integer)) or self.party < 0:
@@ -114,30 +163,31 @@ class Share:
             raise ValueError(f"length must be a non-negative integer, got {self.length!r}")
         if (self.dense is None) == (self.seed is None):
             raise ValueError("a share carries exactly one of dense or seed")
+        dtype = ring_dtype(self.bits)
         if self.seed is not None:
             if not isinstance(self.seed, bytes) or len(self.seed) != SEED_BYTES:
                 raise ValueError(f"seed must be {SEED_BYTES} bytes")
             return
-        if not isinstance(self.dense, np.ndarray) or self.dense.dtype != np.int64 or self.dense.ndim != 1:
-            raise ValueError("dense share must be a 1-D int64 numpy array")
+        if not isinstance(self.dense, np.ndarray) or self.dense.dtype != dtype or self.dense.ndim != 1:
+            raise ValueError(f"dense share must be a 1-D {dtype} numpy array (Z_2^{self.bits})")
         if self.length == 0:
             object.__setattr__(self, "length", self.dense.size)
         elif self.length != self.dense.size:
             raise ValueError(f"dense share has {self.dense.size} elements, length says {self.length}")
 
     def expand(self) -> np.ndarray:
-        """The share as an int64 vector (a seed is expanded with prg_int64)."""
-        return self.dense if self.dense is not None else prg_int64(self.seed, self.length)
+        """The share as a vector of the ring (a seed is expanded with prg_words)."""
+        return self.dense if self.dense is not None else prg_words(self.seed, self.length, self.bits)
 
 
 def split_shares(encoded, n_parties: int, *, compress: bool = True,
-                 rng_seed_source: Callable[[int], bytes] = os.urandom) -> list[Share]:
-    """Split a 1-D int64 vector into n_parties additive shares, party i's at index i.
+                 rng_seed_source: Callable[[int], bytes] = os.urandom, bits: int = 64) -> list[Share]:
+    """Split a 1-D int64 vector into n_parties additive shares of Z_{2^bits}, party i's at index i.
 
     Parties 1..n-1 get fresh random masks; party 0 gets ``encoded - sum(masks)``
-    (mod 2^64). With ``compress`` the masks travel as their 32-byte seeds.
+    (mod 2^bits). With ``compress`` the masks travel as their 32-byte seeds.
     """
-    secret = _ring_vector(encoded)
+    secret = _ring_vector(encoded).astype(ring_dtype(bits), copy=False)  # bits = 32: the residue mod 2^32
     if isinstance(n_parties, bool) or not isinstance(n_parties, (int, np.integer)) or n_parties < 2:
         raise ValueError(f"need at least 2 parties, got {n_parties!r}")
     n = secret.size
@@ -146,52 +196,55 @@ def split_shares(encoded, n_parties: int, *, compress: bool = True,
         raise ValueError(f"rng_seed_source must return {SEED_BYTES} random bytes")
     # Uncompressed masks come from the same CSPRNG (AES-256-CTR of an OS-random seed,
     # never numpy's RNG); the modes differ only in whether the seed or its expansion is sent.
-    masks = [prg_int64(s, n) for s in seeds]
-    # correction = secret - sum(masks) mod 2^64, in place in one buffer (the hot path of every upload)
-    correction = secret.view(np.uint64).copy()
+    masks = [prg_words(s, n, bits) for s in seeds]
+    # correction = secret - sum(masks) mod 2^bits, in place in one buffer (the hot path of every upload)
+    unsigned = _UNSIGNED[bits]
+    correction = secret.view(unsigned).copy()
     for mask in masks:
-        np.subtract(correction, mask.view(np.uint64), out=correction)
-    correction = correction.view(np.int64)
-    shares = [Share(party=0, dense=correction, length=n)]
+        np.subtract(correction, mask.view(unsigned), out=correction)
+    correction = correction.view(secret.dtype)
+    shares = [Share(party=0, dense=correction, length=n, bits=bits)]
     for party, (seed, mask) in enumerate(zip(seeds, masks), start=1):
-        shares.append(Share(party=party, seed=seed, length=n) if compress
-                      else Share(party=party, dense=mask, length=n))
+        shares.append(Share(party=party, seed=seed, length=n, bits=bits) if compress
+                      else Share(party=party, dense=mask, length=n, bits=bits))
     return shares
 
 
 def client_shares(client_id: str, round_: int, update: np.ndarray, n_parties: int, *,
-                  compress: bool = True) -> list[Share]:
+                  compress: bool = True, bits: int = 64) -> list[Share]:
     """One client's update for one round, encoded and split: share i goes to compute party i.
 
     Additive shares are interchangeable, so which party gets the dense
     correction rotates with (client, round): with seed compression, the
     parties' ingestion work spreads over all of them instead of party 0."""
-    shares = split_shares(encode_fixed(update), n_parties, compress=compress)
+    shares = split_shares(encode_fixed(update), n_parties, compress=compress, bits=bits)
     offset = zlib.crc32(f"{client_id}/{round_}".encode()) % n_parties
-    rotated = [Share(party=(s.party + offset) % n_parties, dense=s.dense, seed=s.seed, length=s.length)
+    rotated = [Share(party=(s.party + offset) % n_parties, dense=s.dense, seed=s.seed, length=s.length, bits=bits)
                for s in shares]
     return sorted(rotated, key=lambda s: s.party)
 
 
 def add_shares(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    """Element-wise sum of int64 vectors modulo 2^64 (wraps around, never warns)."""
+    """Element-wise sum of ring vectors: int64 modulo 2^64, or uint32 modulo 2^32 (wraps around, never warns)."""
     arrays = [np.asarray(a) for a in arrays]
     if not arrays:
         raise ValueError("nothing to add")
+    dtype = arrays[0].dtype
     for a in arrays:
-        if a.dtype != np.int64:
-            raise TypeError(f"shares must be int64, got {a.dtype}")
+        if a.dtype != dtype or dtype not in (np.int64, np.uint32):
+            raise TypeError(f"shares must be all int64 or all uint32, got {a.dtype} beside {dtype}")
         if a.shape != arrays[0].shape:
             raise ValueError(f"share shapes differ: {arrays[0].shape} vs {a.shape}")
-    # Unsigned addition is defined to wrap, so do the ring arithmetic in uint64.
-    total = arrays[0].view(np.uint64).copy()
+    # Unsigned addition is defined to wrap, so do the ring arithmetic unsigned.
+    unsigned = np.uint64 if dtype == np.int64 else np.uint32
+    total = arrays[0].view(unsigned).copy()
     for a in arrays[1:]:
-        np.add(total, a.view(np.uint64), out=total)
-    return total.view(np.int64)
+        np.add(total, a.view(unsigned), out=total)
+    return total.view(dtype)
 
 
 def reconstruct(shares: Sequence[np.ndarray | Share]) -> np.ndarray:
-    """The secret int64 vector from all parties' shares (arrays, or Share objects to expand)."""
+    """The secret ring vector from all parties' shares (arrays, or Share objects to expand)."""
     return add_shares(s.expand() if isinstance(s, Share) else s for s in shares)
 
 

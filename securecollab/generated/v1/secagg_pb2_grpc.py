@@ -226,8 +226,10 @@ class ComputePartyServicer:
     """
 
     def SubmitShare(self, request_iterator, context):
-        """A client's share for a round: a dense int64 share, or a PRG seed (seed compression): 32 bytes whose
+        """A client's share for a round: a dense share, or a PRG seed (seed compression): 32 bytes whose
         AES-256-CTR keystream (the seed as key, counter block from 0), read as little-endian int64, is the share.
+        Dense words are int64, or, where the plan's rule is a plain sum (SecAggPlan.share_bits = 32), each
+        element's residue mod 2^32 as a little-endian uint32.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,7 +243,8 @@ class ComputePartyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Aggregate(self, request, context):
-        """Coordinator: run the MPC over the given clients; returns this party's share of the result.
+        """Coordinator: run the MPC over the given clients; returns this party's share of the result, in the
+        words of the plan's ring (int64, or uint32 residues for a plain sum).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
