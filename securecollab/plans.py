@@ -196,7 +196,8 @@ class SecAggPlan(JsonPlan):
     # (anyone on the link sees the opened values; anyone reaching the rendezvous can join): comparison only.
     mpc_transport: str = "grpc"
     # A plain sum (no norm bound, FLTrust or noise) travels in Z_2^32: 4-byte words, if every update keeps
-    # |x| < 2^15 / num_clients (honest clients refuse larger ones). False: always the 64-bit ring.
+    # |x| < 2^15 / num_clients (honest clients refuse larger ones; from 2^15 clients on, where even the count
+    # of 1 would not fit, the 64-bit ring). False: always the 64-bit ring.
     narrow_ring: bool = True
 
     def __post_init__(self):
@@ -219,7 +220,8 @@ class SecAggPlan(JsonPlan):
     @property
     def share_bits(self) -> int:
         """The ring of shares on the wire: 32 bits for a plain sum (narrow_ring), else CrypTen's 64."""
-        return 32 if self.narrow_ring and not self.needs_dealer and not self.dp_sigma else 64
+        plain_sum = not self.needs_dealer and not self.dp_sigma
+        return 32 if self.narrow_ring and plain_sum and self.training.num_clients < 1 << 15 else 64
 
 
 SPLIT_MODES = ("vanilla", "ushaped")

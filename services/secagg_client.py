@@ -21,7 +21,7 @@ from securecollab.net.wire import iter_chunks
 from securecollab.plans import SecAggPlan, client_data
 from securecollab.poisoning import Malice, behaviour
 from securecollab.protocols.fedavg import client_delta
-from securecollab.secagg.sharing import Share, client_shares, narrow_bound, to_wire
+from securecollab.secagg.sharing import Share, client_shares, to_wire
 from securecollab.training import accuracy
 from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import receive_global_model
@@ -60,15 +60,10 @@ def share_messages(client_id: str, round_: int, share: Share, *, limit_chunks: i
 
 def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, plan: SecAggPlan,
            drop: str | None = None, *, honest: bool = True) -> None:
-    """Share `vector` across the parties. An honest client refuses an update the plan's ring cannot sum
-    (a malicious one sends it anyway: it wraps around mod 2^32)."""
-    if honest and plan.share_bits == 32:
-        bound, peak = narrow_bound(plan.training.num_clients), float(np.abs(vector).max())
-        if not peak < bound:
-            raise ValueError(f"max |update| = {peak:.6g} is not below {bound:.6g} (2^15 / {plan.training.num_clients} "
-                             "clients), so the plain sum in Z_2^32 could wrap: set SecAggPlan.narrow_ring=false")
+    """Share `vector` across the parties. An honest client refuses (ValueError) an update the plan's ring
+    cannot sum (a malicious one sends it anyway: it wraps around mod 2^32)."""
     shares = client_shares(client_id, round_, vector, plan.n_parties, compress=plan.seed_compression,
-                           bits=plan.share_bits)
+                           bits=plan.share_bits, sum_of=plan.training.num_clients if honest else None)
     for i, (stub, share) in enumerate(zip(party_stubs, shares)):
         if drop == "partial_upload" and i == 1:
             os._exit(3)  # reached only party 0

@@ -40,7 +40,7 @@ _mpc_endpoint = None
 
 class ComputePartyServicer(pb_grpc.ComputePartyServicer):
     def __init__(self, index: int, store: ShareStore, jobs: "queue.Queue", transcript: TranscriptRecorder,
-                 share_bits: int = 64):
+                 share_bits: int):
         self.index = index
         self.share_bits = share_bits  # the ring of shares on the wire (SecAggPlan.share_bits)
         self.store = store

@@ -70,7 +70,7 @@ def test_compute_party_transcript_is_independent_of_client_updates(ten_clients):
         records = load_transcript(out / "transcripts" / f"party-{p}.jsonl").of_kind("share")
         assert {r.sender for r in records} == set(plan.client_ids())  # it saw every client's share ...
         for r in records:
-            assert 0 <= r.tensors["share"].min() and r.tensors["share"].max() < 2 ** 32  # a plain sum: Z_2^32
+            assert r.tensors["share"].dtype == np.uint32  # a plain sum: Z_2^32
             # ... each a uniformly random element of Z_2^32, read as a signed residue
             share = r.tensors["share"].astype(np.uint32).view(np.int32).astype(np.float64)
             u = updates[r.sender][:-1]
@@ -85,7 +85,8 @@ def test_dropout_of_30_percent_at_every_phase_leaves_the_round_correct(tmp_path)
     out = tmp_path / "secagg"
     plan = FedAvgPlan(num_clients=10, rounds=2, local_epochs=1)
     # Generous: the deadline runs from the first report and must cover slow process start-up under load.
-    spec = SecAggPlan(training=plan, n_parties=3, min_clients=5, upload_deadline_s=20)
+    # the 64-bit ring for a plain sum (--wide-ring), so that path runs through the services too
+    spec = SecAggPlan(training=plan, n_parties=3, min_clients=5, upload_deadline_s=20, narrow_ring=False)
     drops = {"client-1": ("before_upload", 0), "client-4": ("mid_upload", 0),
              "client-7": ("partial_upload", 0)}
     run_protocol("secagg", plan, out, secagg=spec, drops=drops)
@@ -98,7 +99,9 @@ def test_dropout_of_30_percent_at_every_phase_leaves_the_round_correct(tmp_path)
         expected = np.sum([updates[c] for c in survivors], axis=0)
         np.testing.assert_allclose(aggregate, expected, rtol=0, atol=10 * FIXED_POINT_STEP)
     # the partial uploader reached party 0 only: that share was held but never counted
-    held_by_0 = {r.sender for r in load_transcript(out / "transcripts" / "party-0.jsonl").of_kind("share")}
+    shares_0 = load_transcript(out / "transcripts" / "party-0.jsonl").of_kind("share")
+    held_by_0 = {r.sender for r in shares_0}
+    assert {r.tensors["share"].dtype for r in shares_0 if "share" in r.tensors} == {np.dtype(np.int64)}  # wide
     assert "client-7" in held_by_0
 
 

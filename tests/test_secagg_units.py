@@ -170,7 +170,7 @@ def test_bad_input_party_answers_a_repeated_aggregation_alike_and_refuses_a_diff
     for c in ("client-0", "client-1", "client-2"):
         store.put(c, 4, _share())
     jobs: queue.Queue = queue.Queue()
-    party = ComputePartyServicer(0, store, jobs, TranscriptRecorder(None, party="party-0", role="party"))
+    party = ComputePartyServicer(0, store, jobs, TranscriptRecorder(None, party="party-0", role="party"), 64)
     ask = pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.5)
     job = party._job_for(ask)
     assert party._job_for(pb.AggregateRequest(round=4, client_ids=["client-0", "client-1"], dp_sigma=0.5)) is job
@@ -226,6 +226,7 @@ def test_asynchronous_wait_for_a_round_is_woken_by_the_driver_thread_and_keeps_d
 def test_only_a_plain_sum_travels_in_the_32_bit_ring():
     plan = FedAvgPlan(num_clients=10)
     assert SecAggPlan(training=plan).share_bits == 32
+    assert SecAggPlan(training=FedAvgPlan(num_clients=1 << 15)).share_bits == 64  # a count of 1 each would wrap
     for spec in (SecAggPlan(training=plan, norm_bound=1.0), SecAggPlan(training=plan, dp_sigma=0.1),
                  SecAggPlan(training=plan, robust="fltrust"), SecAggPlan(training=plan, narrow_ring=False)):
         assert spec.share_bits == 64, spec  # CrypTen's ring: the rule runs inside MPC (or the user asked)
@@ -244,7 +245,7 @@ def test_an_honest_client_refuses_an_update_the_32_bit_sum_could_wrap_and_a_mali
     spec = SecAggPlan(training=FedAvgPlan(num_clients=10), seed_compression=False)
     parties = [Party() for _ in range(3)]
     with pytest.raises(ValueError, match="narrow_ring"):
-        upload("client-0", 0, np.array([0.1, 3276.8, 1.0]), parties, spec)  # 2^15 / 10
+        upload("client-0", 0, np.array([0.1, 3276.8 - 2.0 ** -20, 1.0]), parties, spec)  # rounds up to 2^15 / 10
     assert all(not p.words for p in parties)  # nothing sent
     upload("client-0", 0, np.array([0.1, 3276.7, 1.0]), parties, spec)
     upload("client-0", 1, np.array([0.1, 1e6, 1.0]), parties, spec, honest=False)

@@ -37,6 +37,7 @@ from securecollab.secagg.sharing import (
     from_wire,
     narrow_bound,
     prg_int64,
+    prg_words,
     reconstruct,
     reveal,
     split_shares,
@@ -377,9 +378,31 @@ def test_narrow_ring_sums_residues_exactly_up_to_its_bound_and_wraps_beyond_it()
         add_shares([results[0], results[0].astype(np.int64)])
     with pytest.raises(ValueError, match="uint32"):
         Share(party=0, dense=np.zeros(3, np.int64), bits=32)
+    with pytest.raises(ValueError, match="32 or 64"):
+        Share(party=1, seed=bytes(32), length=3, bits=16)
     # 64-bit words are the plain ring: no reduction
     secret = encode_fixed(updates[0])
     np.testing.assert_array_equal(reveal([from_wire(to_wire(s.expand(), 64), 64) for s in split_shares(secret, 3)],
                                          64), secret)
     with pytest.raises(ValueError, match="32 or 64"):
         to_wire(secret, 16)
+    # a 32-bit seed is the same keystream, read in 4-byte words
+    seed = bytes(range(32))
+    np.testing.assert_array_equal(prg_words(seed, 2000, 32).view("<i8"), prg_int64(seed, 1000))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_the_narrow_bound_is_checked_on_the_encoding_where_rounding_could_cross_it(k):
+    """Just under the float bound a value can round up to one step above 2^31 / k: k of them would wrap. The
+    honest client's check (client_shares with sum_of) refuses what would wrap and accepts what would not."""
+    bound = narrow_bound(k)
+    just_under = bound - 2.0 ** -20  # rounds to bound * 2^16 exactly: k of them reach 2^31
+    with pytest.raises(ValueError, match="could wrap"):
+        client_shares("client-0", 0, np.array([0.5, just_under]), 3, bits=32, sum_of=k)
+    wrapped = [add_shares(p) for p in zip(*[[s.expand() for s in split_shares(encode_fixed(np.array([just_under])),
+                                                                               3, bits=32)] for _ in range(k)])]
+    assert decode_fixed(reveal(wrapped, 32))[0] < 0  # what the check prevents: the sum wraps to the other sign
+    safe = bound - 2.0 ** -16  # one step lower encodes below 2^31 / k
+    shares = client_shares("client-0", 0, np.array([0.5, safe]), 3, bits=32, sum_of=k)
+    assert len(shares) == 3 and all(s.bits == 32 for s in shares)
+    assert client_shares("client-0", 0, np.array([1e6]), 3, bits=64, sum_of=k)  # the 64-bit ring has room

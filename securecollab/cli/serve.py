@@ -64,13 +64,17 @@ def secagg_options(
         help="grpc: the compute parties' MPC over mutual TLS (default). gloo: CrypTen's own plaintext world, "
              "INSECURE (a link observer sees every opened value; anyone reaching the rendezvous can join): "
              "only to compare.")] = "grpc",
+    narrow_ring: Annotated[bool, typer.Option(
+        "--narrow-ring/--wide-ring", help="A plain sum's shares in Z_2^32 (4-byte words; every update must keep "
+        "|x| < 2^15 / clients). --wide-ring: CrypTen's 64-bit ring, which a rule inside MPC uses anyway.")] = True,
 ) -> dict:
     """Group: the secure-aggregation side of the plan; gives SecAggPlan's keywords."""
     from securecollab.plans import MPC_TRANSPORTS
     if mpc_transport not in MPC_TRANSPORTS:
         raise typer.BadParameter(f"--mpc-transport is one of {MPC_TRANSPORTS}, not {mpc_transport!r}")
     return {"n_parties": compute_parties, "seed_compression": seed_compression, "min_clients": min_clients,
-            "upload_deadline_s": upload_deadline, "dp_sigma": dp_sigma, "mpc_transport": mpc_transport}
+            "upload_deadline_s": upload_deadline, "dp_sigma": dp_sigma, "mpc_transport": mpc_transport,
+            "narrow_ring": narrow_ring}
 
 
 @uses(training=training_options, dp=dp_options, secagg=secagg_options, defence=defence_options)

@@ -82,7 +82,7 @@ class ShareStore:
 
 
 class ExpandedShares(Sequence):
-    """Shares as int64 vectors, a seed expanded only when its vector is read (a running sum holds one at a time)."""
+    """Shares as ring vectors, a seed expanded only when its vector is read (a running sum holds one at a time)."""
 
     def __init__(self, shares: list):
         self._shares = shares

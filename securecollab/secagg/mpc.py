@@ -160,12 +160,13 @@ def mpc_stats() -> dict:
 
 
 def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np.ndarray:
-    """This party's int64 share of `rule` applied to the round's client updates.
+    """This party's share of `rule` applied to the round's client updates (int64; uint32 for a plain sum in
+    Z_2^32).
 
     ``local_shares[i]`` is this party's share of client i's update (int64,
-    length D, scale 2^16; for a plain sum also uint32, in Z_2^32). All parties must call this in lock-step with the
-    same clients in the same order and the same rule. The shares returned by
-    all parties sum (mod 2^64) to the fixed-point encoding of the rule's
+    length D, scale 2^16; for a plain sum also uint32, in Z_2^32). All parties must
+    call this in lock-step with the same clients in the same order and the same rule. The shares returned by
+    all parties sum (mod 2^64, or 2^32) to the fixed-point encoding of the rule's
     result, e.g. sum_i accept_i * u_i (+ noise) for a norm bound with noise.
     """
     crypten = load_crypten()
@@ -195,5 +196,6 @@ def _check_share(share, also=np.int64) -> np.ndarray:
     """A 1-D int64 share (Z_2^64), or of dtype `also` (a plain sum's uint32: Z_2^32)."""
     share = np.asarray(share)
     if share.dtype not in (np.int64, also) or share.ndim != 1:
-        raise ValueError(f"each share must be a 1-D int64 array, got {share.dtype} with shape {share.shape}")
+        raise ValueError(f"each share must be a 1-D int64 (or {np.dtype(also)}) array, got {share.dtype} with "
+                         f"shape {share.shape}")
     return share

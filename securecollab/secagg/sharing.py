@@ -81,9 +81,16 @@ def decode_fixed(v) -> np.ndarray:
 
 
 def narrow_bound(num_clients: int) -> float:
-    """The largest |x| an update may hold when a sum of ``num_clients`` updates travels in Z_{2^32}: the
-    sum's encoding must stay inside int32 (|sum| < 2^31) to decode to itself instead of wrapping."""
+    """The bound on |x| an update must stay below when a sum of ``num_clients`` updates travels in Z_{2^32}:
+    the sum's encoding must stay inside int32 (|sum| < 2^31) to decode to itself instead of wrapping."""
     return 2.0 ** (31 - FRAC_BITS) / max(1, int(num_clients))
+
+
+def fits_narrow_sum(encoded: np.ndarray, num_clients: int) -> bool:
+    """Whether ``num_clients`` encodings no larger than this one sum inside int32. Checked on the encoding, not
+    the floats: a value just under narrow_bound may round up to one step above 2^31 / num_clients."""
+    peak = int(np.abs(encoded).max()) if encoded.size else 0
+    return peak * max(1, int(num_clients)) < 1 << 31
 
 
 # A ring's elements as numpy stores them: Z_2^64 as int64 (CrypTen's), Z_2^32 as uint32.
@@ -112,7 +119,7 @@ def reveal(shares: Sequence[np.ndarray], bits: int) -> np.ndarray:
     """The secret from all parties' result shares in Z_{2^bits}, as int64 fixed point (a 32-bit sum is
     sign-extended: see narrow_bound for when that is the true sum)."""
     total = reconstruct(shares)
-    return total if bits == 64 else total.astype(np.uint32).view(np.int32).astype(np.int64)
+    return total if bits == 64 else total.astype(np.uint32, copy=False).view(np.int32).astype(np.int64)
 
 
 def prg_int64(seed: bytes, n: int) -> np.ndarray:
@@ -187,7 +194,7 @@ def split_shares(encoded, n_parties: int, *, compress: bool = True,
     Parties 1..n-1 get fresh random masks; party 0 gets ``encoded - sum(masks)``
     (mod 2^bits). With ``compress`` the masks travel as their 32-byte seeds.
     """
-    secret = _ring_vector(encoded).astype(ring_dtype(bits), copy=False)  # bits = 32: the residue mod 2^32
+    secret = _ring_vector(encoded)
     if isinstance(n_parties, bool) or not isinstance(n_parties, (int, np.integer)) or n_parties < 2:
         raise ValueError(f"need at least 2 parties, got {n_parties!r}")
     n = secret.size
@@ -199,10 +206,10 @@ def split_shares(encoded, n_parties: int, *, compress: bool = True,
     masks = [prg_words(s, n, bits) for s in seeds]
     # correction = secret - sum(masks) mod 2^bits, in place in one buffer (the hot path of every upload)
     unsigned = _UNSIGNED[bits]
-    correction = secret.view(unsigned).copy()
+    correction = secret.astype(unsigned)  # one copy; for bits = 32 the secret's residue mod 2^32
     for mask in masks:
         np.subtract(correction, mask.view(unsigned), out=correction)
-    correction = correction.view(secret.dtype)
+    correction = correction.view(ring_dtype(bits))
     shares = [Share(party=0, dense=correction, length=n, bits=bits)]
     for party, (seed, mask) in enumerate(zip(seeds, masks), start=1):
         shares.append(Share(party=party, seed=seed, length=n, bits=bits) if compress
@@ -211,13 +218,20 @@ def split_shares(encoded, n_parties: int, *, compress: bool = True,
 
 
 def client_shares(client_id: str, round_: int, update: np.ndarray, n_parties: int, *,
-                  compress: bool = True, bits: int = 64) -> list[Share]:
+                  compress: bool = True, bits: int = 64, sum_of: int | None = None) -> list[Share]:
     """One client's update for one round, encoded and split: share i goes to compute party i.
 
     Additive shares are interchangeable, so which party gets the dense
     correction rotates with (client, round): with seed compression, the
-    parties' ingestion work spreads over all of them instead of party 0."""
-    shares = split_shares(encode_fixed(update), n_parties, compress=compress, bits=bits)
+    parties' ingestion work spreads over all of them instead of party 0.
+    With bits = 32 and ``sum_of`` (the number of clients summed), an update whose sum with as many
+    others could wrap around Z_2^32 is refused (ValueError) before anything is split."""
+    encoded = encode_fixed(update)
+    if bits == 32 and sum_of is not None and not fits_narrow_sum(encoded, sum_of):
+        raise ValueError(f"max |update| = {float(np.abs(update).max()):.9g} is not below "
+                         f"{narrow_bound(sum_of):.9g} (2^15 / {sum_of} clients) once encoded, so the plain sum "
+                         "in Z_2^32 could wrap: use the 64-bit ring (SecAggPlan.narrow_ring=false, --wide-ring)")
+    shares = split_shares(encoded, n_parties, compress=compress, bits=bits)
     offset = zlib.crc32(f"{client_id}/{round_}".encode()) % n_parties
     rotated = [Share(party=(s.party + offset) % n_parties, dense=s.dense, seed=s.seed, length=s.length, bits=bits)
                for s in shares]
@@ -236,7 +250,7 @@ def add_shares(arrays: Iterable[np.ndarray]) -> np.ndarray:
         if a.shape != arrays[0].shape:
             raise ValueError(f"share shapes differ: {arrays[0].shape} vs {a.shape}")
     # Unsigned addition is defined to wrap, so do the ring arithmetic unsigned.
-    unsigned = np.uint64 if dtype == np.int64 else np.uint32
+    unsigned = _UNSIGNED[64 if dtype == np.int64 else 32]
     total = arrays[0].view(unsigned).copy()
     for a in arrays[1:]:
         np.add(total, a.view(unsigned), out=total)
@@ -254,6 +268,3 @@ def _ring_vector(encoded) -> np.ndarray:
         raise ValueError(f"expected a 1-D int64 vector (see encode_fixed), got {v.dtype} of shape {v.shape}")
     return v
 
-
-def _ring_sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.subtract(a.view(np.uint64), b.view(np.uint64)).view(np.int64)

@@ -227,9 +227,9 @@ class ComputePartyServicer:
 
     def SubmitShare(self, request_iterator, context):
         """A client's share for a round: a dense share, or a PRG seed (seed compression): 32 bytes whose
-        AES-256-CTR keystream (the seed as key, counter block from 0), read as little-endian int64, is the share.
-        Dense words are int64, or, where the plan's rule is a plain sum (SecAggPlan.share_bits = 32), each
-        element's residue mod 2^32 as a little-endian uint32.
+        AES-256-CTR keystream (the seed as key, counter block from 0), read as little-endian words, is the share.
+        Words are int64, or, where the plan's rule is a plain sum (SecAggPlan.share_bits = 32), uint32: the
+        update's residue mod 2^32 is shared in Z_2^32.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
