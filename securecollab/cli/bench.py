@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from securecollab.cli.options import BatchSize, DatasetOpt, DatasetPath, Seed, defence_options, uses
+from securecollab.cli.options import BatchSize, DatasetOpt, DatasetPath, NarrowRing, Seed, defence_options, uses
 from securecollab.cli.output import console, print_table, table, write_json
 
 app = typer.Typer(help="Measure a protocol's overhead against its plain counterpart (writes JSON).",
@@ -63,10 +63,7 @@ def secagg(
     warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and left out of the median (kept in the JSON).")] = 2,
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     seed_compression: Annotated[bool, typer.Option(help="Expand all shares but one from PRG seeds.")] = True,
-    narrow_ring: Annotated[bool, typer.Option(
-        "--narrow-ring/--wide-ring",
-        help="A plain sum's shares in Z_2^32 (4-byte words; updates must keep |x| < 2^15/K). --wide-ring: "
-             "CrypTen's 64-bit ring, which a rule inside MPC (--norm-bound, --robust) uses anyway.")] = True,
+    narrow_ring: NarrowRing = True,
     mpc_transport: Annotated[Optional[list[str]], typer.Option(
         help="MPC transports to measure (repeat; the first is `secure` in the JSON): grpc (mutual TLS) and "
              "gloo (CrypTen's plaintext world, insecure, for comparison). Default: both.")] = None,

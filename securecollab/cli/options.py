@@ -62,6 +62,10 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Mini-batch size.")]
 Seed = Annotated[int, typer.Option(help="Seed for data split, partition, init and batch order.")]
 PartitionOpt = Annotated[str, typer.Option(help="Client partition: iid or dirichlet.")]
 Alpha = Annotated[float, typer.Option(min=0.0, help="Dirichlet concentration (smaller = more skewed).")]
+# Options of a secure-aggregation plan.
+NarrowRing = Annotated[bool, typer.Option(
+    "--narrow-ring/--wide-ring", help="A plain sum's shares in Z_2^32 (4-byte words; every update must keep "
+    "|x| < 2^15 / clients). --wide-ring: CrypTen's 64-bit ring, which a rule inside MPC uses anyway.")]
 DpNoise = Annotated[float, typer.Option(min=0.0, help="DP-SGD local training (opacus): noise multiplier; 0 = off. "
                                                    "Clients report their epsilon.")]
 DpClip = Annotated[float, typer.Option(min=0.0, help="DP-SGD: per-example gradient clipping norm.")]

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from securecollab.cli.options import (CertsDir, DatasetOpt, DatasetPath, Seed, Verbose, defence_options, dp_options,
-                                      setup_logging, training_options, uses)
+from securecollab.cli.options import (CertsDir, DatasetOpt, DatasetPath, NarrowRing, Seed, Verbose, defence_options,
+                                      dp_options, setup_logging, training_options, uses)
 from securecollab.cli.output import console
 
 app = typer.Typer(help="Start one service (mutual TLS, health checking, reflection); stops on SIGTERM or when its "
@@ -64,9 +64,7 @@ def secagg_options(
         help="grpc: the compute parties' MPC over mutual TLS (default). gloo: CrypTen's own plaintext world, "
              "INSECURE (a link observer sees every opened value; anyone reaching the rendezvous can join): "
              "only to compare.")] = "grpc",
-    narrow_ring: Annotated[bool, typer.Option(
-        "--narrow-ring/--wide-ring", help="A plain sum's shares in Z_2^32 (4-byte words; every update must keep "
-        "|x| < 2^15 / clients). --wide-ring: CrypTen's 64-bit ring, which a rule inside MPC uses anyway.")] = True,
+    narrow_ring: NarrowRing = True,
 ) -> dict:
     """Group: the secure-aggregation side of the plan; gives SecAggPlan's keywords."""
     from securecollab.plans import MPC_TRANSPORTS
