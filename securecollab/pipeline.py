@@ -24,7 +24,7 @@ from securecollab.plans import FedAvgPlan
 # The scorecard reads from training-time leakage to inference-time leakage.
 DEMO_ORDER = ("gradient_inversion", "split_attacks", "membership", "extraction", "dp", "backdoor")
 # The demo's protocol runs, baselines first (the scorecard measures each protocol against its baseline).
-DEMO_PROTOCOLS = ("centralized", "fedavg", "secagg", "split", "he_inference")
+DEMO_PROTOCOLS = ("centralized", "fedavg", "secagg", "split", "he_inference", "mpc_inference")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,8 @@ def protocol_label(name: str, plan: FedAvgPlan) -> str:
         "secagg": f"FedAvg over secure aggregation: 3 CrypTen compute parties, {clients} clients",
         "split": f"split learning over gRPC: server + {clients} client processes in turns",
         "he_inference": "encrypted inference (CKKS): HE server process, the test set encrypted",
+        "mpc_inference": "model-private inference (MPC): 3 CrypTen parties + dealer, weights and test set shared, "
+                         "labels only",
     }.get(name, name)
 
 

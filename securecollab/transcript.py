@@ -28,7 +28,8 @@ class Kind:
     PLAN = "plan"                        # aggregator, coordinator, split server: its own plan (public knowledge)
     GLOBAL_MODEL = "global_model"        # FL clients: the global model of each round
     UPDATE = "update"                    # FedAvg aggregator: a client's weights after local training
-    SHARE = "share"                      # compute party: its share of one client's update
+    SHARE = "share"                      # compute party: its share of one client's update; MPC inference
+                                         # party: its share of the owner's weights or of a client's query
     AGGREGATE = "aggregate"              # secagg coordinator: the revealed sum of a round's update vectors
     ROUND_LOST = "round_lost"            # secagg client: a round that did not count its update
     BATCH = "batch"                      # split server: cut-layer activations (labels in vanilla mode);
@@ -40,7 +41,8 @@ class Kind:
     CONTEXT = "context"                  # HE server: a client's public CKKS context
     QUERY = "query"                      # HE server: one encrypted query; extraction attacker: its own inputs
     PLAIN_QUERY = "plain_query"          # HE server: inputs sent to the plaintext API (the baseline)
-    LOGITS = "logits"                    # HE client: decrypted logits
+    LOGITS = "logits"                    # HE client: decrypted logits; MPC client: reconstructed logits
+    LABELS = "labels"                    # MPC client in a label-only deployment: reconstructed labels
     PLAIN_LOGITS = "plain_logits"        # HE client: the plaintext API's answer
 
 

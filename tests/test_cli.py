@@ -348,3 +348,50 @@ def test_train_clips_a_malicious_clients_update_at_the_plain_aggregator(tmp_path
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert (plan["norm_bound"], plan["norm_mode"]) == (2, "clip")
     assert json.loads(out.stdout)["accuracy"] > 0.7
+
+
+def test_infer_mpc_needs_every_party_and_says_which_is_unreachable(tmp_path):
+    out = securecollab("infer", "--protocol", "mpc", "--certs", str(tmp_path))
+    assert out.returncode == 2 and "--party-target" in out.stderr
+    securecollab("certs", "--out", str(tmp_path), "client-0")
+    out = securecollab("infer", "--protocol", "mpc", "--party-target", "localhost:1", "--certs", str(tmp_path),
+                       "--connect-timeout", "1")
+    assert out.returncode == 1 and "compute party at localhost:1" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_mpc_owner_then_infer_on_running_parties(tmp_path):
+    """`serve mpc` parties and their dealer; a client before the owner uploaded is told so; then the owner
+    uploads and the client's label-only answers are the test images' classes (mostly)."""
+    from securecollab.launch import ProcessGroup, ensure_certs
+    from securecollab.plans import MpcInferencePlan
+    from securecollab.runs.mpc_inference import start_parties
+    plan = MpcInferencePlan(model="mlp", output="label")
+    certs = ensure_certs(tmp_path / "certs", ["party-0", "party-1", "party-2", "dealer", "owner", "client-0"])
+    with ProcessGroup(tmp_path / "logs") as group:
+        targets = [a for t in start_parties(group, plan, certs, tmp_path) for a in ("--party-target", t)]
+        infer = ["infer", "--protocol", "mpc", *targets, "--certs", str(certs), "--count", "40", "--batch"]
+        out = securecollab(*infer)
+        assert out.returncode == 1 and "no model yet" in out.stderr
+        out = securecollab("client", "mpc-owner", *targets, "--certs", str(certs))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.splitlines()[-1])["output"] == "label"
+        out = securecollab(*infer, "--out", str(tmp_path / "client"))
+        assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "client" / "infer_client-0.json").read_text())
+    assert result["output"] == "label" and "logits" not in result and len(result["predictions"]) == 40
+    assert result["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_bench_mpc_inference_writes_the_documented_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = securecollab("bench", "mpc-inference", "--model", "mlp", "--output", "label", "--queries", "3", "--no-he",
+                       "--out", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(path.read_text())
+    m = r["mpc"]["label"]
+    assert m["argmax_agreement"] >= 0.995 and m["latency_s"] > 0 and m["throughput_per_s"] > 0
+    assert m["query_bytes"] > 0 and all(v > 0 for k, v in m["party_bytes_sent_per_image_batched"].items()
+                                        if k.startswith("party"))
+    assert r["plain"]["latency_s"] > 0 and "he" not in r and "MPC," in out.stdout

@@ -1,4 +1,4 @@
-"""`securecollab bench secagg|load|split|he`: a protocol's overhead against its plain counterpart (JSON)."""
+"""`securecollab bench secagg|load|split|he|mpc-inference`: a protocol's overhead against its plain counterpart (JSON)."""
 
 from __future__ import annotations
 
@@ -240,4 +240,55 @@ def he(
     for name, acc in r["plaintext_accuracy_by_activation"].items():
         console.print(f"plaintext accuracy {name}: x^2 {acc['square']:.3f} vs ReLU {acc['relu']:.3f}")
     _print_network(r, "query")
+    console.print(f"wrote {out}")
+
+
+@app.command("mpc-inference")
+def mpc_inference(
+    model: Annotated[str, typer.Option(help="ReLU model served: convnet or mlp.")] = "convnet",
+    output: Annotated[Optional[list[str]], typer.Option(
+        help="Output modes to measure (repeat): logits, label. Default: both.")] = None,
+    queries: Annotated[int, typer.Option(min=1, help="Single-image queries timed (the median is reported).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per batched query.")] = 150,
+    compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
+    he: Annotated[bool, typer.Option(help="Also run `bench he` (same model family, square activations) on the "
+                                          "same test set, in this command, for one table.")] = True,
+    seed: Seed = 0, dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_mpc_inference.json"),
+):
+    """Model-private inference (CrypTen MPC: the parties hold shares of the weights and of each query) vs plain
+    inference and HE: single-image latency, batched throughput over the whole test set, bytes per query (client)
+    and per image (each party), agreement with the plaintext model. Loopback: every party a process here."""
+    from securecollab.bench.mpc_inference import bench_mpc_inference
+    from securecollab.plans import MPC_OUTPUTS, MpcInferencePlan
+    outputs = output or list(MPC_OUTPUTS)
+    if set(outputs) - set(MPC_OUTPUTS):
+        raise typer.BadParameter(f"--output is one of {MPC_OUTPUTS}")
+    plan = MpcInferencePlan(model=model, n_parties=compute_parties, seed=seed, dataset=dataset,
+                            dataset_path=str(dataset_path) if dataset_path else None, max_batch=max(batch_size, 1))
+    r = _measure(bench_mpc_inference, plan, outputs=tuple(outputs), queries=queries, batch_size=batch_size, he=he,
+                 prefix="bench-mpc-inference-", out=out)
+    rows = [["plain", f"{model} (relu)", f"{r['plain']['latency_s']:.4f}", "-", f"{r['plain']['query_bytes']:,.0f}",
+             "-", "1", f"{r['plain']['accuracy']:.3f}"]]
+    for mode, m in r["mpc"].items():
+        party = max(m["party_bytes_sent_per_image_batched"][p] for p in m["party_bytes_sent_per_image_batched"]
+                    if p.startswith("party"))
+        rows.append([f"MPC, {mode}", f"{model} (relu)", f"{m['latency_s']:.3f}", f"{m['throughput_per_s']:.1f}",
+                     f"{m['query_bytes']:,.0f}", f"{party:,.0f}", f"{m['argmax_agreement']:.4f}",
+                     f"{m['accuracy']:.3f}"])
+    if "he" in r:
+        h = r["he"]
+        rows.append(["HE (CKKS), logits", f"{h['model']} ({h['activation']})", f"{h['latency_s']:.3f}",
+                     f"{h['throughput_per_s']:.1f}", f"{h['query_bytes']:,.0f}", "-", f"{h['argmax_agreement']:.4f}",
+                     f"{h['plaintext_accuracy']:.3f}"])
+    print_table(table(f"private inference on {r['dataset']} ({r['test_images']} test images; {queries} single "
+                      f"queries; batches of {batch_size}; loopback, mutual TLS)",
+                      ["", "model", "1-image s", "img/s", "client B/query", "party B/image", "agreement",
+                       "accuracy"], rows))
+    console.print("1-image s: median latency of one image end to end; img/s: the whole test set in batches; client "
+                  "B/query: what the client sends and receives for one image; party B/image: what the busiest compute "
+                  "party sends per image, batched; agreement: argmax (or label) equal to the plaintext model's")
+    for mode, m in r["mpc"].items():
+        if "max_abs_logit_error" in m:
+            console.print(f"MPC {mode}: max |logit error| {m['max_abs_logit_error']:.2e} over the whole test set")
     console.print(f"wrote {out}")

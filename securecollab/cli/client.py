@@ -94,3 +94,45 @@ def secagg(
     if drop and drop not in DROP_PHASES:
         raise typer.BadParameter(f"--drop must be one of {DROP_PHASES}")
     client.run(run_client, drop=drop, drop_round=drop_round, boost=boost, malice=parse_malice(malice))
+
+
+@app.command("mpc-owner")
+def mpc_owner(
+    party_target: Annotated[list[str], typer.Option(
+        help="Each inference compute party's host:port, in index order (repeat).")],
+    party_id: Annotated[str, typer.Option("--id", help="The owner's id (its certificate, role owner).")] = "owner",
+    certs: CertsDir = Path("certs"),
+    server_name: ServerName = None,
+    weights: Annotated[Optional[Path], typer.Option(
+        help="The model's weights (.npz, numpy only); default: train the parties' architecture here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the trained weights (mpc_model.npz) here.")] = None,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each party.")] = 60.0,
+    verbose: Verbose = False,
+):
+    """Model owner of a model-private inference deployment: secret-shares its model's weights over the compute
+    parties (one share each; none of them, nor any client, ever holds the weights)."""
+    import grpc
+
+    from securecollab.net.certs import TlsFiles
+    from securecollab.plans import MpcInferencePlan, save_weights
+    from services.mpc_client import describe, upload_model
+    setup_logging(verbose)
+    tls = TlsFiles.for_party(certs, party_id)
+    try:
+        deployment = describe(party_target, tls=tls, server_name=server_name, connect_timeout=connect_timeout)
+        plan: MpcInferencePlan = deployment.plan
+        if weights:
+            model, _ = plan.load(weights)
+        else:
+            typer.echo(f"training {plan.model} ({plan.activation}) on {plan.dataset}: {plan.epochs} epochs", err=True)
+            model, _ = plan.train()
+            if out:
+                save_weights(model, out / "mpc_model.npz")
+        model_id = upload_model(party_target, tls=tls, model=model, server_name=server_name,
+                                connect_timeout=connect_timeout)
+    except (TimeoutError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    except grpc.RpcError as e:
+        typer.echo(f"error: a compute party refused: {e.code().name}: {e.details()}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"model_id": model_id, "parties": len(party_target), "output": plan.output}))

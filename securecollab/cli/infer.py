@@ -1,4 +1,5 @@
-"""`securecollab infer`: classify images on a running HE server, encrypted here, decrypted here."""
+"""`securecollab infer`: classify images on a running HE server (encrypted here, decrypted here), or on the compute
+parties of a model-private MPC deployment (secret-shared here, answer shares added up here)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,62 @@ def _run_infer(target, certs, party_id, server_name, transcript, x, batch, conne
         return client, logits, session, client.batched if batch else client.single, costs, plain
 
 
+def _run_mpc(party_target, certs, party_id, server_name, transcript, x, batch, connect_timeout):
+    import numpy as np
+
+    from securecollab.net.certs import TlsFiles
+    from services.mpc_client import MpcInferenceClient
+    with MpcInferenceClient(party_target, tls=TlsFiles.for_party(certs, party_id), party_id=party_id,
+                            server_name=server_name, transcript=transcript, connect_timeout=connect_timeout) as c:
+        d = c.deployment
+        if tuple(x.shape[1:]) != d.input_shape:
+            raise typer.BadParameter(f"inputs are shaped {x.shape[1:]}, the model takes {d.input_shape}")
+        step = d.plan.max_batch if batch else 1
+        with console.status(f"{len(x)} secret-shared {'batched ' if batch else ''}quer{'y' if batch else 'ies'} ..."):
+            answers = np.concatenate([c.infer(x[i:i + step]) for i in range(0, len(x), step)])
+        return c, answers, c.meter.snapshot()
+
+
+def _infer_mpc(party_target, certs, party_id, server_name, transcript, x, labels, batch, connect_timeout, out):
+    import grpc
+    try:
+        c, answers, costs = _run_mpc(party_target, certs, party_id, server_name, transcript, x, batch, connect_timeout)
+    except (TimeoutError, ValueError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    except grpc.RpcError as e:
+        console.print(f"[red]error[/red]: a compute party refused: {e.code().name}: {e.details()}")
+        raise typer.Exit(1) from None
+    d, tm = c.deployment, c.timings
+    predictions = answers if d.plan.output == "label" else answers.argmax(1)
+    print_table(table(f"model-private inference (MPC, {d.plan.n_parties} parties, output {d.plan.output}): "
+                      f"{d.plan.model}", ["#", "label", "prediction", "top logit"],
+                      ((str(i), "-" if labels is None else str(labels[i]), str(int(p)),
+                        "-" if d.plan.output == "label" else f"{answers[i].max():.3f}")
+                       for i, p in enumerate(predictions))))
+    console.print(f"per query: share {tm.share_s / tm.queries:.4f}s, network+MPC {tm.rpc_s / tm.queries:.3f}s (MPC "
+                  f"{tm.mpc_s / tm.queries:.3f}s); sent {costs['bytes_sent'] / 1e6:.3f} MB, received "
+                  f"{costs['bytes_received'] / 1e6:.3f} MB in all")
+    result = {"protocol": "mpc", "output": d.plan.output, "model_id": d.model_id,
+              "predictions": predictions.tolist(), "costs": costs,
+              "latencies_s": tm.latencies}
+    if d.plan.output == "logits":
+        result["logits"] = answers.tolist()
+    if labels is not None:
+        result["accuracy"] = float((predictions == labels).mean())
+        console.print(f"accuracy on these {len(x)} images: {result['accuracy']:.3f}")
+    if out:
+        write_json(out / f"infer_{party_id}.json", result)
+
+
 @app.command()
 def infer(
-    target: Annotated[str, typer.Option(help="HE inference server address host:port.")],
+    target: Annotated[Optional[str], typer.Option(help="HE: the inference server's address host:port.")] = None,
+    protocol: Annotated[str, typer.Option(
+        help="he: encrypted inference (CKKS; you get logits). mpc: model-private inference on secret shares "
+             "(the deployment decides logits or label only).")] = "he",
+    party_target: Annotated[Optional[list[str]], typer.Option(
+        help="MPC: each compute party's host:port, in index order (repeat).")] = None,
     party_id: Annotated[str, typer.Option("--id", help="This client's id (its certificate name).")] = "client-0",
     certs: CertsDir = Path("certs"),
     server_name: ServerName = None,
@@ -48,7 +102,9 @@ def infer(
     compare_plain: Annotated[bool, typer.Option(help="Also ask the server's plaintext API (the baseline, which sees the inputs) and compare logits.")] = False,
     verbose: Verbose = False,
 ):
-    """Classify images on a running HE server: encrypted here, evaluated there, decrypted here."""
+    """Classify images: on a running HE server (encrypted here, evaluated there, decrypted here), or with
+    --protocol mpc on the compute parties of a model-private deployment (neither the images nor the model
+    revealed; only the answer is added up here)."""
     import grpc
     import numpy as np
 
@@ -63,6 +119,16 @@ def infer(
         x, labels = ds.x_test[:count], ds.y_test[:count]
     transcript = TranscriptRecorder(out / "transcripts" / f"{party_id}.jsonl" if out else None,
                                     party=party_id, role="client")
+    if protocol not in ("he", "mpc"):
+        raise typer.BadParameter(f"--protocol is he or mpc, not {protocol!r}")
+    if protocol == "mpc":
+        if not party_target or target or compare_plain:
+            raise typer.BadParameter("--protocol mpc takes --party-target once per compute party (not --target "
+                                     "or --compare-plain: no party holds the model in the clear)")
+        _infer_mpc(party_target, certs, party_id, server_name, transcript, x, labels, batch, connect_timeout, out)
+        return
+    if not target:
+        raise typer.BadParameter("--protocol he needs --target host:port (the HE server)")
     try:
         client, logits, session, timings, costs, plain = _run_infer(
             target, certs, party_id, server_name, transcript, x, batch, connect_timeout, compare_plain)

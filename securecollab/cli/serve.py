@@ -156,7 +156,8 @@ def party(
 @app.command("dealer")
 @uses(s=serving_options, plan=secagg_plan)
 def dealer(s=None, mpc_addr: MpcAddr = "127.0.0.1", mpc_port: MpcPort = 29500, plan=None):
-    """The dealer of correlated randomness (Beaver triples, for --norm-bound). grpc: a mutual-TLS service on
+    """The dealer of correlated randomness (Beaver triples: for --norm-bound, and for `serve mpc`, which needs a
+    dealer of its own: one serves one MPC world at a time). grpc: a mutual-TLS service on
     --port for world after world. gloo (insecure): CrypTen's trusted third party for one world; exits when
     it ends."""
     from securecollab.secagg.mpc import run_dealer
@@ -242,3 +243,43 @@ def he(
     host_model = HEModelHost(net, ds.input_shape, ds.num_classes, name=plan.model,
                              max_sessions=max_sessions, max_batch_size=max_batch)
     serve(host_model, tls=tls, **s.bind())
+
+
+@app.command("mpc")
+@uses(s=serving_options)
+def mpc(
+    s=None,
+    index: Annotated[int, typer.Option(min=0, help="This compute party's index (rank in the MPC world).")] = 0,
+    mpc_peer: Annotated[Optional[list[str]], typer.Option(
+        help="host:port of each compute party's MPC endpoint, in index order (repeat); this party serves its own "
+             "at that port.")] = None,
+    dealer: Annotated[Optional[str], typer.Option(
+        help="host:port of this deployment's own dealer (`serve dealer`; one dealer per MPC world).")] = None,
+    mpc_host: Annotated[Optional[str], typer.Option(
+        help="Address the MPC endpoint binds (default: --host).")] = None,
+    model: Annotated[str, typer.Option(help="The public architecture: convnet or mlp (ReLU).")] = "convnet",
+    output: Annotated[str, typer.Option(
+        help="What a client gets: label (only the argmax, computed in MPC) or logits.")] = "label",
+    compute_parties: Annotated[int, typer.Option(
+        min=2, max=3, help="Number of compute parties (3: exact truncation with the dealer's help).")] = 3,
+    max_batch: Annotated[int, typer.Option(min=1, max=4096, help="Most inputs in one query.")] = 512,
+    dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, seed: Seed = 0,
+):
+    """Model-private inference compute party: holds a share of the owner's model (uploaded with `securecollab
+    client mpc-owner`) and of each query, evaluates the model in MPC with the other parties and its dealer, and
+    answers each client with a share of the output only it can add up."""
+    from securecollab.plans import MpcInferencePlan
+    from services.mpc_party import serve
+    tls = s.tls(f"party-{index}")
+    try:
+        plan = MpcInferencePlan.from_json(s.plan_json) if s.plan_json else MpcInferencePlan(
+            model=model, output=output, n_parties=compute_parties, max_batch=max_batch, dataset=dataset,
+            dataset_path=str(dataset_path) if dataset_path else None, seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if not mpc_peer or len(mpc_peer) != plan.n_parties or index >= plan.n_parties:
+        raise typer.BadParameter(f"give --mpc-peer once per compute party ({plan.n_parties}), in index order, and "
+                                 f"an --index below {plan.n_parties}")
+    if not dealer:
+        raise typer.BadParameter("give --dealer host:port: the deployment's dealer of correlations")
+    serve(plan, index, tls=tls, mpc_peers=mpc_peer, dealer=dealer, mpc_host=mpc_host, **s.bind())

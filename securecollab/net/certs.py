@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-ROLES = ("coordinator", "party", "dealer", "client", "aggregator", "he", "split", "operator")
+ROLES = ("coordinator", "party", "dealer", "client", "aggregator", "he", "split", "operator", "owner")
 
 URI_SCHEME = "securecollab"
 CA_CERT = "ca.pem"

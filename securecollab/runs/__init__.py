@@ -35,5 +35,5 @@ def run_protocol(name: str, plan: FedAvgPlan, out_dir: Path, **kwargs) -> dict:
 
 def discover() -> None:
     """Import the modules whose runs register themselves."""
-    for module in ("training", "inference"):
+    for module in ("training", "inference", "mpc_inference"):
         importlib.import_module(f"securecollab.runs.{module}")

@@ -1,0 +1,131 @@
+"""securecollab.secagg.mpc_model: a model's forward pass and argmax on shares, checked against torch and numpy in a
+world of one party (a subprocess: CrypTen's state is global), and the pieces of a party's state machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from securecollab.errors import ProtocolError
+from securecollab.plans import MpcInferencePlan
+from securecollab.protocols.mpc_inference import ModelShares, Query, QueryBook
+from tests.crypten_procs import REPO, party_env
+
+WORLD_OF_ONE = """
+import json, numpy as np, torch
+from securecollab.secagg.crypten_compat import load_crypten
+from securecollab.secagg.mpc_model import ParamLayout, answer, argmax_index, shared_forward, shared_weights
+from securecollab.secagg.sharing import decode_fixed, encode_fixed
+from securecollab.models import Square, build_model, parameters_to_arrays
+crypten = load_crypten(); crypten.init()
+out, rng = {}, np.random.default_rng(0)
+for name, shape in (("mlp", (64,)), ("convnet", (1, 8, 8))):
+    model = build_model(name, shape, 10, activation="relu", seed=1).eval()
+    layout = ParamLayout.of(model)
+    flat = layout.flatten(dict(parameters_to_arrays(model)))
+    back = {n: p.ravel() for n, _, p in layout.slices(flat)}
+    out[name + "_layout"] = all(np.array_equal(back[n], a.ravel()) for n, a in parameters_to_arrays(model))
+    x = rng.random((32, *shape)).astype(np.float32) * 4
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    weights = shared_weights(layout, encode_fixed(flat))
+    logits = decode_fixed(answer(model, weights, encode_fixed(x.ravel()), shape, "logits")).reshape(32, 10)
+    labels = decode_fixed(answer(model, weights, encode_fixed(x.ravel()), shape, "label"))
+    out[name] = {"err": float(np.abs(logits - ref).max()), "labels": labels.tolist(), "argmax": ref.argmax(1).tolist()}
+z = rng.normal(size=(200, 10)) * 5
+z[:40, 3] = z[:40, 7] = 40.0  # exact ties: the first maximum wins, as numpy's
+z[40:60, :] = 1.5             # a whole row tied
+got = decode_fixed(argmax_index(crypten.cryptensor(torch.from_numpy(z).float())).share.numpy())
+out["ties"] = bool(np.array_equal(np.rint(got), z.argmax(1))) and float(np.abs(got - np.rint(got)).max()) < 1e-6
+v = np.array([-9 * 2 ** 16 + 5], dtype=np.int64)  # -8.99992: CrypTen's decoder is off by one here
+out["crypten_decoder"] = float(crypten.mpc.MPCTensor.from_shares(torch.from_numpy(v)).get_plain_text())
+out["decode_fixed"] = float(decode_fixed(v)[0])
+try:
+    shared_forward(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh()), {}, crypten.cryptensor(torch.zeros(1, 4)))
+    out["refused"] = ""
+except ValueError as e:
+    out["refused"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def world_of_one() -> dict:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(WORLD_OF_ONE)], cwd=REPO, env=party_env(),
+                          capture_output=True, text=True, timeout=180)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet"])
+def test_shared_forward_and_label_equal_torch(world_of_one, name):
+    result = world_of_one[name]
+    assert world_of_one[name + "_layout"]
+    assert result["err"] < 2e-3  # fixed point 2^-16 through three layers of products
+    assert result["labels"] == [float(i) for i in result["argmax"]]
+
+
+def test_argmax_in_mpc_breaks_ties_like_numpy(world_of_one):
+    assert world_of_one["ties"]
+
+
+def test_outputs_are_decoded_here_not_by_crypten(world_of_one):
+    """CrypTen 0.4.1's decoder gives -9.99992 for -8.99992; sharing.decode_fixed is exact."""
+    assert abs(world_of_one["decode_fixed"] - (-9 + 5 / 2 ** 16)) < 1e-9
+    assert abs(world_of_one["crypten_decoder"] - world_of_one["decode_fixed"]) > 0.5  # why: a known defect
+
+
+def test_a_layer_mpc_cannot_evaluate_is_refused(world_of_one):
+    assert "Tanh is not evaluated in MPC" in world_of_one["refused"]
+
+
+def _query(client="client-0", query_id=1, n=2, model="m1"):
+    return Query(client, query_id, n, model, np.zeros(n * 64, np.int64))
+
+
+def test_query_book_is_fifo_refuses_replays_and_claims_by_id():
+    book = QueryBook()
+    first, second = _query(query_id=1), _query(query_id=2)
+    book.add(first)
+    book.add(second)
+    with pytest.raises(ProtocolError) as e:
+        book.add(_query(query_id=1))
+    assert e.value.code == "ALREADY_EXISTS"
+    assert book.next_ready(0.1) is first
+    assert book.claim("client-0", 2, 0.1) is second
+    assert book.claim("client-0", 2, 0.1) is None and book.next_ready(0.05) is None
+    late = _query(query_id=3)
+    threading.Timer(0.1, book.add, args=(late,)).start()  # a party waits for a share announced before it arrived
+    assert book.claim("client-0", 3, 5.0) is late
+    waiting = _query(query_id=4)
+    book.add(waiting)
+    book.fail_all("UNAVAILABLE", "leaving")
+    with pytest.raises(ProtocolError):
+        waiting.result.result(timeout=1)
+
+
+def test_model_shares_hold_one_model_of_the_architecture_size():
+    models = ModelShares(10)
+    assert models.get("a") is None and models.model_id == ""
+    with pytest.raises(ProtocolError):
+        models.put("a", np.zeros(9, np.int64))
+    with pytest.raises(ProtocolError):
+        models.put("a", np.zeros(10, np.float64))
+    models.put("a", np.arange(10, dtype=np.int64))
+    assert models.get("a")[3] == 3 and models.get("b") is None and models.get("") is None
+    models.put("b", np.ones(10, np.int64))
+    assert models.get("a") is None and models.model_id == "b"
+
+
+@pytest.mark.parametrize("bad", [{"output": "probs"}, {"n_parties": 4}, {"activation": "poly"}, {"max_batch": 0}])
+def test_mpc_inference_plan_refuses_what_it_cannot_serve(bad):
+    with pytest.raises(ValueError):
+        MpcInferencePlan(**bad)
+    plan = MpcInferencePlan(output="logits")
+    assert MpcInferencePlan.from_json(plan.to_json()) == plan
