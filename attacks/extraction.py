@@ -1,13 +1,16 @@
-"""Model extraction by a querying client of the HE inference service (attack ``extraction``).
+"""Model extraction by a querying client of an inference service (attack ``extraction``).
 
-The adversary is an ordinary client (adversary ``"he-client"``). It holds its
-own CKKS secret key, so it decrypts whatever the server returns. It knows:
+The adversary is an ordinary client of the HE service (``"he-client"``) or of
+a model-private MPC deployment (``"mpc-client"``). An HE client holds its own
+CKKS secret key, so it decrypts whatever the server returns; an MPC client
+adds up the compute parties' answer shares. It knows:
 
-* the served architecture (the server's ``Describe`` reply names the model
-  and input shape; HE-friendly means square activations);
+* the served architecture (the service's ``Describe`` reply names the model
+  and input shape; HE-friendly means square activations, MPC serves ReLU);
 * the queries it sent (its own inputs, which it records itself as
-  transcript records of kind ``Kind.QUERY``) and the decrypted answers (kind
-  ``Kind.LOGITS``, recorded by the HE client library);
+  transcript records of kind ``Kind.QUERY``) and the answers its client
+  library recorded: logits (``Kind.LOGITS``), or in a label-only MPC
+  deployment only the labels (``Kind.LABELS``) -- see attacks.extraction_view;
 * auxiliary data of its own: unlabelled inputs from the task's distribution
   to use as queries, and, for the no-query baseline, their true labels.
 
@@ -21,20 +24,25 @@ It never sees the weights. Two attacks:
   decrypted logits, cross-entropy on labels.
 
 Defence, label-only output: the attacker's view is reduced to the argmax of
-each answer (:func:`observe`). This *measures* what a label-only API would
-cost the attacker; it is **not enforced** here. With CKKS the key holder
-decrypts every slot the server returns, so only a server computing the
-argmax homomorphically could enforce it -- a comparison needs a high-degree
-polynomial approximation of sign (tens of rescales per comparison, four
-rounds for 10 classes) where this code base's contexts budget 1 to 5
-rescales and have no bootstrapping; a client library that returns labels
-only protects against nobody who holds the key.
+each answer (:func:`observe`). Against MPC it is **enforced**: a label-only
+deployment computes the argmax on shares, so the client's transcript holds
+labels and nothing else (asking it for logits is an error); such rows say
+``"enforced": true``. Against HE it only *measures* what a label-only API
+would cost the attacker; it is **not enforced** (``"enforced": false``).
+With CKKS the key holder decrypts every slot the server returns, so only a
+server computing the argmax homomorphically could enforce it -- a comparison
+needs a high-degree polynomial approximation of sign (tens of rescales per
+comparison, four rounds for 10 classes) where this code base's contexts
+budget 1 to 5 rescales and have no bootstrapping; a client library that
+returns labels only protects against nobody who holds the key. (MPC escapes
+this because no single party, the client included, holds a key to the
+shares: the comparisons are evaluated on shares with the dealer's help.)
 
 Scoring (not the attacker's knowledge): fidelity is the argmax agreement of
 the extracted model with the target on held-out data disjoint from every
 query; the target's labels there come from the served weights
-(``he_model.npz``), which only the evaluator reads. Every fidelity comes
-with a Wilson interval and beside a baseline that uses no query at all: a
+(``he_model.npz``, ``mpc_model.npz``), which only the evaluator reads.
+Every fidelity comes with a Wilson interval and beside a baseline that uses no query at all: a
 student of the same architecture trained on the attacker's own labelled
 auxiliary data of the same size (``aux_labels_student``), and the agreement
 of always answering the auxiliary data's majority class.
@@ -45,93 +53,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.extraction_view import Output, QueryLog, observe, read_queries
 from attacks.metrics import rate_ci
 from attacks.registry import attack, row
 from securecollab.models import build_model
-from securecollab.plans import HEModelPlan
+from securecollab.plans import HEModelPlan, MpcInferencePlan
 from securecollab.training import one_thread, predict_logits
-from securecollab.transcript import Kind, Transcript, load_transcript
+from securecollab.transcript import load_transcript
 
-OUTPUTS = ("logits", "label")
 PLAN_FILE = "extraction.json"       # written by the experiment: what the attacker declared it knows
-TARGET_WEIGHTS = "he_model.npz"     # the served weights: read for scoring only
 
-Output = Literal["logits", "label"]
-
-
-# --- what the attacker observed ------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class QueryLog:
-    """The client's queries and the decrypted answers, in the order sent.
+class Served:
+    """A service the attack extracts from: its plan class, its client adversary, the served weights' file."""
 
-    ``labels`` are the attacker's own labels of its queries (auxiliary data
-    only; -1 where it has none, e.g. random inputs): never sent, used only by
-    the no-query baseline.
-    """
-
-    queries: np.ndarray   # (n, *input_shape) float32
-    logits: np.ndarray    # (n, num_classes) float64
-    labels: np.ndarray    # (n,) int64
-
-    def first(self, n: int) -> "QueryLog":
-        return QueryLog(self.queries[:n], self.logits[:n], self.labels[:n])
+    plan: type
+    adversary: str
+    weights: str   # in the run directory: read for scoring only
 
 
-def record_query(recorder, x: np.ndarray, *, source: str, labels: np.ndarray | None = None) -> None:
-    """The client's own note of what it is about to encrypt and send (call right before ``infer_batch``)."""
-    tensors = {"inputs": np.asarray(x, dtype=np.float32)}
-    if labels is not None:
-        tensors["labels"] = np.asarray(labels, dtype=np.int64)
-    recorder.record(Kind.QUERY, round=0, sender="self", meta={"source": source, "num_inputs": len(x)},
-                    tensors=tensors)
-
-
-def read_queries(transcript: Transcript, source: str | None = None) -> QueryLog:
-    """Pair each ``Kind.QUERY`` record with the batch answer that followed it, in order.
-
-    ``infer_batch`` splits a query record into requests of the session's
-    batch size, so one query record may be answered by several ``Kind.LOGITS``
-    records; their row counts must add up.
-    """
-    answers = [r for r in transcript.records if r.kind == Kind.LOGITS and r.meta.get("mode") == "batch"]
-    queries = transcript.of_kind(Kind.QUERY)
-    xs, ls, ys, k = [], [], [], 0
-    for q in queries:
-        x = q.tensors["inputs"]
-        got, rows = [], 0
-        while rows < len(x):
-            if k >= len(answers):
-                raise ValueError("the transcript has fewer answers than queries")
-            got.append(answers[k].tensors["logits"])
-            rows += len(got[-1])
-            k += 1
-        if rows != len(x):
-            raise ValueError(f"a query of {len(x)} inputs was answered with {rows} rows")
-        if source is None or q.meta.get("source") == source:
-            xs.append(x)
-            ls.append(np.concatenate(got).astype(np.float64))
-            ys.append(q.tensors.get("labels", np.full(len(x), -1, dtype=np.int64)))
-    if not xs:
-        raise ValueError(f"no recorded queries{'' if source is None else f' from source {source!r}'}: "
-                         "the client must record what it sent (record_query)")
-    return QueryLog(np.concatenate(xs).astype(np.float32), np.concatenate(ls), np.concatenate(ys).astype(np.int64))
-
-
-def observe(logits: np.ndarray, output: Output) -> np.ndarray:
-    """The attacker's view of the answers: decrypted logits, or only their argmax (label-only defence)."""
-    if output == "logits":
-        return np.asarray(logits, dtype=np.float64)
-    if output == "label":
-        return np.asarray(logits).argmax(axis=1).astype(np.int64)
-    raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+SERVED = {"he_inference": Served(HEModelPlan, "he-client", "he_model.npz"),
+          "mpc_inference": Served(MpcInferencePlan, "mpc-client", "mpc_model.npz")}
 
 
 # --- equation solving (linear target) -----------------------------------------------------------
@@ -219,9 +169,11 @@ class Extraction:
 
 
 def extract(log: QueryLog, *, architecture: str, input_shape: tuple[int, ...], num_classes: int,
-            output: Output, method: str | None = None, config: DistillConfig = DistillConfig()) -> Extraction:
-    """Extract from the pairs in ``log``: equation solving for a linear target's logits, else distillation."""
-    answers = observe(log.logits, output)
+            output: Output, method: str | None = None, config: DistillConfig = DistillConfig(),
+            activation: str = "square") -> Extraction:
+    """Extract from the pairs in ``log``: equation solving for a linear target's logits, else distillation
+    (a student of ``architecture`` with the served ``activation``)."""
+    answers = observe(log.answers, output)
     method = method or ("equation_solving" if architecture == "linear" and output == "logits" else "distillation")
     if method == "equation_solving":
         if output != "logits":
@@ -230,77 +182,93 @@ def extract(log: QueryLog, *, architecture: str, input_shape: tuple[int, ...], n
         return Extraction(lambda x: linear_predict(w, b, x), len(log.queries), method, w, b)
     if method != "distillation":
         raise ValueError(f"unknown method {method!r}")
-    return Extraction(_student(architecture, input_shape, num_classes, log.queries, answers, config),
+    return Extraction(_student(architecture, activation, input_shape, num_classes, log.queries, answers, config),
                       len(log.queries), method)
 
 
 def aux_labels_student(aux_x: np.ndarray, aux_y: np.ndarray, *, architecture: str, input_shape: tuple[int, ...],
-                       num_classes: int, config: DistillConfig = DistillConfig()) -> Extraction:
+                       num_classes: int, config: DistillConfig = DistillConfig(),
+                       activation: str = "square") -> Extraction:
     """The no-query baseline: the same architecture and training, on the attacker's own labelled data."""
-    return Extraction(_student(architecture, input_shape, num_classes, aux_x, aux_y, config), 0,
+    return Extraction(_student(architecture, activation, input_shape, num_classes, aux_x, aux_y, config), 0,
                       "aux_labels_student")
 
 
-def _student(architecture: str, input_shape: tuple[int, ...], num_classes: int, x: np.ndarray, answers: np.ndarray,
-             config: DistillConfig) -> Callable[[np.ndarray], np.ndarray]:
-    """A student of the served architecture (HE-friendly: square activations) distilled on (x, answers)."""
-    student = distill(build_model(architecture, input_shape, num_classes, activation="square",
+def _student(architecture: str, activation: str, input_shape: tuple[int, ...], num_classes: int, x: np.ndarray,
+             answers: np.ndarray, config: DistillConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """A student of the served architecture and activation (HE: square, MPC: ReLU) distilled on (x, answers)."""
+    student = distill(build_model(architecture, input_shape, num_classes, activation=activation,
                                   seed=config.seed + 1), x, answers, config)
     return lambda q: predict_logits(student, np.asarray(q, dtype=np.float32))
 
 
 # --- the registered attack on a saved run --------------------------------------------------------
 
-def _target_labels(run_dir: Path, plan, ds) -> np.ndarray:
+def _target_labels(run_dir: Path, plan, ds, served: Served) -> np.ndarray:
     """Scoring only: the served model's labels on the held-out data (the attacker never reads this)."""
-    model, _ = plan.load(run_dir / TARGET_WEIGHTS, ds)
+    model, _ = plan.load(run_dir / served.weights, ds)
     return predict_logits(model, ds.x_test).argmax(axis=1)
 
 
-@attack("extraction", adversary="he-client", protocols=("he_inference",),
-        summary="a querying HE client extracts the served model: equation solving (linear), distillation "
-                "on decrypted logits or on labels only (convnet); fidelity on held-out data")
+def load_declared(run_dir: Path) -> tuple[str, object, str]:
+    """(protocol, the served plan, the client) from the attacker's declared knowledge (``extraction.json``;
+    without a "protocol", as recorded before MPC: HE)."""
+    declared = json.loads((Path(run_dir) / PLAN_FILE).read_text())
+    protocol = declared.get("protocol", "he_inference")
+    if protocol not in SERVED:
+        raise ValueError(f"extraction.json names protocol {protocol!r}; the attack knows {', '.join(SERVED)}")
+    return protocol, SERVED[protocol].plan.from_json(declared["plan"]), declared["client"]
+
+
+@attack("extraction", adversary="he-client | mpc-client", protocols=tuple(SERVED),
+        summary="a querying HE or MPC client extracts the served model: equation solving (linear), distillation "
+                "on logits or on labels only (convnet; enforced by MPC label deployments); fidelity on held-out data")
 def run(run_dir: Path, *, budgets=None, output: Output = "logits", source: str = "aux", method: str | None = None,
         config: DistillConfig | None = None, with_baseline: bool = True, shuffle_answers: bool = False,
         baseline_cache: dict | None = None, progress=None) -> list[dict]:
     """Rows of fidelity vs queries for one (source, output) on a run the extraction experiment recorded.
 
     ``run_dir`` holds ``extraction.json`` (the attacker's declared knowledge:
-    the served plan -- architecture, data set -- and which client it was),
-    ``transcripts/<client>.jsonl`` (its queries and decrypted answers) and,
-    for scoring, ``he_model.npz``. ``budgets`` are prefixes of the recorded
-    queries (default: all of them). ``shuffle_answers`` is the control:
-    answers permuted across queries, so no pair carries information.
-    ``baseline_cache`` (a dict shared across calls on the same run) trains
-    each budget's no-query baseline once.
+    the protocol, the served plan -- architecture, data set -- and which
+    client it was), ``transcripts/<client>.jsonl`` (its queries and the
+    answers) and, for scoring, the served weights (``he_model.npz`` or
+    ``mpc_model.npz``). ``budgets`` are prefixes of the recorded queries
+    (default: all of them). ``output="logits"`` on a label-only deployment's
+    transcript is a ValueError: those logits were never received.
+    ``shuffle_answers`` is the control: answers permuted across queries, so
+    no pair carries information. ``baseline_cache`` (a dict shared across
+    calls on the same run) trains each budget's no-query baseline once.
     """
     run_dir = Path(run_dir)
-    declared = json.loads((run_dir / PLAN_FILE).read_text())
-    plan = HEModelPlan.from_json(declared["plan"])
-    ds = plan.load_data()
+    protocol, plan, client = load_declared(run_dir)
+    served, ds = SERVED[protocol], plan.load_data()
     config = config or DistillConfig(seed=plan.seed)
-    log = read_queries(load_transcript(run_dir / "transcripts" / f"{declared['client']}.jsonl"), source)
+    transcript = load_transcript(run_dir / "transcripts" / f"{client}.jsonl")
+    log = read_queries(transcript, source)
+    observe(log.answers[:1], output)  # logits of a label-only deployment: refused before any training
     if shuffle_answers:
-        perm = np.random.default_rng(config.seed).permutation(len(log.logits))
-        log = replace(log, logits=log.logits[perm])
+        perm = np.random.default_rng(config.seed).permutation(len(log.answers))
+        log = replace(log, answers=log.answers[perm])
     try:
-        aux = read_queries(load_transcript(run_dir / "transcripts" / f"{declared['client']}.jsonl"), "aux")
+        aux = read_queries(transcript, "aux")
     except ValueError:
         aux = None
-    target = _target_labels(run_dir, plan, ds)
+    target = _target_labels(run_dir, plan, ds, served)
     shape, k = ds.input_shape, ds.num_classes
     w_true = None
     if plan.model == "linear":
-        model, _ = plan.load(run_dir / TARGET_WEIGHTS, ds)   # scoring only: max |W - W_true|
+        model, _ = plan.load(run_dir / served.weights, ds)   # scoring only: max |W - W_true|
         w_true = model[1].weight.detach().double().numpy()
     rows = []
     for n in sorted(int(b) for b in (budgets or [len(log.queries)])):
         if n > len(log.queries):
             raise ValueError(f"budget {n} exceeds the {len(log.queries)} recorded queries")
         got = extract(log.first(n), architecture=plan.model, input_shape=shape, num_classes=k, output=output,
-                      method=method, config=config)
+                      method=method, config=config, activation=plan.activation)
         metrics = {**fidelity(got.predict(ds.x_test).argmax(axis=1), target), "queries": n, "output": output,
-                   "model": plan.model, "source": source, "method": got.method}
+                   "model": plan.model, "source": source, "method": got.method, "activation": plan.activation}
+        if output == "label":  # enforced only where the service itself answered labels only
+            metrics["enforced"] = log.label_only
         if shuffle_answers:
             metrics["control"] = "answers_shuffled"
         if got.weight is not None and w_true is not None:
@@ -313,12 +281,14 @@ def run(run_dir: Path, *, budgets=None, output: Output = "logits", source: str =
                 cache = {} if baseline_cache is None else baseline_cache
                 if n not in cache:
                     base = aux_labels_student(labelled.queries, labelled.labels, architecture=plan.model,
-                                              input_shape=shape, num_classes=k, config=config)
+                                              input_shape=shape, num_classes=k, config=config,
+                                              activation=plan.activation)
                     cache[n] = fidelity(base.predict(ds.x_test).argmax(axis=1), target)
                 b = cache[n]
                 baseline.update(fidelity=b["fidelity"], fidelity_ci=b["fidelity_ci"], labelled_examples=n)
         if progress:
-            progress(f"extraction {plan.model} {output}/{source} n={n}: fidelity {metrics['fidelity']:.3f} "
+            progress(f"extraction {protocol} {plan.model} {output}/{source} n={n}: "
+                     f"fidelity {metrics['fidelity']:.3f} "
                      f"(baseline {baseline.get('fidelity', float('nan')):.3f})")
-        rows.append(row("extraction", "he_inference", "he-client", metrics, baseline))
+        rows.append(row("extraction", protocol, served.adversary, metrics, baseline))
     return rows

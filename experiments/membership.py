@@ -11,6 +11,14 @@ Adversaries (see attacks/membership.py for the threat model they share):
   ``Kind.LOGITS``). Encryption protects the query from the server, not the
   model's training set from the client: its AUC should match the plaintext
   API's on the same model to within CKKS noise.
+* **mpc-client** -- a client of a label-only model-private MPC deployment
+  (the parties compute the argmax on shares; its transcript holds labels,
+  kind ``Kind.LABELS``). Without logits, loss and LiRA have nothing to read;
+  what is left is the label-only gap attack (Yeom et al. 2018): a candidate
+  the model labels correctly is called a member (the 0-1 loss as the loss).
+  Its AUC is 0.5 + (member accuracy - non-member accuracy) / 2, beside the
+  loss attack on the same model's logits computed in the clear by the
+  evaluator (what a logits deployment would leak).
 * an **overfit** model (a small digits subset, many epochs), where
   LiRA's per-example calibration shows at low FPR (Carlini et al. 2022).
 
@@ -24,7 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.membership import Candidates, Recipe, attack_rows, attack_scores, one_torch_thread, train_shadows
+from attacks.extraction_view import read_queries, record_query
+from attacks.membership import (
+    Candidates,
+    Recipe,
+    attack_rows,
+    attack_scores,
+    loss_scores,
+    one_torch_thread,
+    train_shadows,
+)
 from attacks.metrics import membership_metrics, roc_points
 from attacks.released import TRAINING_PROTOCOLS, load_released
 from experiments.figures import pyplot, save_figure
@@ -169,6 +186,46 @@ def he_rows(out_dir: Path, *, seed: int, n_shadows: int, progress, curves: dict,
     return rows
 
 
+def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | None = None) -> list[dict]:
+    """The label-only gap attack on labels a client received from a label-only MPC deployment (no figure: its
+    ROC is one point, the row's member and non-member accuracies).
+
+    ``plan``: the served model (default MpcInferencePlan(seed), label output); ``per_side`` as in :func:`he_rows`.
+    """
+    from securecollab.plans import MpcInferencePlan
+    from securecollab.runs.mpc_inference import CLIENT, client, deployment, infer_all, prepare
+    from securecollab.training import predict_logits
+    from securecollab.transcript import load_transcript
+
+    plan = plan or MpcInferencePlan(seed=seed, output="label")
+    if plan.output != "label":
+        raise ValueError("mpc_rows attacks a label-only deployment (output='label')")
+    work = out_dir / "mpc_membership"
+    progress(f"MPC model ({plan.model}, {plan.activation}) and a label-only deployment ...")
+    model, ds, certs = prepare(plan, work)
+    cand = Candidates.of_dataset(ds, seed, per_side)
+    with deployment(plan, work, model, certs) as targets, client(targets, certs, work, CLIENT) as c:
+        progress(f"{len(cand.idx)} secret-shared queries, labels only ...")
+        record_query(c.transcript, cand.queries, source="candidates")  # pairs the answers with the candidates
+        infer_all(c, cand.queries, plan.max_batch)
+    received = read_queries(load_transcript(work / "transcripts" / f"{CLIENT}.jsonl"), "candidates").answers
+    correct = (received == cand.labels).astype(np.float64)   # higher means member
+    # the evaluator's comparison, not the attacker's view: the loss attack on the same model's logits
+    logits_scores = loss_scores(predict_logits(model, cand.queries), cand.labels)
+    logits_metrics = membership_metrics(logits_scores, cand.is_member, seed=seed)
+    member_acc, other_acc = float(correct[cand.is_member].mean()), float(correct[~cand.is_member].mean())
+    extra = {"score": "label correct (0-1 loss, label only)", "enforced": True, "queries": len(cand.idx),
+             "member_accuracy": member_acc, "non_member_accuracy": other_acc, "advantage": member_acc - other_acc,
+             "logits_loss_auc": logits_metrics["auc"], "logits_loss_auc_ci": logits_metrics["auc_ci"]}
+    rows = attack_rows({"loss": correct}, cand.is_member, protocol="mpc_inference", adversary="mpc-client",
+                       extra_metrics=extra, seed=seed,
+                       notes="labels read from the client's transcript (the deployment returns labels only); "
+                             "logits_loss_auc: the loss attack on the same model's logits, in the clear")
+    progress(f"MPC label-only: AUC {rows[0]['metrics']['auc']:.3f}, advantage {member_acc - other_acc:.3f} "
+             f"(the same model's logits: loss AUC {logits_metrics['auc']:.3f})")
+    return rows
+
+
 def transcript_logits(path: Path, kind: str, expected: int) -> np.ndarray:
     """The logits a client recorded (``kind``: Kind.LOGITS or Kind.PLAIN_LOGITS), in query order, concatenated."""
     records = sorted(load_transcript(path).of_kind(kind), key=lambda r: r.step)
@@ -203,8 +260,9 @@ def plot_rocs(path: Path, panels: dict[str, dict[str, tuple]], title: str) -> No
     save_figure(fig, path, dpi=120)
 
 
-@experiment("membership", minutes=(2.5, 12.0), attacks=("membership_loss", "membership_lira"),
-            summary="loss attack vs LiRA on each released model, an overfit model, and through HE inference")
+@experiment("membership", minutes=(3.0, 12.5), attacks=("membership_loss", "membership_lira"),
+            summary="loss attack vs LiRA on each released model, an overfit model, through HE inference, and "
+                    "the label-only attack through label-only MPC inference")
 def membership_experiment(out_dir: Path, *, quick: bool, seed: int, progress, runs=None) -> list[dict]:
     n_shadows = 8 if quick else 32
     curves: dict = {}
@@ -213,6 +271,7 @@ def membership_experiment(out_dir: Path, *, quick: bool, seed: int, progress, ru
                                    progress=progress, curves=curves)
         rows += overfit_rows(quick=quick, seed=seed, n_shadows=n_shadows, progress=progress, curves=curves)
         rows += he_rows(out_dir, seed=seed, n_shadows=n_shadows, progress=progress, curves=curves)
+        rows += mpc_rows(out_dir, seed=seed, progress=progress)
     panels = {name: {LABELS[v]: c for v, c in curves[name].items()} for name in (*TRAINING_PROTOCOLS, "overfit")}
     plot_rocs(out_dir / ROC_FIGURE, panels, f"membership inference, released models ({n_shadows} shadow models)")
     # HE and plaintext curves coincide: same colour per attack, plaintext dotted and wider underneath

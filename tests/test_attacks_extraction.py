@@ -1,8 +1,9 @@
-"""Model extraction by a querying HE client: equation solving, distillation, the label-only view, controls.
+"""Model extraction by a querying HE or MPC client: equation solving, distillation, the label-only view, controls.
 
 Most tests query a plaintext copy of the target (the attack only sees
-(query, answer) pairs, so the oracle's form does not matter); the last one
-goes through a real HE server process and the client's transcript.
+(query, answer) pairs, so the oracle's form does not matter); the last ones
+go through a real HE server process and a label-only MPC deployment and the
+client's transcript.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ import numpy as np
 import pytest
 
 from attacks.extraction import (
-    QueryLog,
+    PLAN_FILE,
+    DistillConfig,
     aux_labels_student,
     extract,
     fidelity,
     linear_predict,
+    load_declared,
     majority_fidelity,
-    observe,
     random_queries,
-    read_queries,
-    record_query,
     solve_linear,
 )
 from attacks.extraction import run as extraction_attack
+from attacks.extraction_view import QueryLog, observe, read_queries, record_query
 from attacks.registry import ATTACKS, discover
 from experiments.registry import EXPERIMENTS
 from experiments.registry import discover as discover_experiments
 from securecollab.models import build_model
-from securecollab.plans import HEModelPlan
+from securecollab.plans import HEModelPlan, MpcInferencePlan, save_weights
 from securecollab.training import predict_logits
 from securecollab.transcript import Kind, TranscriptRecorder, load_transcript
 
@@ -173,10 +174,82 @@ def test_queries_pair_with_batched_answers_in_order(tmp_path):
         read_queries(load_transcript(path))
 
 
+def _mpc_labels_transcript(path, batches, source="aux"):
+    """A label-only MPC client's transcript as services/mpc_client.py writes it: the attacker's own QUERY
+    record, then one LABELS record (labels and the parties' answer shares) per request of at most max_batch."""
+    rec = TranscriptRecorder(path, party="client-0", role="client")
+    x = np.concatenate([b[0] for b in batches])
+    record_query(rec, x, source=source, labels=np.concatenate([b[1] for b in batches]))
+    for step, (xb, labels) in enumerate(batches):
+        n = len(xb)
+        rec.record(Kind.LABELS, round=0, step=step, sender="parties",
+                   meta={"mode": "batch", "protocol": "mpc", "num_inputs": n, "model_id": "m"},
+                   tensors={"labels": np.asarray(labels, np.int64),
+                            **{f"share_{i}": np.zeros(n, np.int64) for i in range(3)}})
+    return rec
+
+
+def test_label_only_transcripts_read_as_labels_and_refuse_logits(tmp_path):
+    path = tmp_path / "client.jsonl"
+    x = np.arange(7 * 4, dtype=np.float32).reshape(7, 1, 2, 2)
+    rec = _mpc_labels_transcript(path, [(x[:4], [3, 1, 4, 1]), (x[4:], [5, 9, 2])])
+    log = read_queries(load_transcript(path), "aux")
+    assert log.label_only and log.answers.dtype == np.int64 and log.answers.tolist() == [3, 1, 4, 1, 5, 9, 2]
+    assert log.queries.shape == (7, 1, 2, 2) and np.array_equal(log.queries, x)
+    assert log.first(3).answers.tolist() == [3, 1, 4]
+    assert observe(log.answers, "label").tolist() == [3, 1, 4, 1, 5, 9, 2]
+    with pytest.raises(ValueError, match="label-only transcript"):
+        observe(log.answers, "logits")
+    with pytest.raises(ValueError, match="label-only transcript"):
+        log.logits
+    with pytest.raises(ValueError, match="label-only transcript"):
+        extract(log, architecture="linear", input_shape=(1, 2, 2), num_classes=10, output="logits")
+    with pytest.raises(ValueError, match="unknown output"):
+        observe(log.answers, "probabilities")
+    # logits records after label records: two deployments' answers in one transcript
+    rec.record(Kind.LOGITS, round=0, step=9, sender="parties", meta={"mode": "batch"},
+               tensors={"logits": np.zeros((1, 10), np.float32)})
+    with pytest.raises(ValueError, match="mixes logits and label"):
+        read_queries(load_transcript(path))
+
+
+def _mpc_run_dir(run_dir, digits, n, seed=0):
+    """A label-only MPC run directory without services: an untrained ReLU convnet's labels as the answers."""
+    plan = MpcInferencePlan(model="convnet", output="label", seed=seed)
+    target = build_model("convnet", digits.input_shape, 10, activation="relu", seed=5)
+    save_weights(target, run_dir / "mpc_model.npz")
+    x, y = _aux(digits, n)
+    labels = _labels(target, x)
+    _mpc_labels_transcript(run_dir / "transcripts" / "client-0.jsonl", [(x[:n // 2], labels[:n // 2]),
+                                                                         (x[n // 2:], labels[n // 2:])])
+    (run_dir / PLAN_FILE).write_text(json.dumps({"protocol": "mpc_inference", "plan": plan.to_json(),
+                                                 "client": "client-0"}))
+    return run_dir, target
+
+
+def test_the_attack_on_a_label_only_mpc_transcript(tmp_path, digits):
+    run_dir, target = _mpc_run_dir(tmp_path, digits, 120)
+    with pytest.raises(ValueError, match="label-only transcript"):
+        extraction_attack(run_dir, output="logits")
+    rows = extraction_attack(run_dir, budgets=(60, 120), output="label", config=DistillConfig(steps=60))
+    assert [r["metrics"]["queries"] for r in rows] == [60, 120]
+    for r in rows:
+        m = r["metrics"]
+        assert r["protocol"] == "mpc_inference" and r["adversary"] == "mpc-client"
+        assert m["enforced"] is True and m["activation"] == "relu" and m["method"] == "distillation"
+        assert 0.0 <= m["fidelity"] <= 1.0 and r["baseline"]["labelled_examples"] == m["queries"]
+    json.dumps(rows)
+    # extraction.json from before MPC (no "protocol") is an HE run
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"plan": HEModelPlan().to_json(), "client": "client-0"}))
+    protocol, plan, client = load_declared(tmp_path)
+    assert protocol == "he_inference" and isinstance(plan, HEModelPlan) and client == "client-0"
+
+
 def test_registered():
     discover()
     discover_experiments()
-    assert ATTACKS["extraction"].adversary == "he-client"
+    assert ATTACKS["extraction"].adversary == "he-client | mpc-client"
+    assert set(ATTACKS["extraction"].protocols) == {"he_inference", "mpc_inference"}
     assert "extraction" in EXPERIMENTS["extraction"].attacks
 
 
@@ -200,4 +273,29 @@ def test_extraction_through_the_he_service(tmp_path):
     assert control["fidelity"] < 0.3 and control["control"] == "answers_shuffled"
     label_row = extraction_attack(run_dir, budgets=(70,), output="label", source="aux")[0]
     assert label_row["metrics"]["method"] == "distillation" and "fidelity" in label_row["baseline"]
+    assert label_row["metrics"]["enforced"] is False  # the HE client decrypted logits: the view is a choice
     json.dumps(rows + [label_row])  # JSON-safe
+
+
+@pytest.mark.slow
+def test_extraction_through_a_label_only_mpc_deployment(tmp_path):
+    """A real label-only MPC deployment (dealer + three compute parties) serves the ReLU convnet; the client's
+    transcript holds labels only, so the attack distils on labels and refuses to read logits."""
+    from experiments.extraction import serve_and_query_mpc
+
+    plan = MpcInferencePlan(model="convnet", output="label", epochs=5, max_batch=64)
+    run_dir = serve_and_query_mpc(plan, tmp_path / "run", aux_queries=100, seed=0, progress=lambda _m: None)
+    declared = json.loads((run_dir / PLAN_FILE).read_text())
+    assert declared["protocol"] == "mpc_inference" and declared["client"] == "client-0"
+    t = load_transcript(run_dir / "transcripts" / "client-0.jsonl")
+    assert not t.of_kind(Kind.LOGITS) and [r.meta["num_inputs"] for r in t.of_kind(Kind.LABELS)] == [64, 36]
+    with pytest.raises(ValueError, match="label-only transcript"):
+        extraction_attack(run_dir, output="logits")
+    rows = extraction_attack(run_dir, budgets=(50, 100), output="label", source="aux",
+                             config=DistillConfig(steps=200))
+    assert all(r["protocol"] == "mpc_inference" and r["adversary"] == "mpc-client" for r in rows)
+    assert all(r["metrics"]["enforced"] is True and r["metrics"]["activation"] == "relu" for r in rows)
+    # the labels the client received are the owner's model's labels (scoring reads the weights only here)
+    model, ds = plan.load(run_dir / "mpc_model.npz", plan.load_data())
+    log = read_queries(t, "aux")
+    assert (log.answers == _labels(model, log.queries)).mean() >= 0.99

@@ -14,12 +14,12 @@ from attacks import membership as mia
 from attacks import metrics
 from attacks.registry import ATTACKS, discover, run_attack
 from attacks.released import load_released
-from experiments.membership import he_rows
+from experiments.membership import he_rows, mpc_rows
 from experiments.registry import EXPERIMENTS
 from experiments.registry import discover as discover_experiments
 from securecollab.data import load_dataset
 from securecollab.models import build_model, parameters_to_arrays
-from securecollab.plans import FedAvgPlan, HEModelPlan, SplitPlan
+from securecollab.plans import FedAvgPlan, HEModelPlan, MpcInferencePlan, SplitPlan
 from securecollab.training import predict_logits
 
 OVERFIT = mia.Recipe("mlp", "relu", epochs=80, lr=0.1, momentum=0.9, batch_size=32)
@@ -172,6 +172,23 @@ def test_he_client_logits_score_like_plaintext_logits(tmp_path):
         assert 0 < m["max_abs_logit_error"] < 0.05  # really decrypted CKKS output, not the plaintext copy
     assert (tmp_path / "he_membership" / "transcripts" / "client-0.jsonl").exists()
     assert set(curves) == {"he", "plaintext"}
+
+
+@pytest.mark.slow
+def test_a_label_only_mpc_client_scores_the_label_gap(tmp_path):
+    """Live label-only MPC deployment: the client's labels (its transcript) score the gap attack; the score is the
+    accuracy gap between members and non-members, AUC 0.5 + gap / 2."""
+    with mia.one_torch_thread():
+        (r,) = mpc_rows(tmp_path, seed=0, progress=lambda _m: None, plan=MpcInferencePlan(epochs=5, max_batch=64),
+                        per_side=50)
+    m = r["metrics"]
+    assert (r["attack"], r["protocol"], r["adversary"]) == ("membership_loss", "mpc_inference", "mpc-client")
+    assert m["queries"] == 100 and m["members"] == m["non_members"] == 50 and m["enforced"] is True
+    assert m["auc"] == pytest.approx(0.5 + m["advantage"] / 2)
+    assert m["advantage"] == pytest.approx(m["member_accuracy"] - m["non_member_accuracy"])
+    assert 0.5 <= m["member_accuracy"] <= 1.0 and 0.0 <= m["logits_loss_auc"] <= 1.0
+    assert r["baseline"]["auc"] == 0.5 and "figure" not in r
+    json.dumps(r)
 
 
 def test_a_diverged_shadow_model_is_dropped_not_averaged_in():
