@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from securecollab.cli.client import parse_malice
-from securecollab.cli.options import defence_options, dp_options, training_options, uses
+from securecollab.cli.options import NarrowRing, defence_options, dp_options, training_options, uses
 from securecollab.cli.output import console
 
 app = typer.Typer()
@@ -35,6 +35,7 @@ def train(
         help='fedavg/secagg: make a client malicious, CLIENT=MALICE_JSON (repeat), e.g. client-0=\'{"behaviour": '
              '"model_replacement", "target": 0, "poison_fraction": 0.5, "from_round": 9}\' (see `client --malice`).'
     )] = None,
+    narrow_ring: NarrowRing = True,
     plan=None, dp=None, defence=None,
 ):
     """Train with one protocol (all parties as local processes) and print accuracy and costs.
@@ -50,7 +51,7 @@ def train(
     if name == "secagg":
         plan = plan(**dp)
         try:
-            kwargs["secagg"] = SecAggPlan(training=plan, **defence)
+            kwargs["secagg"] = SecAggPlan(training=plan, narrow_ring=narrow_ring, **defence)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
     else:
