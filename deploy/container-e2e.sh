@@ -4,11 +4,14 @@
 #   1. install and start the engine from Debian's packages (if none is running);
 #   2. build a base image with debootstrap when no registry answers (deploy/build-image.sh);
 #   3. build the project image (deploy/Dockerfile; wheels from WHEELS_DIR served over HTTP);
-#   4. run deploy/docker-compose.yml: encrypted inference, a split-learning epoch, then FedAvg over
-#      secure aggregation during which compute party 1 is stopped mid-round and restarted, then the
-#      coordinator is killed and started again (it resumes its saved rounds); every step is checked;
+#   4. run deploy/docker-compose.yml: encrypted inference (and its demo page), model-private inference
+#      (3 compute parties with their own dealer on their own network; the owner uploads shares of its
+#      model, a client sends MPC_COUNT test images in one batched query and gets labels only), a
+#      split-learning epoch, then FedAvg over secure aggregation during which compute party 1 is
+#      stopped mid-round and restarted, then the coordinator is killed and started again (it resumes
+#      its saved rounds); every step is checked;
 #   5. tear everything down: containers, volumes, network, images and the engine it started.
-# Environment: CLIENTS (3), ROUNDS (40), LOCAL_EPOCHS (2), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
+# Environment: CLIENTS (3), ROUNDS (40), LOCAL_EPOCHS (2), MPC_COUNT (60), BASE_IMAGE, WHEELS_DIR (/opt/wheels),
 # OUT (results/containers: the results volume is copied there), KEEP_ENGINE=1 (leave the engine
 # and images for the next run).
 set -euo pipefail
@@ -18,6 +21,7 @@ PROJECT=securecollab-e2e
 # Enough rounds that the coordinator is killed while training still runs: each round is ~3 s here (the
 # norm check inside MPC), and the kill comes a few seconds after party 1 serves again, at round 3.
 export CLIENTS=${CLIENTS:-3} ROUNDS=${ROUNDS:-40} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2} NORM_BOUND=${NORM_BOUND:-50}
+export MPC_COUNT=${MPC_COUNT:-60}
 export SECURECOLLAB_IMAGE=securecollab:latest
 OUT=${OUT:-$PWD/results/containers}
 STARTED_ENGINE=0
@@ -140,6 +144,34 @@ print(f"  demo page: test image #3 classified {r['prediction']} encrypted ({r['b
 assert r["prediction"] == r["plain"]["prediction"] and r["plain"]["max_abs_difference"] < 0.05, r
 EOF
 compose stop he-web >/dev/null 2>&1
+
+say "model-private inference: 3 compute parties + their own dealer, the owner's upload, $MPC_COUNT images batched"
+mpc_started=$SECONDS
+# mpc-client's dependencies come up first: infer-dealer, the parties (serving once their MPC world has
+# formed), then mpc-owner, which must have uploaded its model before the client starts
+compose up -d mpc-client >/dev/null 2>&1 || fail "the model-private inference deployment did not come up"
+wait_exit "$(cid mpc-owner)" 10
+wait_exit "$(cid mpc-client)" 300
+owner=$(compose logs --no-color mpc-owner | grep -o '{"model_id".*}' | tail -1) || fail "mpc-owner printed no upload line"
+collect
+OWNER=$owner check <<'EOF'
+import json, os, sys
+out, n = f"{sys.argv[1]}/mpc", int(os.environ["MPC_COUNT"])
+owner = json.loads(os.environ["OWNER"])  # the owner's last line: what it uploaded
+r = json.load(open(f"{out}/infer_client-0.json"))
+kinds = [json.loads(line).get("kind") for line in open(f"{out}/transcripts/client-0.jsonl")]
+party_kinds = {i: {json.loads(line).get("kind") for line in open(f"{out}/transcripts/party-{i}.jsonl")}
+               for i in range(3)}
+print(f"  MPC: model {owner['model_id']} shared over {owner['parties']} parties (output {owner['output']}); "
+      f"{len(r['predictions'])} images in {kinds.count('labels')} batched query, accuracy {r['accuracy']:.3f}; "
+      f"client transcript: {sorted(k for k in set(kinds) if k)}")
+assert owner["parties"] == 3 and owner["output"] == "label" and r["output"] == "label", (owner, r["output"])
+assert len(r["predictions"]) == n and r["accuracy"] >= 0.8, r["accuracy"]
+assert "labels" in kinds and "logits" not in kinds, kinds  # a label deployment: the client never sees logits
+assert all("share" in k and not k & {"labels", "logits"} for k in party_kinds.values()), party_kinds
+EOF
+compose rm -sf mpc-client mpc-owner infer-party-0 infer-party-1 infer-party-2 infer-dealer >/dev/null 2>&1
+say "model-private inference: done in $((SECONDS - mpc_started)) s; its services removed"
 
 say "split learning: one epoch, $CLIENTS clients in turn"
 compose up -d --scale split-client="$CLIENTS" split split-client >/dev/null 2>&1

@@ -2,8 +2,10 @@
 
 Each document is validated against the Kubernetes OpenAPI schemas bundled with
 kubernetes-validate (strict: unknown fields fail), then checked for what the
-schema cannot know: one image, mTLS health probes, stable party names that
-match the certificates, one plan everywhere, Secrets that are documented.
+schema cannot know: every command line parses with the real CLI, one image,
+mTLS health probes, stable party names that match the certificates, one plan
+everywhere, two MPC worlds (secure aggregation; model-private inference) kept
+apart, Secrets that are documented.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import typer
 import yaml
+
+from securecollab.cli import app as cli_app
 
 K8S_DIR = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 K8S_VERSION = "1.30.0"  # a schema version bundled with kubernetes-validate
@@ -32,6 +37,7 @@ def _load() -> list[tuple[str, dict]]:
 
 DOCS = _load()
 README = (K8S_DIR / "README.md").read_text()
+COMPOSE = yaml.safe_load((K8S_DIR.parent / "docker-compose.yml").read_text())
 
 
 def _find(kind: str, name: str | None = None) -> list[dict]:
@@ -84,17 +90,55 @@ def _value(words: list[str], flag: str) -> str | None:
 
 
 def _role(words: list[str]) -> str:
-    """serve <role> -> role; client/infer commands -> 'client'."""
+    """The role of the certificate a command runs with: serve <role> -> role (`serve mpc`, an inference
+    compute party: party); `client mpc-owner` -> owner; other client/infer commands -> 'client'."""
     assert words[0] == "securecollab", words
     if words[1] == "serve":
-        return words[2]
+        return {"mpc": "party"}.get(words[2], words[2])
     assert words[1] in ("client", "infer"), words
-    return "client"
+    return "owner" if words[1:3] == ["client", "mpc-owner"] else "client"
 
 
-def _headless() -> tuple[dict, dict]:
-    sts = _one("StatefulSet", "party")
+def _headless(name: str = "party") -> tuple[dict, dict]:
+    sts = _one("StatefulSet", name)
     return sts, _one("Service", sts["spec"]["serviceName"])
+
+
+# The shell expansions the manifests use, as a pod of `workload` (ordinal 0) would see them.
+def _expand(words: list[str], workload: str) -> list[str]:
+    env = {"${POD_NAME##*-}": "0", "$POD_NAME": f"{workload}-0", "$JOB_COMPLETION_INDEX": "0"}
+    for var, value in env.items():
+        words = [w.replace(var, value) for w in words]
+    return words
+
+
+_CLI = typer.main.get_command(cli_app)
+
+
+def _compose_command(service: dict) -> list[str]:
+    """A compose service's command line, `securecollab ...` (the image's ENTRYPOINT), variables at their
+    defaults."""
+    cmd = service["command"]
+    words = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    words = [re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", w) for w in words]
+    if (service.get("entrypoint") or [None])[0] == "claim-slot":  # it appends the slot it claims
+        words += ["--id", "client-0", "--index", "0"]
+    return words if words[0] == "securecollab" else ["securecollab", *words]
+
+
+def _parse_cli(words: list[str]) -> tuple[list[str], dict]:
+    """Parse `securecollab ...` with the real command line (types, ranges, required options, unknown
+    flags fail) without running it: (sub-command path, its parameters)."""
+    assert words[0] == "securecollab", words
+    args = list(words[1:])
+    command, ctx, path = _CLI, _CLI.make_context("securecollab", list(args), resilient_parsing=True), []
+    while hasattr(command, "get_command"):  # a group: the next word names the sub-command
+        name, args = args[0], args[1:]
+        sub = command.get_command(ctx, name)
+        assert sub is not None, f"no command `securecollab {' '.join([*path, name])}`"
+        path.append(name)
+        ctx, command = sub.make_context(name, list(args), parent=ctx), sub
+    return path, ctx.params
 
 
 def _probes(container: dict) -> list[dict]:
@@ -116,8 +160,37 @@ def test_expected_objects_present():
     for kind, name in [("Namespace", "securecollab"), ("StatefulSet", "party"), ("Service", "parties"),
                        ("Deployment", "dealer"), ("Job", "coordinator"), ("Service", "coordinator"),
                        ("Job", "clients"), ("Deployment", "he"), ("Service", "he"),
-                       ("Job", "split"), ("Service", "split"), ("Job", "split-clients")]:
+                       ("Job", "split"), ("Service", "split"), ("Job", "split-clients"),
+                       ("StatefulSet", "infer-party"), ("Service", "infer-parties"),
+                       ("Deployment", "infer-dealer"), ("Service", "infer-dealer"),
+                       ("Job", "mpc-owner"), ("Job", "mpc-client"),
+                       ("NetworkPolicy", "infer-party-ingress"), ("NetworkPolicy", "infer-dealer-ingress")]:
         _one(kind, name)
+
+
+def _command_lines() -> list[tuple[str, list[str]]]:
+    """(where, `securecollab ...` words) of every container and probe in the manifests, and of every
+    service and health check in deploy/docker-compose.yml (the one-shot `certs` shell script aside)."""
+    lines = []
+    for w, _t, c in _all_containers():
+        where = f"k8s:{w['metadata']['name']}/{c['name']}"
+        lines.append((where, _expand(_argv(c), w["metadata"]["name"])))
+        for probe in _probes(c):
+            lines.append((f"{where}:probe", _expand(_tokens(probe["exec"]["command"]), w["metadata"]["name"])))
+    for name, service in COMPOSE["services"].items():
+        if name != "certs":
+            lines.append((f"compose:{name}", _compose_command(service)))
+        if "healthcheck" in service:
+            lines.append((f"compose:{name}:health", service["healthcheck"]["test"][1:]))  # after "CMD"
+    return list({where: words for where, words in lines}.items())  # a probe repeated: checked once
+
+
+@pytest.mark.parametrize("words", [w for _, w in _command_lines()], ids=[where for where, _ in _command_lines()])
+def test_command_lines_parse_with_the_real_cli(words):
+    """Every command line is a valid `securecollab` one: known sub-command and options, values of the
+    right type and range, required options given (parsed by the real CLI, not run)."""
+    path, _params = _parse_cli(words)
+    assert path, words
 
 
 @pytest.mark.parametrize("doc", [d for _, d in DOCS],
@@ -146,8 +219,12 @@ def test_probes_are_mtls_health_execs():
         port = int(_value(serve, "--port"))
         assert port in {p["containerPort"] for p in c.get("ports", [])}, where
         certs = _value(serve, "--certs")
-        # The server's own certificate; a party's pod name is its id (party-N).
-        own_id = "$POD_NAME" if w["kind"] == "StatefulSet" else _value(serve, "--id") or serve[2]
+        # The server's own certificate. A StatefulSet's compute party is party-<ordinal>: the pod name for
+        # secure aggregation's `party-N`, built from the ordinal for the inference parties `infer-party-N`.
+        if w["kind"] == "StatefulSet":
+            own_id = "$POD_NAME" if w["metadata"]["name"] == "party" else "party-${POD_NAME##*-}"
+        else:
+            own_id = _value(serve, "--id") or serve[2]
         for probe in _probes(c):
             # Built-in grpc/http/tcp probes cannot present a client certificate.
             assert set(probe) & {"grpc", "httpGet", "tcpSocket"} == set(), where
@@ -159,8 +236,9 @@ def test_probes_are_mtls_health_execs():
             assert probe.get("timeoutSeconds", 1) >= 5, f"{where}: one probe starts a Python process"
 
 
-def test_parties_have_stable_names_and_indices():
-    sts, svc = _headless()
+@pytest.mark.parametrize("name,role", [("party", "party"), ("infer-party", "mpc")])
+def test_parties_have_stable_names_and_indices(name, role):
+    sts, svc = _headless(name)
     spec, template = sts["spec"], sts["spec"]["template"]
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True
@@ -171,20 +249,20 @@ def test_parties_have_stable_names_and_indices():
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     words = _argv(c)
-    assert words[:3] == ["securecollab", "serve", "party"]
-    assert _value(words, "--index") == "${POD_NAME##*-}"  # party-2 -> 2
+    assert words[:3] == ["securecollab", "serve", role]
+    assert _value(words, "--index") == "${POD_NAME##*-}"  # party-2 -> 2 (infer-party-2 -> 2)
     assert _value(words, "--id") is None  # default party-<index>, the certificate id
 
 
-def _party_names(svc: dict, port: int | str) -> list[str]:
-    """What a target may be for each party: party-<i>.<svc>, optionally fully qualified, at `port`."""
+def _party_names(svc: dict, port: int | str, pod: str = "party") -> list[str]:
+    """What a target may be for each party: <pod>-<i>.<svc>, optionally fully qualified, at `port`."""
     name = re.escape(svc["metadata"]["name"])
-    return [rf"party-{i}\.{name}(\.securecollab(\.svc(\.[a-z0-9.-]+)?)?)?:{port}" for i in range(3)]
+    return [rf"{re.escape(pod)}-{i}\.{name}(\.securecollab(\.svc(\.[a-z0-9.-]+)?)?)?:{port}" for i in range(3)]
 
 
-def _dealer() -> tuple[dict, dict, dict]:
+def _dealer(name: str = "dealer") -> tuple[dict, dict, dict]:
     """(Deployment, its container, the Service in front of it)."""
-    dep = _one("Deployment", "dealer")
+    dep = _one("Deployment", name)
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     (svc,) = [s for s in _find("Service") if s["spec"]["selector"].items() <= labels.items()]
@@ -319,7 +397,8 @@ def test_compose_runs_mpc_over_grpc_on_its_own_network():
         nets = services[name].get("networks", ["default"])
         return set(nets)
 
-    (mpc_net,) = [n for n, spec in compose["networks"].items() if (spec or {}).get("internal")]
+    internal = {n for n, spec in compose["networks"].items() if (spec or {}).get("internal")}
+    (mpc_net,) = networks("dealer") & internal
     assert {n for n in services if mpc_net in networks(n)} == {"party-0", "party-1", "party-2", "dealer"}
     assert networks("dealer") == {mpc_net}
     aliases = {}
@@ -344,6 +423,107 @@ def test_compose_runs_mpc_over_grpc_on_its_own_network():
     assert health[1:3] == ["securecollab", "health"] and _value(health, "--target") == "localhost:29700"
 
 
+def test_compose_model_private_inference_is_its_own_mpc_world():
+    """deploy/docker-compose.yml: infer-party-0..2 and infer-dealer on their own internal network (not
+    secure aggregation's), the inference port on the default network, names the certificates carry."""
+    compose = yaml.safe_load((K8S_DIR.parent / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    def networks(name: str) -> set[str]:
+        return set(services[name].get("networks", ["default"]))
+
+    internal = {n for n, spec in compose["networks"].items() if (spec or {}).get("internal")}
+    (infer_net,) = networks("infer-dealer") & internal
+    (secagg_net,) = networks("dealer") & internal
+    assert infer_net != secagg_net
+    parties = [f"infer-party-{i}" for i in range(3)]
+    assert {n for n in services if infer_net in networks(n)} == {*parties, "infer-dealer"}
+    assert networks("infer-dealer") == {infer_net}
+    # the certs service gives each party-N certificate the name infer-party-N (owner and client dial it)
+    certs = " ".join(services["certs"]["command"])
+    assert re.search(r"securecollab certs --out /certs [^&]*\bowner\b", certs), certs
+    assert "--host infer-party-$$i party-$$i" in certs and "for i in 0 1 2" in certs, certs
+    dealer = _compose_command(services["infer-dealer"])
+    assert _parse_cli(dealer)[0] == ["serve", "dealer"]
+    assert _value(dealer, "--port") == "29700" and _value(dealer, "--id") is None  # certificate `dealer`
+    for i, name in enumerate(parties):
+        assert networks(name) == {"default", infer_net}
+        aliases = {name, *(services[name]["networks"][infer_net] or {}).get("aliases", [])}
+        assert services[name]["restart"] == "unless-stopped"  # exits 75 to be started again
+        words = _compose_command(services[name])
+        path, params = _parse_cli(words)
+        assert path == ["serve", "mpc"] and params["index"] == i and params["port"] == GRPC_PORT
+        assert params["party_id"] is None and params["compute_parties"] == 3
+        assert params["mpc_host"] in aliases - {name}  # the MPC endpoint binds on infer_net only
+        assert [p.rsplit(":", 1)[0] for p in params["mpc_peer"]] == [
+            (services[p]["networks"][infer_net] or {}).get("aliases", [p])[0] for p in parties]
+        assert all(p.endswith(":29600") for p in params["mpc_peer"])
+        assert params["dealer"] == "infer-dealer:29700"
+        health = services[name]["healthcheck"]["test"]
+        assert _value(health, "--id") == f"party-{i}" and _value(health, "--server-name") == f"party-{i}"
+        assert services[name]["depends_on"]["infer-dealer"] == {"condition": "service_healthy"}
+    targets = [f"{p}:{GRPC_PORT}" for p in parties]
+    owner = _parse_cli(_compose_command(services["mpc-owner"]))
+    assert owner[0] == ["client", "mpc-owner"] and owner[1]["party_target"] == targets
+    assert owner[1]["out"] is None  # the plain weights stay out of the volume the parties mount
+    path, client = _parse_cli(_compose_command(services["mpc-client"]))
+    assert path == ["infer"] and client["protocol"] == "mpc" and client["party_target"] == targets
+    assert client["batch"] and str(client["out"]) == "/results/mpc"
+    assert services["mpc-client"]["depends_on"]["mpc-owner"] == {"condition": "service_completed_successfully"}
+
+
+def test_inference_world():
+    """Model-private inference: 3 parties (StatefulSet infer-party) that reach each other's MPC endpoints
+    by their stable names, their own dealer, and an owner and a client that target every party in order."""
+    sts, svc = _headless("infer-party")
+    (party,) = sts["spec"]["template"]["spec"]["containers"]
+    mpc_port = {p["name"]: p["containerPort"] for p in party["ports"]}["mpc"]
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": GRPC_PORT, "mpc": mpc_port}
+    path, params = _parse_cli(_expand(_argv(party), "infer-party"))
+    assert path == ["serve", "mpc"] and params["port"] == GRPC_PORT
+    replicas = sts["spec"]["replicas"]
+    assert len(params["mpc_peer"]) == replicas == params["compute_parties"] == 3
+    for pattern, peer in zip(_party_names(svc, mpc_port, "infer-party"), params["mpc_peer"]):
+        assert re.fullmatch(pattern, peer), peer
+    # its own dealer, not secure aggregation's (one dealer per MPC world)
+    dep, dealer, dealer_svc = _dealer("infer-dealer")
+    assert params["dealer"] == f"{dealer_svc['metadata']['name']}:29700" != "dealer:29700"
+    assert dep["spec"]["replicas"] == 1
+    dealer_path, dealer_params = _parse_cli(_argv(dealer))
+    assert dealer_path == ["serve", "dealer"] and dealer_params["port"] == 29700
+    assert dealer_params["party_id"] is None  # default: dealer, the certificate id the parties check
+    assert dealer_params["compute_parties"] == params["compute_parties"]
+    assert [p["port"] for p in dealer_svc["spec"]["ports"]] == [29700]
+    targets = _party_names(svc, GRPC_PORT, "infer-party")
+    for job, command in (("mpc-owner", ["client", "mpc-owner"]), ("mpc-client", ["infer"])):
+        (c,) = _one("Job", job)["spec"]["template"]["spec"]["containers"]
+        path, p = _parse_cli(_argv(c))
+        assert path == command, job
+        assert len(p["party_target"]) == replicas, job
+        for pattern, target in zip(targets, p["party_target"]):
+            assert re.fullmatch(pattern, target), target
+    (owner,) = _one("Job", "mpc-owner")["spec"]["template"]["spec"]["containers"]
+    assert _parse_cli(_argv(owner))[1]["party_id"] == "owner" and _value(_argv(owner), "--out") is None
+    (client,) = _one("Job", "mpc-client")["spec"]["template"]["spec"]["containers"]
+    p = _parse_cli(_argv(client))[1]
+    assert p["protocol"] == "mpc" and p["batch"] and str(p["out"]).startswith("/results/")
+
+
+def test_network_policy_keeps_the_two_mpc_worlds_apart():
+    """The inference parties' MPC endpoint and their dealer admit inference parties only; secure
+    aggregation's MPC ports admit no inference party; the owner and clients reach the inference port."""
+    infer_party = _one("StatefulSet", "infer-party")["spec"]["template"]
+    infer_dealer = _one("Deployment", "infer-dealer")["spec"]["template"]
+    for template, port in ((infer_party, 29600), (infer_dealer, 29700)):
+        assert _admitted(template, port) == {"infer-party"}, f"port {port}"
+    assert {"mpc-owner", "mpc-client"} <= _admitted(infer_party, GRPC_PORT)
+    assert not _admitted(infer_dealer, GRPC_PORT)
+    party = _one("StatefulSet", "party")["spec"]["template"]
+    dealer = _one("Deployment", "dealer")["spec"]["template"]
+    for template, port in ((party, 29600), (dealer, 29700)):
+        assert "infer-party" not in _admitted(template, port), f"port {port}"
+
+
 def test_coordinator_targets_every_party_in_order():
     sts, svc = _headless()
     (c,) = _one("Job", "coordinator")["spec"]["template"]["spec"]["containers"]
@@ -361,6 +541,8 @@ def test_one_plan_everywhere():
     plans = {}
     for w, _, c in _all_containers():
         words = _argv(c)
+        if w["metadata"]["name"] == "infer-dealer":
+            continue  # model-private inference's own dealer: no FedAvg plan (test_inference_world)
         if words[1] == "serve" and words[2] in ("party", "dealer", "coordinator"):
             plans[w["metadata"]["name"]] = tuple(_value(words, f) for f in PLAN_FLAGS)
     assert set(plans) == {"party", "dealer", "coordinator"}
