@@ -295,13 +295,16 @@ class ServedModelPlan(ModelPlan):
     def learning_rate(self, ds: Dataset) -> float:
         return self.lr
 
-    def train(self, ds: Dataset | None = None):
-        """(model, dataset): trained in plaintext, deterministically from the seed."""
+    def train(self, ds: Dataset | None = None, *, seed: int | None = None):
+        """(model, dataset): trained in plaintext, deterministically from the plan's seed, or from ``seed`` (the
+        initial weights and batch order only; the data split stays the plan's): an owner whose weights must stay
+        secret trains from a secret seed, or anyone given the plan could train the very same model."""
         ds = ds or self.load_data()
-        model = self.build_model(ds)
+        seed = self.seed if seed is None else seed
+        model = build_model(self.model, ds.input_shape, ds.num_classes, activation=self.activation, seed=seed)
         train_local(model, ds.x_train, ds.y_train, TrainConfig(
             epochs=self.epochs, lr=self.learning_rate(ds), momentum=self.momentum, batch_size=self.batch_size,
-            seed=self.seed))
+            seed=seed))
         if not all(np.isfinite(a).all() for _, a in parameters_to_arrays(model)):
             raise ValueError("training diverged (non-finite weights); lower the learning rate")
         return model, ds
@@ -361,6 +364,12 @@ class MpcInferencePlan(ServedModelPlan):
             raise ValueError(f"activation {self.activation!r} is not evaluated in MPC (relu or square)")
         if not 1 <= self.max_batch <= 4096:
             raise ValueError(f"max_batch is 1..4096, not {self.max_batch}")
+
+    def public_json(self) -> str:
+        """What the compute parties tell anyone who asks: the architecture and the service, not the training
+        recipe (the owner's business; with its seed anyone could train the same weights)."""
+        return json.dumps({k: getattr(self, k) for k in ("model", "activation", "dataset", "n_parties", "output",
+                                                          "max_batch")})
 
 
 def save_weights(model, path: Path) -> None:

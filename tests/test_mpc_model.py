@@ -129,3 +129,105 @@ def test_mpc_inference_plan_refuses_what_it_cannot_serve(bad):
         MpcInferencePlan(**bad)
     plan = MpcInferencePlan(output="logits")
     assert MpcInferencePlan.from_json(plan.to_json()) == plan
+
+
+class _FakeWorld:
+    """Three parties' broadcast_obj and all_gather over queues and a barrier (threads, not processes)."""
+
+    def __init__(self, n: int, stop: threading.Event):
+        import queue
+        self.n, self.stop = n, stop
+        self.inboxes = [queue.Queue() for _ in range(n)]
+        self.barrier, self.slots = threading.Barrier(n), [None] * n
+
+    def comm(self, rank: int):
+        import queue
+        world = self
+
+        class Comm:
+            def broadcast_obj(self, obj, src):
+                if rank == src:
+                    for j in range(world.n):
+                        if j != src:
+                            world.inboxes[j].put(obj)
+                    return obj
+                while True:
+                    try:
+                        return world.inboxes[rank].get(timeout=0.05)
+                    except queue.Empty:
+                        if world.stop.is_set():
+                            return {"idle": 1}
+
+            def all_gather(self, tensor):
+                world.slots[rank] = tensor
+                world.barrier.wait(timeout=5)
+                out = list(world.slots)
+                world.barrier.wait(timeout=5)
+                return out
+
+        return Comm()
+
+
+def test_parties_run_queries_in_party_0s_order_and_refuse_together_what_one_lacks(monkeypatch):
+    """The lock-step loop: every party runs the same queries in the same order; a query some party lacks (or for
+    another model) is refused by all without running; one party 0 never got is never run."""
+    from securecollab.protocols import mpc_inference as proto
+    monkeypatch.setattr(proto, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(proto, "ARRIVAL_S", 0.3)
+    stop = threading.Event()
+    world = _FakeWorld(3, stop)
+    books, models, ran = [QueryBook() for _ in range(3)], [ModelShares(4) for _ in range(3)], [[] for _ in range(3)]
+    for m in models:
+        m.put("m1", np.zeros(4, np.int64))
+
+    def run_for(rank):
+        def run(q, model):
+            ran[rank].append(q.query_id)
+            return np.array([rank], np.int64)
+        return run
+
+    def send(query_id, parties, model="m1"):
+        queries = [_query(query_id=query_id, model=model) for _ in range(3)]
+        for i in parties:
+            books[i].add(queries[i])
+        return queries
+
+    everyone = send(1, (0, 1, 2))
+    partial = send(2, (0, 1))
+    second = send(3, (0, 1, 2))
+    other = send(4, (0, 1, 2), model="m2")  # a model no party holds
+    unannounced = send(5, (1, 2))
+    threads = [threading.Thread(target=proto.serve_queries, args=(world.comm(r), r, books[r], models[r], run_for(r),
+                                                                  stop)) for r in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert [int(everyone[r].result.result(timeout=5)[0][0]) for r in range(3)] == [0, 1, 2]
+        for q in (partial[0], partial[1], other[0], other[2]):
+            with pytest.raises(ProtocolError) as e:
+                q.result.result(timeout=5)
+            assert e.value.code == "ABORTED"
+        second[0].result.result(timeout=5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+    assert ran[0] == ran[1] == ran[2] == [1, 3]  # the same queries, in the same order, nothing refused ran
+    assert not unannounced[1].result.done() and not unannounced[1].started.is_set()
+
+
+def test_a_party_keeps_its_model_share_across_a_restart(tmp_path):
+    """The share an owner uploaded is written to the party's state (mode 0600) and read back at start."""
+    import stat
+
+    from services.mpc_party import STATE_FILE, _load_state, _save_state
+    share = np.arange(10, dtype=np.int64) - 5
+    _save_state(tmp_path / "state", "abc123", share)
+    path = tmp_path / "state" / STATE_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    restarted = ModelShares(10)
+    _load_state(tmp_path / "state", restarted)
+    assert restarted.model_id == "abc123" and np.array_equal(restarted.get("abc123"), share)
+    fresh = ModelShares(10)
+    _load_state(tmp_path / "elsewhere", fresh)
+    assert fresh.model_id == ""

@@ -4,7 +4,6 @@ test set and machine."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -13,48 +12,36 @@ import numpy as np
 
 from securecollab.net.costs import method_bytes
 from securecollab.plans import MpcInferencePlan
-from securecollab.runs.mpc_inference import client, deployment, infer_all, prepare
+from securecollab.runs.mpc_inference import client, deployment, infer_all, parties_sent, prepare
 from securecollab.training import predict_logits
 
 
-def _party_totals(out_dir: Path, n_parties: int) -> dict[str, dict]:
-    """Each party's and the dealer's bytes so far (their meters, written after every query)."""
-    totals = {}
-    for name in [*(f"party-{i}" for i in range(n_parties)), "dealer"]:
-        path = out_dir / f"costs_{name}.json"
-        costs = json.loads(path.read_text()) if path.exists() else {}
-        totals[name] = {"sent": int(costs.get("bytes_sent", 0)), "received": int(costs.get("bytes_received", 0))}
-    return totals
-
-
 def _per_input(before: dict, after: dict, inputs: int) -> dict:
-    return {name: (after[name]["sent"] - before[name]["sent"]) / inputs for name in after}
+    return {name: (after[name] - before[name]) / inputs for name in after}
 
 
-def bench_output(plan: MpcInferencePlan, *, queries: int, batch_size: int, work_dir: Path, log=print) -> dict:
-    """One deployment serving ``plan.output``: single-image latency, batched throughput, bytes, agreement."""
+def bench_output(plan: MpcInferencePlan, model, *, queries: int, batch_size: int, work_dir: Path, log=print) -> dict:
+    """One deployment serving ``model`` with ``plan.output``: single-image latency, batched throughput, bytes,
+    agreement."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    model, ds, certs = prepare(plan, work_dir)
+    model, ds, certs = prepare(plan, work_dir, model)
     reference = predict_logits(model, ds.x_test).astype(np.float64)
     t0 = time.perf_counter()
     with deployment(plan, work_dir, model, certs) as targets:
         setup_s = time.perf_counter() - t0
         with client(targets, certs, work_dir) as c:
             c.infer(ds.x_test[:1])  # connections and the parties' first-query set-up out of the timing
-            time.sleep(1.0)  # the parties write their meters after each query
-            start, snap0 = _party_totals(work_dir, plan.n_parties), c.meter.snapshot()
+            start, snap0 = parties_sent(work_dir, plan.n_parties), c.meter.snapshot()
             log(f"  {queries} single-image queries ...")
             for i in range(queries):
                 c.infer(ds.x_test[i:i + 1])
             single_lat = c.timings.latencies[-queries:]
-            time.sleep(1.0)
-            mid, snap1 = _party_totals(work_dir, plan.n_parties), c.meter.snapshot()
+            mid, snap1 = parties_sent(work_dir, plan.n_parties), c.meter.snapshot()
             log(f"  the whole test set ({len(ds.x_test)} images) in batches of {batch_size} ...")
             t1 = time.perf_counter()
             answers = infer_all(c, ds.x_test, batch_size)
             batch_wall = time.perf_counter() - t1
-            time.sleep(1.0)
-            end = _party_totals(work_dir, plan.n_parties)
+            end = parties_sent(work_dir, plan.n_parties)
     predicted = answers if plan.output == "label" else answers.argmax(1)
     single_query_bytes = (method_bytes(snap1, "/Infer") - method_bytes(snap0, "/Infer")) / max(queries, 1)
     result = {
@@ -76,8 +63,9 @@ def bench_mpc_inference(plan: MpcInferencePlan, *, outputs=("logits", "label"), 
                         batch_size: int = 150, he: bool = True, work_dir: Path, log=print) -> dict:
     """MPC inference in each output mode, plain inference of the same weights, and (``he``) `bench he` with the
     same number of single queries on the same test set, so that the figures share a machine and a moment."""
+    import secrets
     from dataclasses import replace
-    model, ds = plan.train()
+    model, ds = plan.train(seed=secrets.randbits(31))  # the owner's secret seed
     x = ds.x_test[:max(queries, 1)]
     predict_logits(model, x[:1])
     t0 = time.perf_counter()
@@ -89,7 +77,7 @@ def bench_mpc_inference(plan: MpcInferencePlan, *, outputs=("logits", "label"), 
     mpc = {}
     for output in outputs:
         log(f"MPC inference, output {output}: {plan.n_parties} parties + dealer on loopback ...")
-        mpc[output] = bench_output(replace(plan, output=output), queries=queries, batch_size=batch_size,
+        mpc[output] = bench_output(replace(plan, output=output), model, queries=queries, batch_size=batch_size,
                                    work_dir=work_dir / output, log=log)
     result = {"benchmark": "mpc-inference", "model": plan.model, "activation": plan.activation,
               "dataset": plan.dataset, "test_images": len(ds.x_test), "single_queries": queries, "tls": "mutual",

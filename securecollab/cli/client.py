@@ -104,13 +104,16 @@ def mpc_owner(
     certs: CertsDir = Path("certs"),
     server_name: ServerName = None,
     weights: Annotated[Optional[Path], typer.Option(
-        help="The model's weights (.npz, numpy only); default: train the parties' architecture here.")] = None,
+        help="The model's weights (.npz, numpy only); default: train the parties' architecture here, from a secret "
+             "seed (the parties and clients know the architecture and the data set).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the trained weights (mpc_model.npz) here.")] = None,
     connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each party.")] = 60.0,
     verbose: Verbose = False,
 ):
     """Model owner of a model-private inference deployment: secret-shares its model's weights over the compute
     parties (one share each; none of them, nor any client, ever holds the weights)."""
+    import secrets
+
     import grpc
 
     from securecollab.net.certs import TlsFiles
@@ -124,8 +127,9 @@ def mpc_owner(
         if weights:
             model, _ = plan.load(weights)
         else:
-            typer.echo(f"training {plan.model} ({plan.activation}) on {plan.dataset}: {plan.epochs} epochs", err=True)
-            model, _ = plan.train()
+            typer.echo(f"training {plan.model} ({plan.activation}) on {plan.dataset}: {plan.epochs} epochs, from a "
+                       "secret seed", err=True)
+            model, _ = plan.train(seed=secrets.randbits(31))
             if out:
                 save_weights(model, out / "mpc_model.npz")
         model_id = upload_model(party_target, tls=tls, model=model, server_name=server_name,

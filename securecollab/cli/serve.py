@@ -263,6 +263,9 @@ def mpc(
     compute_parties: Annotated[int, typer.Option(
         min=2, max=3, help="Number of compute parties (3: exact truncation with the dealer's help).")] = 3,
     max_batch: Annotated[int, typer.Option(min=1, max=4096, help="Most inputs in one query.")] = 512,
+    state: Annotated[Optional[Path], typer.Option(
+        help="Keep the model share here (mode 0600) and read it back when started again; without it a restarted "
+             "party waits for the owner to upload again.")] = None,
     dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, seed: Seed = 0,
 ):
     """Model-private inference compute party: holds a share of the owner's model (uploaded with `securecollab
@@ -282,4 +285,4 @@ def mpc(
                                  f"an --index below {plan.n_parties}")
     if not dealer:
         raise typer.BadParameter("give --dealer host:port: the deployment's dealer of correlations")
-    serve(plan, index, tls=tls, mpc_peers=mpc_peer, dealer=dealer, mpc_host=mpc_host, **s.bind())
+    serve(plan, index, tls=tls, mpc_peers=mpc_peer, dealer=dealer, mpc_host=mpc_host, state_dir=state, **s.bind())

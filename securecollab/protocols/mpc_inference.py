@@ -27,6 +27,7 @@ HEARTBEAT_S = 20.0    # party 0's idle message: far below the MPC world's 120 s 
 ARRIVAL_S = 10.0      # how long a party waits for its share of a query party 0 already holds
 QUERY_WAIT_S = 120.0  # a query not run by then is answered DEADLINE_EXCEEDED
 SEEN_PER_CLIENT = 1 << 16  # query ids remembered per client, to refuse replays
+PENDING_PER_CLIENT = 8     # queries one client may have waiting: one client cannot take every server thread
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Query:
     model_id: str
     share: np.ndarray  # this party's share of the inputs, flat int64
     result: Future = field(default_factory=Future)
+    started: threading.Event = field(default_factory=threading.Event)  # taken into the MPC
 
     def header(self) -> dict:
         return {"client": self.client, "query": self.query_id, "n": self.num_inputs, "model": self.model_id}
@@ -86,6 +88,9 @@ class QueryBook:
             seen = self._seen_sets.setdefault(q.client, set())
             if q.query_id in seen:
                 raise ProtocolError("ALREADY_EXISTS", f"query {q.query_id} of {q.client} was already received")
+            if sum(1 for c, _ in self._pending if c == q.client) >= PENDING_PER_CLIENT:
+                raise ProtocolError("RESOURCE_EXHAUSTED", f"{q.client} has {PENDING_PER_CLIENT} queries waiting "
+                                                          "here already; wait for their answers")
             order = self._seen.setdefault(q.client, deque())
             order.append(q.query_id)
             seen.add(q.query_id)
@@ -99,7 +104,9 @@ class QueryBook:
         with self._cond:
             if not self._cond.wait_for(lambda: self._pending, timeout=timeout_s):
                 return None
-            return self._pending.popitem(last=False)[1]
+            q = self._pending.popitem(last=False)[1]
+            q.started.set()
+            return q
 
     def claim(self, client: str, query_id: int, wait_s: float) -> Query | None:
         """Parties 1..n-1: this party's share of the query party 0 announced (waiting for it to arrive)."""
@@ -107,12 +114,17 @@ class QueryBook:
         with self._cond:
             if not self._cond.wait_for(lambda: key in self._pending, timeout=wait_s):
                 return None
-            return self._pending.pop(key)
+            q = self._pending.pop(key)
+            q.started.set()
+            return q
 
-    def forget(self, q: Query) -> None:
-        """A query that waited too long (the client gave up on it here)."""
+    def forget(self, q: Query) -> bool:
+        """Drop a query that waited too long, unless the MPC took it meanwhile (then it runs: False)."""
         with self._cond:
+            if q.started.is_set():
+                return False
             self._pending.pop((q.client, q.query_id), None)
+            return True
 
     def fail_all(self, code: str, message: str) -> None:
         with self._cond:
@@ -148,14 +160,16 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
         if missing:
             if q is not None:
                 q.result.set_exception(ProtocolError(
-                    "FAILED_PRECONDITION", f"compute parties {missing} do not hold this query (or its model): send "
-                    "every party its share of the same query, for the model they serve"))
+                    "ABORTED", f"compute parties {missing} did not hold this query within {ARRIVAL_S:.0f}s of party 0 "
+                    "(or serve another model): send every party its share of the same query, and retry with a new "
+                    "query id"))
             continue
         t0 = time.perf_counter()
         try:
             share = run(q, model)
         except BaseException as e:
-            q.result.set_exception(ProtocolError("UNAVAILABLE", f"the MPC failed: {e}"))
+            q.result.set_exception(ProtocolError("UNAVAILABLE", f"the MPC failed ({type(e).__name__}); the compute "
+                                                 "parties form a new world: retry with a new query id"))
             raise
         q.result.set_result((share, time.perf_counter() - t0))
         on_done()

@@ -7,6 +7,7 @@ here are the oracle for what the client reconstructs; the parties only ever hold
 from __future__ import annotations
 
 import json
+import secrets
 import statistics
 import time
 from contextlib import contextmanager
@@ -27,9 +28,13 @@ CLIENT = "client-0"
 OWNER = "owner"
 
 
-def prepare(plan: MpcInferencePlan, work: Path):
-    """(model, dataset, certs dir): the owner's trained model, saved as ``mpc_model.npz`` (numpy, no pickle)."""
-    model, ds = plan.train()
+def prepare(plan: MpcInferencePlan, work: Path, model=None):
+    """(model, dataset, certs dir): the owner's model (trained here from a secret seed unless given), saved as
+    ``mpc_model.npz`` (numpy, no pickle; for scoring the attacks: no party reads it)."""
+    if model is None:
+        model, ds = plan.train(seed=secrets.randbits(31))
+    else:
+        ds = plan.load_data()
     save_weights(model, work / "mpc_model.npz")
     parties = [f"party-{i}" for i in range(plan.n_parties)]
     certs = ensure_certs(work / "certs", [*parties, "dealer", OWNER, CLIENT])
@@ -52,6 +57,7 @@ def start_parties(group: ProcessGroup, plan: MpcInferencePlan, certs: Path, out_
         group.start(name, securecollab_cmd(
             "serve", "mpc", "--index", str(i), "--plan-json", plan.to_json(), *common,
             *[a for e in endpoints for a in ("--mpc-peer", e)], "--dealer", f"localhost:{dealer_port}",
+            "--state", str(out_dir / "state" / name),
             "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     ports = group.wait_ports(parties, timeout=300, watch=("dealer",))
     return [f"localhost:{p}" for p in ports]
@@ -91,6 +97,17 @@ def party_costs(out_dir: Path, n_parties: int) -> dict:
     return total
 
 
+def parties_sent(out_dir: Path, n_parties: int, settle_s: float = 1.0) -> dict[str, int]:
+    """Bytes each compute party has sent so far (its meter, written after every query: ``settle_s`` lets the last
+    write land). The dealer's meter is written every 5 s only: its bytes are in its costs file."""
+    time.sleep(settle_s)
+    sent = {}
+    for name in (f"party-{i}" for i in range(n_parties)):
+        path = out_dir / f"costs_{name}.json"
+        sent[name] = int(json.loads(path.read_text()).get("bytes_sent", 0)) if path.exists() else 0
+    return sent
+
+
 def run_mpc_inference(plan: MpcInferencePlan, out_dir: Path, *, batch_size: int = 150, single: int = 5) -> dict:
     """The demo's model-private inference: the whole test set in batches, ``single`` one-image queries; the same
     weights evaluated in the clear in this process are the baseline (no network: the parties never hold them)."""
@@ -103,20 +120,23 @@ def run_mpc_inference(plan: MpcInferencePlan, out_dir: Path, *, batch_size: int 
     t0 = time.perf_counter()
     with deployment(plan, out_dir, model, certs) as targets:
         with client(targets, certs, out_dir) as c:
+            before = parties_sent(out_dir, plan.n_parties, settle_s=0)
+            t1 = time.perf_counter()
             answers = infer_all(c, ds.x_test, batch_size)
-            batch_wall = time.perf_counter() - t0
+            batch_wall = time.perf_counter() - t1
+            after = parties_sent(out_dir, plan.n_parties)
             for i in range(single):
                 c.infer(ds.x_test[i:i + 1])
             client_costs = c.meter.snapshot()
             latencies = c.timings.latencies[-single:] if single else [float("nan")]
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0  # processes, world, upload, queries
     predicted = answers if plan.output == "label" else answers.argmax(1)
     parties = party_costs(out_dir, plan.n_parties)
     metrics = {"model": plan.model, "n_parties": plan.n_parties, "output": plan.output,
                "label_agreement": float((predicted == reference.argmax(1)).mean()),
                "single_latency_s": statistics.median(latencies), "batch_size": batch_size,
                "batched_test_set_wall_s": batch_wall,
-               "party_bytes_sent_per_image": parties["bytes_sent"] / (len(ds.x_test) + single)}
+               "party_bytes_sent_per_image": max(after[p] - before[p] for p in after) / len(ds.x_test)}
     if plan.output == "logits":
         metrics["max_abs_logit_error"] = float(np.abs(answers - reference).max())
     result = {

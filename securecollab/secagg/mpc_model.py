@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from securecollab.models import Poly, Square
+from securecollab.models import Square
 from securecollab.secagg.crypten_compat import load_crypten
 
 FRAC_BITS = 16  # the answer's fixed point: logits and the label index alike
@@ -62,8 +62,22 @@ def shared_weights(layout: ParamLayout, flat_share: np.ndarray) -> dict:
             for name, shape, piece in layout.slices(flat_share)}
 
 
+SUPPORTED = (nn.Flatten, nn.Linear, nn.Conv2d, nn.ReLU, Square, nn.AvgPool2d)
+
+
+def check_supported(model: nn.Sequential) -> None:
+    """Refuse, before any MPC, an architecture whose layers this forward pass cannot evaluate."""
+    for layer in model:
+        if not isinstance(layer, SUPPORTED):
+            raise ValueError(f"{type(layer).__name__} is not evaluated in MPC (supported: "
+                             f"{', '.join(t.__name__ for t in SUPPORTED)})")
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)):
+            raise ValueError("only plain convolutions (groups 1, dilation 1) are evaluated in MPC")
+
+
 def shared_forward(model: nn.Sequential, weights: dict, x):
     """The model on secret-shared inputs ``x`` (MPCTensor, batch first) with secret-shared ``weights``."""
+    check_supported(model)
     h = x
     for i, layer in enumerate(model):
         if isinstance(layer, nn.Flatten):
@@ -71,8 +85,6 @@ def shared_forward(model: nn.Sequential, weights: dict, x):
         elif isinstance(layer, nn.Linear):
             h = h.matmul(weights[f"{i}.weight"].t()) + weights[f"{i}.bias"]
         elif isinstance(layer, nn.Conv2d):
-            if layer.groups != 1 or layer.dilation != (1, 1):
-                raise ValueError("only plain convolutions (groups 1, dilation 1) are evaluated in MPC")
             h = h.conv2d(weights[f"{i}.weight"], stride=layer.stride, padding=layer.padding)
             h = h + weights[f"{i}.bias"].view(1, -1, 1, 1)
         elif isinstance(layer, nn.ReLU):
@@ -81,10 +93,6 @@ def shared_forward(model: nn.Sequential, weights: dict, x):
             h = h.square()
         elif isinstance(layer, nn.AvgPool2d):
             h = h.avg_pool2d(layer.kernel_size, stride=layer.stride, padding=layer.padding)
-        elif isinstance(layer, Poly):
-            raise ValueError("polynomial activations are not evaluated in MPC (use relu or square)")
-        else:
-            raise ValueError(f"{type(layer).__name__} is not evaluated in MPC")
     return h
 
 
