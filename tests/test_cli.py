@@ -233,7 +233,7 @@ def test_serve_accepts_every_deployed_command_line():
         role, args = words[words.index("serve") + 1], words[words.index("serve") + 2:]
         serve.commands[role].make_context(role, args)  # raises on an option the role does not take
         seen.add(role)
-    assert seen == {"coordinator", "party", "dealer", "he", "split"}
+    assert seen == {"coordinator", "party", "dealer", "he", "split", "mpc"}
 
 
 def test_every_compose_command_parses():
@@ -291,11 +291,13 @@ def test_demo_runs_the_pipeline_and_reports_a_failed_experiment(tmp_path, monkey
     he = {"metrics": {"model": "convnet", "batched_argmax_agreement": 1.0, "batched_max_abs_logit_error": 1e-4,
                       "single_latency_s": 0.5, "session_key_bytes": 3e7},
           "examples": [{"index": 7, "label": 3, "plaintext": 3, "decrypted": 3, "max_abs_logit_error": 2e-4}]}
+    mpc = {"metrics": {"model": "convnet", "n_parties": 3, "output": "label", "label_agreement": 1.0,
+                       "single_latency_s": 2.0, "party_bytes_sent_per_image": 2e5}}
     ran, given = [], {}
 
     def run_protocol(name, plan, out_dir, **_):
         ran.append((name, Path(out_dir)))
-        return {"accuracy": 0.875, "costs": dict(costs), **(he if name == "he_inference" else {})}
+        return {"accuracy": 0.875, "costs": dict(costs), **{"he_inference": he, "mpc_inference": mpc}.get(name, {})}
 
     def run_experiment(name, target, *, quick, seed, progress, runs):
         given[name] = runs
@@ -318,7 +320,7 @@ def test_demo_runs_the_pipeline_and_reports_a_failed_experiment(tmp_path, monkey
     assert [(e["experiment"], e["error"]) for e in card["attack_errors"]] == [("dp", "RuntimeError: boom")]
     for line in ("done centralized training (baseline): accuracy 0.875, 1.5s", "whole test set, batched", "max |logit error|",
                  "done attack experiment gradient_inversion: 1 rows", "failed dp: boom", "securecollab scorecard",
-                 "what each adversary learned", "attack experiments failed: dp"):
+                 "what each adversary learned", "attack experiments failed: dp", "model-private inference (convnet"):
         assert line in res.output, line
 
 
