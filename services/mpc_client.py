@@ -23,7 +23,7 @@ from securecollab.net.costs import CostMeter
 from securecollab.net.transport import make_channel, wait_ready
 from securecollab.plans import MpcInferencePlan
 from securecollab.secagg.mpc_model import ParamLayout
-from securecollab.secagg.sharing import client_shares, encode_fixed, reconstruct, split_shares
+from securecollab.secagg.sharing import client_shares, encode_fixed, from_wire, reconstruct, split_shares, to_wire
 from securecollab.transcript import Kind, TranscriptRecorder
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def upload_model(targets: list[str], *, tls: TlsFiles, model, meter: CostMeter |
         model_id = secrets.token_hex(8)
         parties.all("UploadModel", [pb.ModelShare(
             model_id=model_id, party=s.party, length=s.length, seed=s.seed or b"",
-            dense=s.dense.astype("<i8").tobytes() if s.dense is not None else b"") for s in shares])
+            dense=to_wire(s.dense, 64) if s.dense is not None else b"") for s in shares])
         log.info("model %s: %d parameters shared over %d compute parties", model_id, layout.size, len(targets))
         return model_id
     finally:
@@ -160,9 +160,10 @@ class MpcInferenceClient:
         t1 = time.perf_counter()
         replies = self.parties.all("Infer", [pb.QueryShare(
             query_id=query_id, party=s.party, num_inputs=len(x), model_id=d.model_id, seed=s.seed or b"",
-            dense=s.dense.astype("<i8").tobytes() if s.dense is not None else b"") for s in shares])
+            dense=to_wire(s.dense, 64) if s.dense is not None else b"") for s in shares])
         t2 = time.perf_counter()
-        answer = self._reconstruct(replies, len(x))
+        words = [from_wire(r.share, 64) for r in replies]
+        answer = self._reconstruct(replies, words, len(x))
         t3 = time.perf_counter()
         tm = self.timings
         tm.queries, tm.inputs = tm.queries + 1, tm.inputs + len(x)
@@ -170,7 +171,7 @@ class MpcInferenceClient:
         tm.rpc_s += t2 - t1
         tm.mpc_s += max(r.mpc_s for r in replies)
         tm.latencies.append(t3 - t0)
-        received = {f"share_{i}": np.frombuffer(r.share, "<i8").astype(np.int64) for i, r in enumerate(replies)}
+        received = {f"share_{i}": w for i, w in enumerate(words)}
         meta = {"mode": "batch", "protocol": "mpc", "num_inputs": len(x), "model_id": d.model_id}
         if self.output == "logits":
             self.transcript.record(Kind.LOGITS, round=0, step=query_id, sender="parties", meta=meta,
@@ -180,7 +181,7 @@ class MpcInferenceClient:
                                    tensors={"labels": answer, **received})
         return answer
 
-    def _reconstruct(self, replies: list, num_inputs: int) -> np.ndarray:
+    def _reconstruct(self, replies: list, words: list[np.ndarray], num_inputs: int) -> np.ndarray:
         d = self.deployment
         want = (num_inputs, d.num_classes) if self.output == "logits" else (num_inputs,)
         for r in replies:
@@ -188,7 +189,7 @@ class MpcInferenceClient:
                 raise ValueError(f"compute party answered {r.output} {tuple(r.shape)}, expected {self.output} {want}")
         if len({r.frac_bits for r in replies}) != 1:
             raise ValueError("the compute parties answered in different fixed points")
-        total = reconstruct([np.frombuffer(r.share, "<i8").astype(np.int64) for r in replies])
+        total = reconstruct(words)
         value = total.astype(np.float64) / 2.0 ** replies[0].frac_bits  # not CrypTen's decoder (mpc_model)
         if self.output == "logits":
             return value.reshape(want)

@@ -29,7 +29,7 @@ from securecollab.protocols.mpc_inference import QUERY_WAIT_S, ModelShares, Quer
 from securecollab.secagg.mpc import mpc_stats, setup_party_grpc
 from securecollab.secagg.mpc_model import FRAC_BITS, ParamLayout, answer, check_supported, shared_weights
 from securecollab.secagg.mpc_net import MpcError, start_endpoint
-from securecollab.secagg.sharing import SEED_BYTES, prg_int64
+from securecollab.secagg.sharing import SEED_BYTES, from_wire, prg_int64, to_wire
 from securecollab.transcript import Kind, TranscriptRecorder
 from services.common import require_role, rpc_errors, write_port_file
 
@@ -50,7 +50,7 @@ def _share_words(seed: bytes, dense: bytes, length: int, what: str) -> tuple[np.
     if len(dense) != 8 * length:
         raise ProtocolError("INVALID_ARGUMENT", f"a {what} share of {length} words is {8 * length} bytes, "
                                                 f"got {len(dense)}")
-    words = np.frombuffer(dense, "<i8").astype(np.int64)
+    words = from_wire(dense, 64)
     return words, {"tensors": {"share": words}}
 
 
@@ -115,7 +115,7 @@ class MpcInferenceServicer(pb_grpc.MpcInferenceServicer):
         words, mpc_s = q.result.result()
         shape = (request.num_inputs, self.num_classes) if self.plan.output == "logits" else (request.num_inputs,)
         return pb.AnswerShare(query_id=request.query_id, output=self.plan.output, shape=shape, frac_bits=FRAC_BITS,
-                              share=words.astype("<i8").tobytes(), mpc_s=mpc_s)
+                              share=to_wire(words, 64), mpc_s=mpc_s)
 
     def _check_party(self, party: int) -> None:
         if party != self.index:
