@@ -30,8 +30,10 @@ demo-full: setup
 demo-web: setup
 	$(BIN)/securecollab demo-web
 
+# Two workers, whole test files each (a file's deployments are shared by its tests): many tests wait on
+# processes and sockets, so two overlap well on 2 cores.
 test: setup browser
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25
 
 # Headless Chromium for the browser tests (installed when root; else those tests skip).
 browser:

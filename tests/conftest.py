@@ -20,6 +20,12 @@ import pytest
 
 from securecollab.net.certs import TlsFiles, make_certs
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test workers share the cores (make test runs two): one math thread each, as every protocol process has,
+    # or OpenMP's spinning threads (torch, scikit-learn) oversubscribe them: one test ran 15x slower so.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 PARTIES = ["aggregator", "client-0", "client-1", "client-2", "client-3", "server:party", "client-x:client"]
 
 
