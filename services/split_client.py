@@ -72,8 +72,11 @@ class SplitClient:
         self.noise = torch.Generator().manual_seed(plan.seed * 1000 + index)
         self._stream: _LockstepStream | None = None
         self.epoch_times: list[tuple[float, float]] = []  # (start, end) of each epoch's turn, time.time()
-        # Where a training step's time goes (seconds, summed): waiting for the server, and its own handling.
-        self.profile = {"steps": 0, "wait_s": 0.0, "server_s": 0.0}
+        # Where a vanilla step's time goes (seconds, summed): waiting for the server and the server's handling
+        # inside that wait; its own model part (forward; backward and optimizer step); and the rest of its side:
+        # zeroing gradients, encoding the request, decoding the reply.
+        self.profile = {"steps": 0, "wait_s": 0.0, "server_s": 0.0, "forward_s": 0.0, "backward_s": 0.0,
+                        "messages_s": 0.0}
 
     def _sent(self, act: torch.Tensor) -> np.ndarray:
         """What leaves the client: the activations, with Gaussian noise if configured."""
@@ -86,18 +89,18 @@ class SplitClient:
         return torch.from_numpy(decode_tensor(msg, expect_dtype=np.float32, expect_shape=shape, finite=True))
 
     def train_batch(self, epoch: int, step: int, xb: np.ndarray, yb: np.ndarray) -> None:
+        started = time.perf_counter()
         x = torch.from_numpy(xb)
         act = self.bottom(x)
+        forward_done = time.perf_counter()
         self.opt.zero_grad()
         sent = self._sent(act)
         if self.head is None:  # vanilla: labels go with the activations
             request = pb.ForwardRequest(client_id=self.client_id, epoch=epoch, step=step,
                                         activations=encode_tensor(sent), labels=encode_tensor(yb))
-            t0 = time.perf_counter()
+            sending = time.perf_counter()
             reply = self._stream.step(request)
-            self.profile["wait_s"] += time.perf_counter() - t0
-            self.profile["server_s"] += reply.server_s
-            self.profile["steps"] += 1
+            replied = time.perf_counter()
             grad = self._grad(reply.gradient, sent.shape)
             self.transcript.record(Kind.GRADIENT, round=epoch, step=step, sender="split-server",
                                    tensors={"gradient": grad.numpy()})
@@ -116,12 +119,21 @@ class SplitClient:
             grad = self._grad(back.gradient, sent.shape)
             self.transcript.record(Kind.GRADIENT, round=epoch, step=step, sender="split-server",
                                    tensors={"server_outputs": outputs.detach().numpy(), "gradient": grad.numpy()})
+        backward_from = time.perf_counter()
         if self.plan.nopeek_alpha and len(x) > 1:  # one example has no distance correlation (NaN gradient)
             penalty = self.plan.nopeek_alpha * distance_correlation(x, act)
             torch.autograd.backward([act, penalty], [grad, None])  # the server's gradient, plus the penalty's
         else:
             act.backward(grad)  # backpropagates exactly the server's gradient through the bottom
         self.opt.step()
+        if self.head is None:
+            profile = self.profile
+            profile["steps"] += 1
+            profile["forward_s"] += forward_done - started
+            profile["wait_s"] += replied - sending
+            profile["server_s"] += reply.server_s
+            profile["messages_s"] += (sending - forward_done) + (backward_from - replied)
+            profile["backward_s"] += time.perf_counter() - backward_from
 
     def _receive_turn(self, epoch: int) -> None:
         while True:  # the other clients' turns may take longer than one wait

@@ -127,6 +127,11 @@ def test_bench_split_writes_the_documented_json(tmp_path):
     assert alone["client_s"] > 0 and alone["server_until_reply_s"] > 0 and alone["server_deferred_s"] > 0
     step = alone["server_until_reply_s"] + max(alone["client_s"], alone["server_deferred_s"])
     assert r["ratio"]["computation_floor"] == pytest.approx(step * steps / r["centralized"]["epoch_wall_s"])
+    # the client's side in the run, phase by phase: each measured, together no more than its whole side
+    per_step = r["split"]["per_step"]
+    phases = per_step["client_phases"]
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= per_step["client_s"] * 1.02, (phases, per_step["client_s"])
 
 
 @pytest.mark.slow

@@ -133,10 +133,14 @@ def bench_split(plan: SplitPlan, *, work_dir: Path, network: str = "loopback", l
     steps = sum(c["step_profile"]["steps"] for c in clients)
     profile = None
     if steps:  # vanilla: per step, the client's wait for the reply and the server's handling inside it
-        wait = sum(c["step_profile"]["wait_s"] for c in clients) / steps
-        server = sum(c["step_profile"]["server_s"] for c in clients) / steps
-        profile = {"step_wait_s": wait, "server_handling_s": server, "transport_s": wait - server,
+        mean = {k: sum(c["step_profile"][k] for c in clients) / steps
+                for k in ("wait_s", "server_s", "forward_s", "backward_s", "messages_s")}
+        wait = mean["wait_s"]
+        profile = {"step_wait_s": wait, "server_handling_s": mean["server_s"], "transport_s": wait - mean["server_s"],
                    "client_s": statistics.median(epoch_walls) / (steps / plan.epochs) - wait,
+                   # the client's side in the run, against its computation alone (forward + backward and step)
+                   "client_phases": {"forward_s": mean["forward_s"], "backward_and_step_s": mean["backward_s"],
+                                     "messages_s": mean["messages_s"]},
                    "computation_alone": alone}
     split = {"epoch_wall_s": statistics.median(epoch_walls), "epoch_wall_s_all": epoch_walls,
              "bytes_per_epoch": sent / plan.epochs, "payload_bytes_per_epoch": payload,

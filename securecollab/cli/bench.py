@@ -200,6 +200,9 @@ def split(
                       f"transport {p['transport_s'] * 1e3:.2f}; computation alone: client {alone['client_s'] * 1e3:.2f}, "
                       f"server until its reply {alone['server_until_reply_s'] * 1e3:.2f} "
                       f"(ratio floor {r['ratio']['computation_floor']:.2f})")
+        ph = p["client_phases"]
+        console.print(f"client side in the run (ms): forward {ph['forward_s'] * 1e3:.2f}, backward and step "
+                      f"{ph['backward_and_step_s'] * 1e3:.2f}, zeroing, encoding and decoding {ph['messages_s'] * 1e3:.2f}")
 
 
 @app.command("he")
