@@ -4,6 +4,7 @@ upload and a client's queries from this process. The oracle is the plaintext mod
 from __future__ import annotations
 
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -143,9 +144,14 @@ def test_refusals_leave_the_deployment_serving(served):
     assert _query(served, client_stubs, x, model_id="other")[1] == [grpc.StatusCode.FAILED_PRECONDITION] * 3
     assert _query(served, client_stubs, x, num_inputs=10_000)[1] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
     assert _query(served, client_stubs, x, cut=8)[1] == [grpc.StatusCode.INVALID_ARGUMENT] * 3  # truncated share
-    # a query sent to two of the three parties: both abort it, and the MPC world stays in step
-    assert _query(served, client_stubs, x, parties=(0, 1))[1] == [grpc.StatusCode.ABORTED] * 2
-    query_id, replies = _query(served, client_stubs, x)
+    # a query sent to two of the three parties: the queries behind it are answered meanwhile; after ARRIVAL_S
+    # both parties abort it, and the MPC world stays in step
+    with ThreadPoolExecutor(1) as pool:
+        partial = pool.submit(_query, served, client_stubs, x, parties=(0, 1))
+        time.sleep(0.5)  # it reaches party 0 first
+        query_id, replies = _query(served, client_stubs, x)
+        assert not partial.done()
+        assert partial.result()[1] == [grpc.StatusCode.ABORTED] * 2
     assert all(isinstance(r, pb.AnswerShare) for r in replies), replies
     answer = reconstruct([np.frombuffer(r.share, "<i8").astype(np.int64) for r in replies]) / SCALE
     if served.plan.output == "logits":

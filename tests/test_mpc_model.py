@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from securecollab.errors import ProtocolError
 from securecollab.plans import MpcInferencePlan
 from securecollab.protocols.mpc_inference import ModelShares, Query, QueryBook
+from securecollab.secagg.mpc_objects import decode_object, encode_object
 from tests.crypten_procs import REPO, party_env
 
 WORLD_OF_ONE = """
@@ -89,7 +91,7 @@ def _query(client="client-0", query_id=1, n=2, model="m1"):
     return Query(client, query_id, n, model, np.zeros(n * 64, np.int64))
 
 
-def test_query_book_is_fifo_refuses_replays_and_claims_by_id():
+def test_query_book_is_fifo_refuses_replays_and_takes_by_id():
     book = QueryBook()
     first, second = _query(query_id=1), _query(query_id=2)
     book.add(first)
@@ -97,12 +99,17 @@ def test_query_book_is_fifo_refuses_replays_and_claims_by_id():
     with pytest.raises(ProtocolError) as e:
         book.add(_query(query_id=1))
     assert e.value.code == "ALREADY_EXISTS"
-    assert book.next_ready(0.1) is first
-    assert book.claim("client-0", 2, 0.1) is second
-    assert book.claim("client-0", 2, 0.1) is None and book.next_ready(0.05) is None
+    assert book.oldest(8, 0.1) == ([first, second], 2)  # oldest first, and left in the book
+    assert book.oldest(1, 0.1)[0] == [first]
+    assert book.find("client-0", 2) is second and not second.started.is_set()
+    assert book.take("client-0", 2) is second and second.started.is_set()
+    assert book.take("client-0", 2) is None and book.find("client-0", 2) is None
+    # party 0 waits for a query beyond those it has seen; one added meanwhile ends the wait
     late = _query(query_id=3)
-    threading.Timer(0.1, book.add, args=(late,)).start()  # a party waits for a share announced before it arrived
-    assert book.claim("client-0", 3, 5.0) is late
+    threading.Timer(0.1, book.add, args=(late,)).start()
+    started = time.monotonic()
+    assert book.oldest(8, 5.0, seen=2) == ([first, late], 3)
+    assert time.monotonic() - started < 4.0
     waiting = _query(query_id=4)
     book.add(waiting)
     book.fail_all("UNAVAILABLE", "leaving")
@@ -147,6 +154,7 @@ class _FakeWorld:
         class Comm:
             def broadcast_obj(self, obj, src):
                 if rank == src:
+                    obj = decode_object(encode_object(obj))  # only what the MPC's object encoding carries
                     for j in range(world.n):
                         if j != src:
                             world.inboxes[j].put(obj)
@@ -168,12 +176,15 @@ class _FakeWorld:
         return Comm()
 
 
-def test_parties_run_queries_in_party_0s_order_and_refuse_together_what_one_lacks(monkeypatch):
-    """The lock-step loop: every party runs the same queries in the same order; a query some party lacks (or for
-    another model) is refused by all without running; one party 0 never got is never run."""
+def test_parties_run_queries_in_party_0s_order_and_one_that_a_party_lacks_holds_up_nothing(monkeypatch):
+    """The lock-step loop: every party runs the same queries in the same order. A query some party lacks does
+    not hold up the queries behind it (a client cannot stall the world by sending one party its share); after
+    ARRIVAL_S every party refuses it without running it. A query for another model is refused by all at once;
+    one party 0 never got is never run."""
     from securecollab.protocols import mpc_inference as proto
     monkeypatch.setattr(proto, "HEARTBEAT_S", 0.05)
-    monkeypatch.setattr(proto, "ARRIVAL_S", 0.3)
+    monkeypatch.setattr(proto, "ARRIVAL_S", 0.5)
+    monkeypatch.setattr(proto, "POLL_S", 0.01)
     stop = threading.Event()
     world = _FakeWorld(3, stop)
     books, models, ran = [QueryBook() for _ in range(3)], [ModelShares(4) for _ in range(3)], [[] for _ in range(3)]
@@ -197,21 +208,25 @@ def test_parties_run_queries_in_party_0s_order_and_refuse_together_what_one_lack
     second = send(3, (0, 1, 2))
     other = send(4, (0, 1, 2), model="m2")  # a model no party holds
     unannounced = send(5, (1, 2))
+    done_at = {}
+    for name, q in (("second", second[0]), ("partial", partial[0])):
+        q.result.add_done_callback(lambda _f, name=name: done_at.setdefault(name, time.monotonic()))
     threads = [threading.Thread(target=proto.serve_queries, args=(world.comm(r), r, books[r], models[r], run_for(r),
                                                                   stop)) for r in range(3)]
     for t in threads:
         t.start()
     try:
         assert [int(everyone[r].result.result(timeout=5)[0][0]) for r in range(3)] == [0, 1, 2]
+        second[0].result.result(timeout=5)
         for q in (partial[0], partial[1], other[0], other[2]):
             with pytest.raises(ProtocolError) as e:
                 q.result.result(timeout=5)
             assert e.value.code == "ABORTED"
-        second[0].result.result(timeout=5)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=5)
+    assert done_at["second"] < done_at["partial"] - 0.3  # answered at once, not after the incomplete one
     assert ran[0] == ran[1] == ran[2] == [1, 3]  # the same queries, in the same order, nothing refused ran
     assert not unannounced[1].result.done() and not unannounced[1].started.is_set()
 

@@ -2,9 +2,10 @@
 and the loop that runs them in the same order on every party.
 
 Every party must run the same CrypTen operations in the same order. Party 0 orders the queries: it
-broadcasts each query's header over the MPC world; the others find their share of the same query and all
-say (an all_gather of one bit each, not secret) whether they hold it and the model it names. Only if all do
-is the query evaluated; otherwise every party refuses it and the world stays in step. While no query
+broadcasts the headers of the oldest queries it holds (up to ``OFFERED``) over the MPC world, every party
+says for each (an all_gather, not secret) whether it holds its share of it and the model it names, and all
+run, in party 0's order, those that every party holds. A query that some party still lacks does not hold up
+those behind it: it is offered again until ``ARRIVAL_S`` after it was first offered, then refused by all. While no query
 waits, party 0 broadcasts a heartbeat, so the others' wait for the next message never times out.
 """
 
@@ -24,7 +25,11 @@ from securecollab.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20.0    # party 0's idle message: far below the MPC world's 120 s step timeout
-ARRIVAL_S = 10.0      # how long a party waits for its share of a query party 0 already holds
+ARRIVAL_S = 10.0      # how long a query party 0 holds is offered while some party still lacks its share
+OFFERED = 64          # queries party 0 offers at once (the oldest; a client has at most 8 waiting)
+POLL_S = 0.05         # party 0's pause before offering again queries that some party still lacks
+NOT_HELD, HELD, MISMATCH = 0, 1, 2  # what a party says of an offered query: it lacks it, holds it, holds it but
+#                                     for another model or input count than party 0's
 QUERY_WAIT_S = 120.0  # a query not run by then is answered DEADLINE_EXCEEDED
 SEEN_PER_CLIENT = 1 << 16  # query ids remembered per client, to refuse replays
 PENDING_PER_CLIENT = 8     # queries one client may have waiting: one client cannot take every server thread
@@ -81,6 +86,7 @@ class QueryBook:
         self._pending: OrderedDict[tuple[str, int], Query] = OrderedDict()
         self._seen: dict[str, deque] = {}
         self._seen_sets: dict[str, set] = {}
+        self._added = 0
 
     def add(self, q: Query) -> None:
         key = (q.client, q.query_id)
@@ -97,25 +103,26 @@ class QueryBook:
             if len(order) > SEEN_PER_CLIENT:
                 seen.discard(order.popleft())
             self._pending[key] = q
+            self._added += 1
             self._cond.notify_all()
 
-    def next_ready(self, timeout_s: float) -> Query | None:
-        """Party 0: the oldest waiting query, taken out of the book; None after ``timeout_s``."""
+    def oldest(self, limit: int, timeout_s: float, seen: int = -1) -> tuple[list[Query], int]:
+        """Party 0: the oldest ``limit`` queries waiting, left in the book, and the count of queries added so
+        far. Waits up to ``timeout_s`` for one, or, given the count ``seen`` of an earlier call, for one more."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending, timeout=timeout_s):
-                return None
-            q = self._pending.popitem(last=False)[1]
-            q.started.set()
-            return q
+            self._cond.wait_for(lambda: self._pending and self._added != seen, timeout=timeout_s)
+            return list(self._pending.values())[:limit], self._added
 
-    def claim(self, client: str, query_id: int, wait_s: float) -> Query | None:
-        """Parties 1..n-1: this party's share of the query party 0 announced (waiting for it to arrive)."""
-        key = (client, query_id)
+    def find(self, client: str, query_id: int) -> Query | None:
         with self._cond:
-            if not self._cond.wait_for(lambda: key in self._pending, timeout=wait_s):
-                return None
-            q = self._pending.pop(key)
-            q.started.set()
+            return self._pending.get((client, query_id))
+
+    def take(self, client: str, query_id: int) -> Query | None:
+        """The query, taken out of the book into the MPC (None if it is not here, or not any more)."""
+        with self._cond:
+            q = self._pending.pop((client, query_id), None)
+            if q is not None:
+                q.started.set()
             return q
 
     def forget(self, q: Query) -> bool:
@@ -141,35 +148,84 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
     ``run(query, model_share)`` evaluates one query in MPC and returns this party's answer share; ``comm`` is the
     MPC world's communicator (broadcast_obj, all_gather). An MpcError (a broken world) propagates."""
     import torch
+    first_offered: dict[tuple[str, int], float] = {}  # party 0: when each waiting query was first offered
+    seen = -1
     while not stop.is_set():
         if rank == 0:
-            q = book.next_ready(HEARTBEAT_S)
-            header = q.header() if q else {"idle": 1}
-            comm.broadcast_obj(header, 0)
+            waiting, added = book.oldest(OFFERED, HEARTBEAT_S if seen < 0 else POLL_S, seen)
+            now = time.monotonic()
+            first_offered = {(q.client, q.query_id): first_offered.get((q.client, q.query_id), now) for q in waiting}
+            offer = {"queries": [{**q.header(), "late": int(now - first_offered[q.client, q.query_id] > ARRIVAL_S)}
+                                 for q in waiting]} if waiting else {"idle": 1}
+            comm.broadcast_obj(offer, 0)
         else:
-            header = comm.broadcast_obj(None, 0)
-            if not isinstance(header, dict):
-                raise ProtocolError("INTERNAL", "party 0 sent a malformed query header")
-            q = None if "idle" in header else book.claim(str(header["client"]), int(header["query"]), ARRIVAL_S)
-        if "idle" in header:
+            offer = _checked_offer(comm.broadcast_obj(None, 0))
+        if "idle" in offer:
+            seen = -1
             continue
-        model = models.get(str(header["model"]))
-        ok = q is not None and model is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
-        flags = comm.all_gather(torch.tensor([int(ok)]))
-        missing = [i for i, f in enumerate(flags) if not int(f)]
-        if missing:
-            if q is not None:
-                q.result.set_exception(ProtocolError(
-                    "ABORTED", f"compute parties {missing} did not hold this query within {ARRIVAL_S:.0f}s of party 0 "
-                    "(or serve another model): send every party its share of the same query, and retry with a new "
-                    "query id"))
-            continue
-        t0 = time.perf_counter()
-        try:
-            share = run(q, model)
-        except BaseException as e:
-            q.result.set_exception(ProtocolError("UNAVAILABLE", f"the MPC failed ({type(e).__name__}); the compute "
-                                                 "parties form a new world: retry with a new query id"))
-            raise
-        q.result.set_result((share, time.perf_counter() - t0))
-        on_done()
+        headers = offer["queries"]
+        gathered = comm.all_gather(torch.tensor([_holds(book, models, h) for h in headers]))
+        columns = [[int(party[i]) for party in gathered] for i in range(len(headers))]
+        ready = [h for h, column in zip(headers, columns) if all(v == HELD for v in column)]
+        for header, column in zip(headers, columns):
+            if any(v != HELD for v in column) and (header["late"] or NOT_HELD not in column):
+                _refuse(book, header, [i for i, v in enumerate(column) if v != HELD])
+        for header in ready:  # in party 0's order, the same on every party
+            _run_one(comm, book, models, header, run)
+            on_done()
+        if rank == 0:  # nothing ready: wait for a new query, or for shares on their way, and offer again
+            seen = -1 if ready else added
+
+
+def _checked_offer(offer) -> dict:
+    """What party 0 broadcast, checked before anything of it is used."""
+    if isinstance(offer, dict) and offer.keys() == {"idle"}:
+        return offer
+    fields = {"client": str, "query": int, "n": int, "model": str, "late": int}
+    queries = offer.get("queries") if isinstance(offer, dict) else None
+    if not isinstance(queries, list) or not 1 <= len(queries) <= OFFERED or not all(
+            isinstance(h, dict) and h.keys() == fields.keys() and all(type(h[k]) is t for k, t in fields.items())
+            for h in queries):
+        raise ProtocolError("INTERNAL", "party 0 sent a malformed offer of queries")
+    return offer
+
+
+def _holds(book: QueryBook, models: ModelShares, header: dict) -> int:
+    q = book.find(header["client"], header["query"])
+    if q is None:
+        return NOT_HELD
+    same = models.get(header["model"]) is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
+    return HELD if same else MISMATCH
+
+
+def _refuse(book: QueryBook, header: dict, parties: list[int]) -> None:
+    """Every party drops a query that some party lacks (after ARRIVAL_S) or holds for another model."""
+    q = book.take(header["client"], header["query"])
+    if q is not None:
+        q.result.set_exception(ProtocolError(
+            "ABORTED", f"compute parties {parties} did not hold this query within {ARRIVAL_S:.0f}s of party 0 "
+            "(or serve another model): send every party its share of the same query, and retry with a new "
+            "query id"))
+
+
+def _run_one(comm, book: QueryBook, models: ModelShares, header: dict, run) -> None:
+    import torch
+    q = book.take(header["client"], header["query"])
+    model = models.get(header["model"])
+    # Held a moment ago, everywhere; checked again now that it is taken (it may have timed out meanwhile).
+    ok = q is not None and model is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
+    flags = comm.all_gather(torch.tensor([int(ok)]))
+    missing = [i for i, f in enumerate(flags) if not int(f)]
+    if missing:
+        if q is not None:
+            q.result.set_exception(ProtocolError("ABORTED", f"compute parties {missing} dropped this query as it "
+                                                 "was taken up: retry with a new query id"))
+        return
+    t0 = time.perf_counter()
+    try:
+        share = run(q, model)
+    except BaseException as e:
+        q.result.set_exception(ProtocolError("UNAVAILABLE", f"the MPC failed ({type(e).__name__}); the compute "
+                                             "parties form a new world: retry with a new query id"))
+        raise
+    q.result.set_result((share, time.perf_counter() - t0))
