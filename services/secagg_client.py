@@ -67,18 +67,9 @@ def upload(client_id: str, round_: int, vector: np.ndarray, party_stubs: list, p
     for i, (stub, share) in enumerate(zip(party_stubs, shares)):
         if drop == "partial_upload" and i == 1:
             os._exit(3)  # reached only party 0
-        try:
-            stub.SubmitShare(share_messages(client_id, round_, share, limit_chunks=0 if drop == "mid_upload" and
-                                            share.dense is not None else None),
-                             timeout=DEFAULT_DEADLINE_S, wait_for_ready=True)  # a restarting party gets a minute
-        except grpc.RpcError as e:
-            # This client sends a party one share a round, so a share the party holds already is this one: an
-            # attempt that landed but whose answer was lost, which gRPC sent again (after UNAVAILABLE, e.g. a
-            # party restarting with its saved shares). It is with that party: go on.
-            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            log.info("%s: party %d already holds this client's share for round %d (%s)", client_id, i, round_,
-                     e.details())
+        stub.SubmitShare(share_messages(client_id, round_, share,
+                                        limit_chunks=0 if drop == "mid_upload" and share.dense is not None else None),
+                         timeout=DEFAULT_DEADLINE_S, wait_for_ready=True)  # a restarting party gets a minute
 
 
 def run_client(target: str, client_id: str, index: int, *, tls: TlsFiles, server_name: str | None = None,
