@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 20.0    # party 0's idle message: far below the MPC world's 120 s step timeout
 ARRIVAL_S = 10.0      # how long a query party 0 holds is offered while some party still lacks its share
 OFFERED = 64          # queries party 0 offers at once (the oldest; a client has at most 8 waiting)
-POLL_S = 0.05         # party 0's pause before offering again queries that some party still lacks
+POLL_S = 0.05         # party 0's longest pause before offering again queries that some party still lacks
+FIRST_POLL_S = 0.002  # its first pause (doubled at each offer that runs nothing): a share is usually a moment late
 NOT_HELD, HELD, MISMATCH = 0, 1, 2  # what a party says of an offered query: it lacks it, holds it, holds it but
 #                                     for another model or input count than party 0's
 QUERY_WAIT_S = 120.0  # a query not run by then is answered DEADLINE_EXCEEDED
@@ -149,10 +150,10 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
     MPC world's communicator (broadcast_obj, all_gather). An MpcError (a broken world) propagates."""
     import torch
     first_offered: dict[tuple[str, int], float] = {}  # party 0: when each waiting query was first offered
-    seen = -1
+    seen, pause = -1, FIRST_POLL_S
     while not stop.is_set():
         if rank == 0:
-            waiting, added = book.oldest(OFFERED, HEARTBEAT_S if seen < 0 else POLL_S, seen)
+            waiting, added = book.oldest(OFFERED, HEARTBEAT_S if seen < 0 else pause, seen)
             now = time.monotonic()
             first_offered = {(q.client, q.query_id): first_offered.get((q.client, q.query_id), now) for q in waiting}
             offer = {"queries": [{**q.header(), "late": int(now - first_offered[q.client, q.query_id] > ARRIVAL_S)}
@@ -161,7 +162,7 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
         else:
             offer = _checked_offer(comm.broadcast_obj(None, 0))
         if "idle" in offer:
-            seen = -1
+            seen, pause = -1, FIRST_POLL_S
             continue
         headers = offer["queries"]
         gathered = comm.all_gather(torch.tensor([_holds(book, models, h) for h in headers]))
@@ -174,7 +175,7 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
             _run_one(comm, book, models, header, run)
             on_done()
         if rank == 0:  # nothing ready: wait for a new query, or for shares on their way, and offer again
-            seen = -1 if ready else added
+            seen, pause = (-1, FIRST_POLL_S) if ready else (added, min(2 * pause, POLL_S))
 
 
 def _checked_offer(offer) -> dict:
@@ -182,7 +183,7 @@ def _checked_offer(offer) -> dict:
     if isinstance(offer, dict) and offer.keys() == {"idle"}:
         return offer
     fields = {"client": str, "query": int, "n": int, "model": str, "late": int}
-    queries = offer.get("queries") if isinstance(offer, dict) else None
+    queries = offer.get("queries") if isinstance(offer, dict) and offer.keys() == {"queries"} else None
     if not isinstance(queries, list) or not 1 <= len(queries) <= OFFERED or not all(
             isinstance(h, dict) and h.keys() == fields.keys() and all(type(h[k]) is t for k, t in fields.items())
             for h in queries):
