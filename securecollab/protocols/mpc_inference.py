@@ -5,8 +5,9 @@ Every party must run the same CrypTen operations in the same order. Party 0 orde
 broadcasts the headers of the oldest queries it holds (up to ``OFFERED``) over the MPC world, every party
 says for each (an all_gather, not secret) whether it holds its share of it and the model it names, and all
 run, in party 0's order, those that every party holds. A query that some party still lacks does not hold up
-those behind it: it is offered again until ``ARRIVAL_S`` after it was first offered, then refused by all. While no query
-waits, party 0 broadcasts a heartbeat, so the others' wait for the next message never times out.
+those behind it: it is offered again until ``ARRIVAL_S`` after it was first offered, then refused by all.
+While no query waits, party 0 broadcasts a heartbeat, so the others' wait for the next message never times
+out.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Query:
     share: np.ndarray  # this party's share of the inputs, flat int64
     result: Future = field(default_factory=Future)
     started: threading.Event = field(default_factory=threading.Event)  # taken into the MPC
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.client, self.query_id
 
     def header(self) -> dict:
         return {"client": self.client, "query": self.query_id, "n": self.num_inputs, "model": self.model_id}
@@ -90,7 +95,7 @@ class QueryBook:
         self._added = 0
 
     def add(self, q: Query) -> None:
-        key = (q.client, q.query_id)
+        key = q.key
         with self._cond:
             seen = self._seen_sets.setdefault(q.client, set())
             if q.query_id in seen:
@@ -131,7 +136,7 @@ class QueryBook:
         with self._cond:
             if q.started.is_set():
                 return False
-            self._pending.pop((q.client, q.query_id), None)
+            self._pending.pop(q.key, None)
             return True
 
     def fail_all(self, code: str, message: str) -> None:
@@ -155,8 +160,8 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
         if rank == 0:
             waiting, added = book.oldest(OFFERED, HEARTBEAT_S if seen < 0 else pause, seen)
             now = time.monotonic()
-            first_offered = {(q.client, q.query_id): first_offered.get((q.client, q.query_id), now) for q in waiting}
-            offer = {"queries": [{**q.header(), "late": int(now - first_offered[q.client, q.query_id] > ARRIVAL_S)}
+            first_offered = {q.key: first_offered.get(q.key, now) for q in waiting}
+            offer = {"queries": [{**q.header(), "late": int(now - first_offered[q.key] > ARRIVAL_S)}
                                  for q in waiting]} if waiting else {"idle": 1}
             comm.broadcast_obj(offer, 0)
         else:
@@ -195,8 +200,12 @@ def _holds(book: QueryBook, models: ModelShares, header: dict) -> int:
     q = book.find(header["client"], header["query"])
     if q is None:
         return NOT_HELD
-    same = models.get(header["model"]) is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
-    return HELD if same else MISMATCH
+    return HELD if _matches(q, models.get(header["model"]), header) else MISMATCH
+
+
+def _matches(q: Query | None, model_share: np.ndarray | None, header: dict) -> bool:
+    """This party holds the query party 0 offered, for the same input count and the model it serves now."""
+    return q is not None and model_share is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
 
 
 def _refuse(book: QueryBook, header: dict, parties: list[int]) -> None:
@@ -214,8 +223,7 @@ def _run_one(comm, book: QueryBook, models: ModelShares, header: dict, run) -> N
     q = book.take(header["client"], header["query"])
     model = models.get(header["model"])
     # Held a moment ago, everywhere; checked again now that it is taken (it may have timed out meanwhile).
-    ok = q is not None and model is not None and q.num_inputs == header["n"] and q.model_id == header["model"]
-    flags = comm.all_gather(torch.tensor([int(ok)]))
+    flags = comm.all_gather(torch.tensor([int(_matches(q, model, header))]))
     missing = [i for i, f in enumerate(flags) if not int(f)]
     if missing:
         if q is not None:
