@@ -211,16 +211,19 @@ def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | N
     received = read_queries(load_transcript(work / "transcripts" / f"{CLIENT}.jsonl"), "candidates").answers
     correct = (received == cand.labels).astype(np.float64)   # higher means member
     # the evaluator's comparison, not the attacker's view: the loss attack on the same model's logits
-    logits_scores = loss_scores(predict_logits(model, cand.queries), cand.labels)
+    plain_logits = predict_logits(model, cand.queries)
+    logits_scores = loss_scores(plain_logits, cand.labels)
     logits_metrics = membership_metrics(logits_scores, cand.is_member, seed=seed)
     member_acc, other_acc = float(correct[cand.is_member].mean()), float(correct[~cand.is_member].mean())
     extra = {"score": "label correct (0-1 loss, label only)", "enforced": True, "queries": len(cand.idx),
              "member_accuracy": member_acc, "non_member_accuracy": other_acc, "advantage": member_acc - other_acc,
-             "logits_loss_auc": logits_metrics["auc"], "logits_loss_auc_ci": logits_metrics["auc_ci"]}
+             "logits_loss_auc": logits_metrics["auc"], "logits_loss_auc_ci": logits_metrics["auc_ci"],
+             "plaintext_label_agreement": float((received == plain_logits.argmax(1)).mean())}
     rows = attack_rows({"loss": correct}, cand.is_member, protocol="mpc_inference", adversary="mpc-client",
                        extra_metrics=extra, seed=seed,
                        notes="labels read from the client's transcript (the deployment returns labels only); "
-                             "logits_loss_auc: the loss attack on the same model's logits, in the clear")
+                             "logits_loss_auc: the loss attack on the same model's logits, in the clear; "
+                             "plaintext_label_agreement: the labels that equal its plaintext argmax")
     progress(f"MPC label-only: AUC {rows[0]['metrics']['auc']:.3f}, advantage {member_acc - other_acc:.3f} "
              f"(the same model's logits: loss AUC {logits_metrics['auc']:.3f})")
     return rows
