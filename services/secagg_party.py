@@ -79,8 +79,12 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
             dense = from_wire(payload, self.share_bits)
             share = Share(party=h.party, dense=dense, length=h.length, bits=self.share_bits)
             record = {"tensors": {"share": dense}}
-        held = self.store.put(h.client_id, h.round, share)
-        self.transcript.record(Kind.SHARE, round=h.round, sender=h.client_id, meta={"length": h.length}, **record)
+        held, fresh = self.store.put(h.client_id, h.round, share)
+        if fresh:  # a resent copy is neither a second share nor a second record
+            self.transcript.record(Kind.SHARE, round=h.round, sender=h.client_id, meta={"length": h.length},
+                                   **record)
+        else:
+            log.info("%s sent its share for round %d again (the same bytes); acknowledged", h.client_id, h.round)
         return pb.ShareAck(round=h.round, held=held)
 
     @rpc_errors

@@ -26,6 +26,7 @@ from securecollab.net.wire import decode_named, encode_tensor, iter_chunks
 from securecollab.plans import FedAvgPlan, SecAggPlan
 from securecollab.runs.training import start_secagg_servers
 from securecollab.secagg.sharing import Share, encode_fixed, split_shares, to_wire
+from securecollab.transcript import Kind, load_transcript
 from securecollab.updates import apply_aggregate
 from services.secagg_client import share_messages
 
@@ -108,13 +109,16 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     params0 = decode_named(start.params)
     size = sum(a.size for _, a in params0)
     rng = np.random.default_rng(7)
-    accepted = {}
+    accepted, sent = {}, {}
     for cid in ("client-0", "client-1"):  # two honest uploads, before any bad input
         vec = np.concatenate([rng.normal(0, 0.01, size), [1.0]])
         accepted[cid] = vec
-        for i, share in enumerate(shares_of(vec)):
+        sent[cid] = shares_of(vec)
+        for i, share in enumerate(sent[cid]):
             ack = fed.party(cid, i).SubmitShare(share_messages(cid, 0, share), timeout=60)
             assert ack.held == len(accepted)
+    for i, share in enumerate(sent["client-0"]):  # the same upload again, as gRPC resends one whose answer was lost
+        assert fed.party("client-0", i).SubmitShare(share_messages("client-0", 0, share), timeout=60).held == 2
     length = size + 1
     word = bits // 8
     good = to_wire(shares_of(np.zeros(length))[0].dense, bits)
@@ -162,8 +166,8 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
                                     grpc.StatusCode.INVALID_ARGUMENT, "party 1"),
         "length unlike the round's": (p0, [header(length=length - 1), *chunks(good[:-word])],
                                       grpc.StatusCode.INVALID_ARGUMENT, "differs"),
-        "duplicate submission": (as_client_0, [header("client-0", length=length), *chunks(good)],
-                                 grpc.StatusCode.ALREADY_EXISTS, "already sent"),
+        "a second, different share": (as_client_0, [header("client-0", length=length), *chunks(good)],
+                                      grpc.StatusCode.ALREADY_EXISTS, "already sent .* different"),
     }
     for name, (stub, msgs, want, pattern) in party_cases.items():
         code, details = code_of(stub.SubmitShare, iter(msgs), timeout=60)
@@ -230,6 +234,11 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     got = dict(decode_named(nxt.params))
     for name, w in want:  # nothing altered: exactly the two accepted updates, averaged
         np.testing.assert_allclose(got[name], w, rtol=0, atol=4 * 2.0 ** -16, err_msg=name)
+    # each party recorded client-0's share once, the one first sent (the resent copy is not a second record)
+    for i, share in enumerate(sent["client-0"]):
+        records = [r for r in load_transcript(fed.group.log_dir.parent / "transcripts" / f"party-{i}.jsonl"
+                                              ).of_kind(Kind.SHARE) if r.sender == "client-0" and r.round == 0]
+        assert len(records) == 1 and np.array_equal(records[0].tensors["share"], share.dense)
     # round 0 is closed now: a late share or report for it is stale
     stale = shares_of(np.zeros(length))[0]
     code, details = code_of(lambda: p0.SubmitShare(share_messages("client-2", 0, stale), timeout=30))

@@ -16,7 +16,7 @@ def _share(party=0, n=4, value=1):
 
 def test_store_refuses_unknown_client_wrong_party_duplicate_and_stale_round():
     store = ShareStore(0, ["client-0", "client-1"])
-    assert store.put("client-0", 0, _share()) == 1
+    assert store.put("client-0", 0, _share()) == (1, True)
     cases = [("client-9", 0, _share(), "NOT_FOUND"),
              ("client-1", 0, _share(party=1), "INVALID_ARGUMENT"),
              ("client-0", 0, _share(value=7), "ALREADY_EXISTS"),
@@ -31,6 +31,27 @@ def test_store_refuses_unknown_client_wrong_party_duplicate_and_stale_round():
     with pytest.raises(ProtocolError) as e:
         store.put("client-0", 0, _share())
     assert e.value.code == "FAILED_PRECONDITION"  # round 0 is closed: a replay is refused
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_store_takes_the_very_share_it_holds_again_and_refuses_any_other(seeded):
+    """An upload whose answer was lost comes again, bit for bit: acknowledged, held once. Another share from
+    that client (a restarted client's fresh sharing) is refused, and the first stays."""
+    def share(b):
+        return Share(party=1, seed=bytes([b]) * 32, length=4) if seeded else _share(party=1, value=b)
+    store = ShareStore(1, ["client-0", "client-1"])
+    assert store.put("client-0", 2, share(5)) == (1, True)
+    assert store.put("client-0", 2, share(5)) == (1, False)
+    with pytest.raises(ProtocolError, match="a different one") as e:
+        store.put("client-0", 2, share(6))
+    assert e.value.code == "ALREADY_EXISTS"
+    with pytest.raises(ProtocolError) as e:  # the same bytes for another length is not the same share
+        store.put("client-0", 2, Share(party=1, seed=bytes([5]) * 32, length=5) if seeded
+                  else _share(party=1, n=5, value=5))
+    assert e.value.code in ("ALREADY_EXISTS", "INVALID_ARGUMENT")
+    assert store.put("client-1", 2, share(7)) == (2, True)
+    (first, _other) = store.take(2, ["client-0", "client-1"])
+    assert np.array_equal(first, share(5).expand())
 
 
 def test_store_take_refuses_a_client_it_does_not_hold():

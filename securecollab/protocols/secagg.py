@@ -31,7 +31,13 @@ class ShareStore:
         self._shares: dict[int, dict[str, Share]] = {}
         self._lock = threading.Lock()
 
-    def put(self, client_id: str, round_: int, share: Share) -> int:
+    def put(self, client_id: str, round_: int, share: Share) -> tuple[int, bool]:
+        """Holds ``share``; returns (shares held for the round, whether this one is new).
+
+        The very share held already is taken again without effect: an upload whose answer was lost, sent
+        again (gRPC retries after UNAVAILABLE). Any other share from a client that has one is refused: a
+        client restarted mid-upload makes a fresh sharing, whose other shares would not add up with this one.
+        """
         if client_id not in self.client_ids:
             raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
         if share.party != self.party:
@@ -41,13 +47,16 @@ class ShareStore:
                 raise ProtocolError("FAILED_PRECONDITION", f"round {round_} is already aggregated")
             held = self._shares.setdefault(round_, {})
             if client_id in held:
-                raise ProtocolError("ALREADY_EXISTS", f"{client_id} already sent its share for round {round_}")
+                if held[client_id].same_as(share):
+                    return len(held), False
+                raise ProtocolError("ALREADY_EXISTS", f"{client_id} already sent its share for round {round_} "
+                                    "(a different one)")
             lengths = {s.length for s in held.values()}
             if lengths and share.length not in lengths:
                 raise ProtocolError("INVALID_ARGUMENT",
                                     f"share length {share.length} differs from this round's {lengths.pop()}")
             held[client_id] = share
-            return len(held)
+            return len(held), True
 
     def held(self, round_: int) -> list[str]:
         with self._lock:

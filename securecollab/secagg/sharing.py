@@ -182,6 +182,14 @@ class Share:
         elif self.length != self.dense.size:
             raise ValueError(f"dense share has {self.dense.size} elements, length says {self.length}")
 
+    def same_as(self, other: "Share") -> bool:
+        """The same share, bit for bit: the same party, ring and length, and the same seed or vector."""
+        if (self.party, self.bits, self.length) != (other.party, other.bits, other.length):
+            return False
+        if self.seed is not None or other.seed is not None:
+            return self.seed == other.seed
+        return bool(np.array_equal(self.dense, other.dense))
+
     def expand(self) -> np.ndarray:
         """The share as a vector of the ring (a seed is expanded with prg_words)."""
         return self.dense if self.dense is not None else prg_words(self.seed, self.length, self.bits)
