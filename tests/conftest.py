@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from securecollab.net.certs import TlsFiles, make_certs
@@ -25,6 +26,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # or OpenMP's spinning threads (torch, scikit-learn) oversubscribe them: one test ran 15x slower so.
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
+    # Each worker (and every process it starts) picks the ports of its services from a part of the range of
+    # its own: one worker's port, chosen but not yet bound by a service still starting, is not the other's.
+    from securecollab.runs.training import PORT_SLICE_ENV
+    _worker = os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")
+    _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    if _worker.isdigit() and _workers.isdigit():
+        os.environ.setdefault(PORT_SLICE_ENV, f"{int(_worker) % int(_workers)}/{_workers}")
+
+# Hypothesis fails an example that takes over 200 ms: timing is no property of the code under test, and one
+# stall of this shared 2-core machine would fail the run. Tests that bound the time per example say so.
+hypothesis.settings.register_profile("securecollab", deadline=None)
+hypothesis.settings.load_profile("securecollab")
 
 PARTIES = ["aggregator", "client-0", "client-1", "client-2", "client-3", "server:party", "client-x:client"]
 

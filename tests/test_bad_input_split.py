@@ -398,6 +398,9 @@ def test_bad_input_split_await_turn_past_its_deadline_leaves_no_waiter(split):
         with pytest.raises(grpc.RpcError):
             c1.AwaitTurn(request, timeout=0.0005 + i * 0.0001)
     time.sleep(0.3)
+    settled = time.monotonic() + 5.0  # their handlers leave a moment after each deadline fires
+    while s.state._waiting and time.monotonic() < settled:
+        time.sleep(0.01)
     code, details = refusal(c1.AwaitTurn, request, timeout=0.5)
     assert code == SC.DEADLINE_EXCEEDED, details  # not ALREADY_EXISTS: no earlier call is still waiting
     # this last call's own handler leaves a moment after the client's deadline fires: give it a second

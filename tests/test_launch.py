@@ -17,6 +17,23 @@ def test_free_ports_are_below_the_ephemeral_range_and_never_repeat():
     assert len(set(ports)) == 50 and all(1024 <= p < low for p in ports)
 
 
+def test_launchers_side_by_side_draw_ports_from_parts_of_their_own(monkeypatch):
+    """SECURECOLLAB_PORT_SLICE=i/n (the test workers set it): the i-th of n disjoint parts of the range."""
+    from securecollab.runs.training import PORT_SLICE_ENV, port_range
+    monkeypatch.delenv(PORT_SLICE_ENV, raising=False)
+    whole = port_range()
+    parts = []
+    for i in range(3):
+        monkeypatch.setenv(PORT_SLICE_ENV, f"{i}/3")
+        parts.append(port_range())
+        assert all(parts[-1][0] <= free_port() < parts[-1][1] for _ in range(20))
+    assert whole[0] == parts[0][0] and parts[0][1] == parts[1][0] and parts[1][1] == parts[2][0] <= whole[1]
+    assert parts[2][1] - parts[0][0] > 0.99 * (whole[1] - whole[0])
+    for bad in ("3/3", "x/2", "1"):  # not a part: the whole range
+        monkeypatch.setenv(PORT_SLICE_ENV, bad)
+        assert port_range() == whole
+
+
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -123,6 +124,25 @@ def _costs(overall: dict, parties: list[dict]) -> dict:
 
 
 _HANDED_OUT: set[int] = set()
+PORT_SLICE_ENV = "SECURECOLLAB_PORT_SLICE"  # "i/n": draw from the i-th of n equal parts of the range
+
+
+def port_range() -> tuple[int, int]:
+    """[low, high) of the ports :func:`free_port` draws from: the 12,000 below the kernel's ephemeral range,
+    or the part of them that ``SECURECOLLAB_PORT_SLICE=i/n`` names (launchers that run side by side, like
+    parallel test workers, each take their own part: a port one has chosen but not yet bound is then
+    never the other's choice)."""
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        high = 32768
+    low = max(1024, high - 12000)
+    part, _, parts = os.environ.get(PORT_SLICE_ENV, "").partition("/")
+    if part.isdigit() and parts.isdigit() and int(part) < int(parts):
+        span = (high - low) // int(parts)
+        low += int(part) * span
+        high = low + span
+    return low, high
 
 
 def free_port() -> int:
@@ -134,13 +154,10 @@ def free_port() -> int:
     twice from one process."""
     import random
     import socket
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+    low, high = port_range()
     pick = random.SystemRandom()
     for _ in range(500):
-        port = pick.randrange(max(1024, low - 12000), low)
+        port = pick.randrange(low, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
