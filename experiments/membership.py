@@ -186,11 +186,13 @@ def he_rows(out_dir: Path, *, seed: int, n_shadows: int, progress, curves: dict,
     return rows
 
 
-def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | None = None) -> list[dict]:
+def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | None = None,
+             model=None) -> list[dict]:
     """The label-only gap attack on labels a client received from a label-only MPC deployment (no figure: its
     ROC is one point, the row's member and non-member accuracies).
 
-    ``plan``: the served model (default MpcInferencePlan(seed), label output); ``per_side`` as in :func:`he_rows`.
+    ``plan``: the served model (default MpcInferencePlan(seed), label output); ``per_side`` as in :func:`he_rows`;
+    ``model``: the owner's trained model (by default trained here from a secret seed, as an owner would).
     """
     from securecollab.plans import MpcInferencePlan
     from securecollab.runs.mpc_inference import CLIENT, client, deployment, infer_all, prepare
@@ -202,7 +204,7 @@ def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | N
         raise ValueError("mpc_rows attacks a label-only deployment (output='label')")
     work = out_dir / "mpc_membership"
     progress(f"MPC model ({plan.model}, {plan.activation}) and a label-only deployment ...")
-    model, ds, certs = prepare(plan, work)
+    model, ds, certs = prepare(plan, work, model)
     cand = Candidates.of_dataset(ds, seed, per_side)
     with deployment(plan, work, model, certs) as targets, client(targets, certs, work, CLIENT) as c:
         progress(f"{len(cand.idx)} secret-shared queries, labels only ...")
