@@ -6,7 +6,8 @@
 #   3. build the project image (deploy/Dockerfile; wheels from WHEELS_DIR served over HTTP);
 #   4. run deploy/docker-compose.yml: encrypted inference (and its demo page), model-private inference
 #      (3 compute parties with their own dealer on their own network; the owner uploads shares of its
-#      model, a client sends MPC_COUNT test images in one batched query and gets labels only), a
+#      model, a client sends MPC_COUNT test images in one batched query and gets labels only; party 1 is
+#      restarted and all answer again from the shares on their state volumes), a
 #      split-learning epoch, then FedAvg over secure aggregation during which compute party 1 is
 #      stopped mid-round and restarted, then the coordinator is killed and started again (it resumes
 #      its saved rounds); every step is checked;
@@ -100,10 +101,18 @@ wait_exit() {  # wait_exit CONTAINER TIMEOUT: its exit code must be 0
 }
 wait_log() {  # wait_log SERVICE PATTERN TIMEOUT
     local deadline=$((SECONDS + $3))
-    until compose logs --no-color "$1" 2>/dev/null | grep -q "$2"; do
+    # grep reads all of it: -q would stop at the first match, and under pipefail compose's SIGPIPE fails the test
+    until compose logs --no-color "$1" 2>/dev/null | grep "$2" >/dev/null; do
         [ "$SECONDS" -lt "$deadline" ] || fail "$1 did not log '$2' within $3 s"
         [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")")" = true ] || fail "$1 exited before logging '$2'"
         sleep 0.5
+    done
+}
+wait_healthy() {  # wait_healthy SERVICE TIMEOUT: its health check passes
+    local deadline=$((SECONDS + $2))
+    until [ "$(docker inspect -f '{{.State.Health.Status}}' "$(cid "$1")" 2>/dev/null)" = healthy ]; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "$1 not healthy within $2 s"
+        sleep 2
     done
 }
 collect() { rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"; docker cp "$(cid certs):/results" "$OUT"; }
@@ -169,6 +178,24 @@ assert owner["parties"] == 3 and owner["output"] == "label" and r["output"] == "
 assert len(r["predictions"]) == n and r["accuracy"] >= 0.8, r["accuracy"]
 assert "labels" in kinds and "logits" not in kinds, kinds  # a label deployment: the client never sees logits
 assert all("share" in k and not k & {"labels", "logits"} for k in party_kinds.values()), party_kinds
+EOF
+say "model-private inference: compute party 1 restarted; the parties form a new world and serve from their state volumes"
+model_id=$(OWNER=$owner python3 -c 'import json, os; print(json.loads(os.environ["OWNER"])["model_id"])')
+compose restart infer-party-1 >/dev/null 2>&1
+for i in 0 1 2; do  # each party started again (a broken world sends the others out too) and read its share back
+    wait_log "infer-party-$i" "holds model $model_id again" 300
+    wait_healthy "infer-party-$i" 300
+done
+compose run --rm --no-deps --entrypoint rm mpc-client -f /results/mpc/infer_client-0.json >/dev/null 2>&1
+compose up -d --no-deps --force-recreate mpc-client >/dev/null 2>&1  # no new upload: mpc-owner is not run
+wait_exit "$(cid mpc-client)" 300
+[ "$(compose logs --no-color mpc-owner | grep -c '{"model_id"')" = 1 ] || fail "mpc-owner uploaded again"
+collect
+check <<'EOF'
+import json, os, sys
+r = json.load(open(f"{sys.argv[1]}/mpc/infer_client-0.json"))
+print(f"  MPC after the restart: {len(r['predictions'])} images, accuracy {r['accuracy']:.3f}, with no new upload")
+assert len(r["predictions"]) == int(os.environ["MPC_COUNT"]) and r["accuracy"] >= 0.8, r["accuracy"]
 EOF
 compose rm -sf mpc-client mpc-owner infer-party-0 infer-party-1 infer-party-2 infer-dealer >/dev/null 2>&1
 say "model-private inference: done in $((SECONDS - mpc_started)) s; its services removed"

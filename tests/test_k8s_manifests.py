@@ -620,3 +620,24 @@ def test_locked_down_containers():
 def test_party_resources():
     (c,) = _one("StatefulSet", "party")["spec"]["template"]["spec"]["containers"]
     assert c["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+
+
+def test_each_inference_party_keeps_its_model_share_on_a_volume_of_its_own():
+    """`serve mpc --state DIR`: a party started again (its world broke, its pod moved) reads its share back.
+    DIR must be a volume only that party mounts: on the shared results volume every party could read the
+    others' shares, and together they are the model."""
+    sts = _one("StatefulSet", "infer-party")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    state = _value(_argv(container), "--state")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state]
+    assert mount["name"] in {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
+    services = COMPOSE["services"]
+    owners: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            owners.setdefault(volume.split(":")[0], set()).add(name)
+    for i in range(3):
+        service = services[f"infer-party-{i}"]
+        state = _value(_compose_command(service), "--state")
+        (volume,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == state]
+        assert volume in COMPOSE["volumes"] and owners[volume] == {f"infer-party-{i}"}, (volume, owners[volume])

@@ -229,6 +229,49 @@ def test_parties_agree_on_the_world_when_a_peer_restarts_while_it_forms(certs):
             server.stop(grace=None)
 
 
+def test_a_message_its_sender_gave_up_on_does_not_break_the_next_world(certs):
+    """A party restarted: a peer's message of the old world reaches the new process before its world forms,
+    and waits. Its sender gives up (its deadline; or it exits to rejoin); once the new world forms, that
+    message must count for nothing. (It broke each new world in turn in the container test.)"""
+    d, _ = certs
+    server, servicer = start_endpoint(1, 3, False, tls(d, "party-1"), port=0, host="127.0.0.1")
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # party 0, still in the old world, sends; nobody takes it
+            stub_as(d, "party-0", server.port, name="party-1").Deliver(
+                iter(object_frames(WORLD, 7, "old world")), timeout=1)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        threading.Event().wait(0.5)  # the endpoint saw the sender go
+        servicer.inbox.open(bytes([1]) * 32)  # the new world forms
+        threading.Event().wait(0.5)
+        assert servicer.inbox.broken is None and not any(servicer.inbox.pending.values())
+        stub_as(d, "party-0", server.port, name="party-1").Deliver(
+            iter(object_frames(bytes([1]) * 32, 0, "new world")), timeout=5)
+        assert servicer.inbox.take(0, 5, is_object=True) == "new world"
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_party_waiting_for_its_message_to_be_taken_stops_when_the_world_breaks():
+    """A message to a peer that left may wait out its whole deadline (minutes); the party must not: while
+    it waits, the world's other parties, started again at once, cannot form the next world without it."""
+    import time
+    from concurrent.futures import Future
+
+    from securecollab.secagg.grpc_comm import wait_sent
+    from securecollab.secagg.mpc_net import Inbox, World
+    world = World(0, 2, WORLD, {}, Inbox(0, 2))
+    threading.Timer(0.3, world.inbox.break_world, args=("party-1 restarted",)).start()
+    started = time.monotonic()
+    with pytest.raises(MpcError, match="party-1 restarted"):
+        wait_sent(world, [Future()], timeout_s=60)
+    assert time.monotonic() - started < 5
+    done = Future()
+    done.set_result(None)
+    wait_sent(world, [done], timeout_s=1)  # answered messages: no wait, even in a broken world
+    with pytest.raises(TimeoutError):
+        wait_sent(World(0, 2, WORLD, {}, Inbox(0, 2)), [Future()], timeout_s=0.3)
+
+
 def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(certs):
     d, other = certs
     server = make_server(tls=tls(d, "dealer"), port=0, host="127.0.0.1")

@@ -9,15 +9,37 @@ go through :mod:`securecollab.secagg.mpc_objects`, never pickle. Install with
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
+
 import torch
 from torch.distributed import ReduceOp
 
 from securecollab.secagg.crypten_compat import load_crypten
-from securecollab.secagg.mpc_net import World, object_frames, tensor_frames
+from securecollab.secagg.mpc_net import MpcError, World, object_frames, tensor_frames
 
 crypten = load_crypten()
 from crypten.communicator import Communicator  # noqa: E402  (after the torch-compatibility patches)
 from crypten.communicator.communicator import _logging  # noqa: E402
+
+
+BROKEN_POLL_S = 0.2  # how often a party waiting for its message to be taken looks whether the world broke
+
+
+def wait_sent(world: World, futures, timeout_s: float) -> None:
+    """Wait until each message was taken; MpcError as soon as the world is broken. A message to a peer that
+    left may wait out its deadline to fail, and meanwhile this party would keep the world's other parties,
+    which start again at once, out of the next world."""
+    deadline = time.monotonic() + timeout_s
+    for f in futures:
+        while not f.done():
+            if world.inbox.broken:
+                raise MpcError(world.inbox.broken)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"a message was not taken within {timeout_s:.0f}s")
+            concurrent.futures.wait([f], timeout=min(left, BROKEN_POLL_S))
+        f.result()
 
 
 class _Done:
@@ -90,8 +112,7 @@ class GrpcCommunicator(Communicator):
         return self.world.inbox.take(src, self.world.step_timeout_s, like=like)
 
     def _sent(self, futures) -> None:
-        for f in futures:
-            f.result(timeout=self.world.step_timeout_s + 5)
+        wait_sent(self.world, futures, self.world.step_timeout_s + 5)
 
     def _others(self):
         return [j for j in range(self.world_size) if j != self.rank]

@@ -150,10 +150,20 @@ class Inbox:
                 log.error("MPC world broken: %s", reason)
             self.cond.notify_all()
 
-    def put(self, src: int, world: bytes, seq: int, value, wait_s: float) -> None:
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def put(self, src: int, world: bytes, seq: int, value, wait_s: float, sender_waits=lambda: True) -> None:
+        """Take message ``seq`` of peer ``src``; ``sender_waits``: whether its sender still waits for the answer
+        (call :meth:`notify` when that changes)."""
         with self.cond:
             # a faster peer may finish forming the world (and send) before this party has
-            self.cond.wait_for(lambda: self.world is not None or self.broken, timeout=wait_s)
+            self.cond.wait_for(lambda: self.world is not None or self.broken or not sender_waits(), timeout=wait_s)
+            if not sender_waits():
+                # It gave up (its deadline, or its process, ended while this party formed its world): the
+                # message counts for nothing, and arriving in a later world it must not break that world.
+                raise ProtocolError("CANCELLED", f"{party_name(src)} no longer waits for message {seq}")
             if self.world is None:
                 raise ProtocolError("UNAVAILABLE", "this party has not joined an MPC world yet")
             if world != self.world:
@@ -235,7 +245,8 @@ class MpcPeerServicer(pb_grpc.MpcPeerServicer):
             except (WireError, ObjectError) as e:
                 self.inbox.break_world(f"{party_name(src)} sent a malformed message: {e}")
                 raise ProtocolError("INVALID_ARGUMENT", str(e)) from None
-            self.inbox.put(src, world, seq, value, wait_s=self.form_timeout_s)
+            context.add_callback(self.inbox.notify)  # a sender that gives up ends the wait in put
+            self.inbox.put(src, world, seq, value, wait_s=self.form_timeout_s, sender_waits=context.is_active)
         except ProtocolError as e:
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
         return pb.MpcAck()
