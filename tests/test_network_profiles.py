@@ -146,3 +146,25 @@ def test_bench_split_cli_on_the_uplink_profile(tmp_path):
     assert r["split"]["accuracy"] == pytest.approx(r["centralized"]["accuracy"], abs=1e-6)
     assert r["latency_model"]["steps_per_epoch"] > 0 and r["ratio"]["epoch_wall_with_rtt"] > r["ratio"]["epoch_wall"]
     assert "network uplink" in " ".join(proc.stderr.split())  # progress and notes go to stderr
+
+
+def test_bench_mpc_inference_on_the_lan_profile_runs_each_party_and_the_dealer_on_its_own_host(tmp_path):
+    from cryptography import x509
+
+    from securecollab.bench.mpc_inference import bench_mpc_inference
+    from securecollab.plans import MpcInferencePlan
+    r = bench_mpc_inference(MpcInferencePlan(model="mlp", epochs=5), outputs=("label",), queries=2, he=False,
+                            work_dir=tmp_path, network="lan", log=lambda _m: None)
+    m = r["mpc"]["label"]
+    assert r["network"]["profile"] == "lan" and r["network"]["emulated_delay"] is False
+    assert m["argmax_agreement"] >= 0.97 and m["latency_s"] > 0
+    # a query's round trips: the client's call and the parties' MPC rounds (a ReLU network takes dozens)
+    assert m["mpc_rounds_per_single_query"] > 10
+    assert m["latency_model"]["round_trips_per_step"] == 1 + m["mpc_rounds_per_single_query"]
+    assert m["latency_with_rtt_s"] == pytest.approx(m["latency_s"] + m["latency_model"]["added_s_per_step"])
+    for party in ("party-0", "dealer"):  # certificates for the testbed's addresses: the servers bound those
+        cert = x509.load_pem_x509_certificate((tmp_path / "label" / "certs" / f"{party}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert any(str(ip).startswith("10.") for ip in san.get_values_for_type(x509.IPAddress)), party
+    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                if n.startswith(f"sc{os.getpid() % 100_000}")]

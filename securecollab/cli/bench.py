@@ -256,12 +256,13 @@ def mpc_inference(
     compute_parties: Annotated[int, typer.Option(min=2, max=3, help="Number of compute parties.")] = 3,
     he: Annotated[bool, typer.Option(help="Also run `bench he` (same model family, square activations) on the "
                                           "same test set, in this command, for one table.")] = True,
-    seed: Seed = 0, dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None,
+    seed: Seed = 0, dataset: DatasetOpt = "digits", dataset_path: DatasetPath = None, network: Network = "loopback",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = Path("results/bench_mpc_inference.json"),
 ):
     """Model-private inference (CrypTen MPC: the parties hold shares of the weights and of each query) vs plain
     inference and HE: single-image latency, batched throughput over the whole test set, bytes per query (client)
-    and per image (each party), agreement with the plaintext model. Loopback: every party a process here."""
+    and per image (each party), agreement with the plaintext model. Every party a process here, on loopback or
+    each its own host of a --network profile (the client and the owner: this process)."""
     from securecollab.bench.mpc_inference import bench_mpc_inference
     from securecollab.plans import MPC_OUTPUTS, MpcInferencePlan
     outputs = output or list(MPC_OUTPUTS)
@@ -270,7 +271,7 @@ def mpc_inference(
     plan = MpcInferencePlan(model=model, n_parties=compute_parties, seed=seed, dataset=dataset,
                             dataset_path=str(dataset_path) if dataset_path else None, max_batch=max(batch_size, 1))
     r = _measure(bench_mpc_inference, plan, outputs=tuple(outputs), queries=queries, batch_size=batch_size, he=he,
-                 prefix="bench-mpc-inference-", out=out)
+                 network=_network(network), prefix="bench-mpc-inference-", out=out)
     rows = [["plain", f"{model} (relu)", f"{r['plain']['latency_s']:.4f}", "-", f"{r['plain']['query_bytes']:,.0f}",
              "-", "1", f"{r['plain']['accuracy']:.3f}"]]
     for mode, m in r["mpc"].items():
@@ -284,7 +285,7 @@ def mpc_inference(
                      f"{h['throughput_per_s']:.1f}", f"{h['query_bytes']:,.0f}", "-", f"{h['argmax_agreement']:.4f}",
                      f"{h['plaintext_accuracy']:.3f}"])
     print_table(table(f"private inference on {r['dataset']} ({r['test_images']} test images; {queries} single "
-                      f"queries; batches of {batch_size}; loopback, mutual TLS)",
+                      f"queries; batches of {batch_size}; {network}, mutual TLS)",
                       ["", "model", "1-image s", "img/s", "client B/query", "party B/image", "agreement",
                        "model acc."], rows))
     console.print("1-image s: median latency of one image end to end; img/s: the whole test set in batches; client "
@@ -294,4 +295,12 @@ def mpc_inference(
     for mode, m in r["mpc"].items():
         if "max_abs_logit_error" in m:
             console.print(f"MPC {mode}: max |logit error| {m['max_abs_logit_error']:.2e} over the whole test set")
+    if network != "loopback":
+        net = r["network"]
+        added = [f"MPC {mode}: {m['latency_model']['round_trips_per_step']:.0f} round trips, 1-image "
+                 f"{m['latency_with_rtt_s']:.3f} s" for mode, m in r["mpc"].items()]
+        if "he" in r:
+            added.append(f"HE: 1 round trip, 1-image {r['he']['latency_with_rtt_s']:.3f} s")
+        console.print(f"network {network}: {net['summary']}; no delay emulated: with a stated RTT of "
+                      f"{net['stated_rtt_ms']:g} ms per sequential round trip, " + "; ".join(added))
     console.print(f"wrote {out}")

@@ -18,6 +18,7 @@ import numpy as np
 from securecollab.launch import ProcessGroup, ensure_certs, securecollab_cmd
 from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter
+from securecollab.net.testbed import LOOPBACK, Placement
 from securecollab.plans import MpcInferencePlan, save_weights
 from securecollab.runs import register
 from securecollab.runs.training import free_port
@@ -28,46 +29,52 @@ CLIENT = "client-0"
 OWNER = "owner"
 
 
-def prepare(plan: MpcInferencePlan, work: Path, model=None):
+def prepare(plan: MpcInferencePlan, work: Path, model=None, placement: Placement = LOOPBACK):
     """(model, dataset, certs dir): the owner's model (trained here from a secret seed unless given), saved as
-    ``mpc_model.npz`` (numpy, no pickle; for scoring the attacks: no party reads it)."""
+    ``mpc_model.npz`` (numpy, no pickle; for scoring the attacks: no party reads it); certificates valid for the
+    hosts of ``placement``."""
     if model is None:
         model, ds = plan.train(seed=secrets.randbits(31))
     else:
         ds = plan.load_data()
     save_weights(model, work / "mpc_model.npz")
     parties = [f"party-{i}" for i in range(plan.n_parties)]
-    certs = ensure_certs(work / "certs", [*parties, "dealer", OWNER, CLIENT])
+    certs = ensure_certs(work / "certs", [*parties, "dealer", OWNER, CLIENT], placement)
     return model, ds, certs
 
 
 def start_parties(group: ProcessGroup, plan: MpcInferencePlan, certs: Path, out_dir: Path) -> list[str]:
-    """A dealer of its own and the compute parties (each restarted when it asks to rejoin a new world);
-    returns the parties' inference targets, in index order."""
+    """A dealer of its own and the compute parties (each restarted when it asks to rejoin a new world), on
+    loopback or each on its host of the group's placement; returns the parties' inference targets, in index
+    order."""
     from services.mpc_party import EXIT_REJOIN
+    where = group.placement
     parties = [f"party-{i}" for i in range(plan.n_parties)]
-    endpoints = [f"localhost:{free_port()}" for _ in parties]
-    dealer_port = free_port()
-    common = ["--certs", str(certs), "--out", str(out_dir), "--host", "127.0.0.1"]
-    group.start("dealer", securecollab_cmd("serve", "dealer", "--compute-parties", str(plan.n_parties),
-                                           "--port", str(dealer_port), *common), restart_on=(EXIT_REJOIN,))
+    endpoints = [f"{where.address(name)}:{free_port()}" for name in parties]
+    dealer = f"{where.address('dealer')}:{free_port()}"
+    common = ["--certs", str(certs), "--out", str(out_dir)]
+    group.start("dealer", securecollab_cmd("serve", "dealer", "--compute-parties", str(plan.n_parties), *common,
+                                           "--host", where.bind("dealer"), "--port", dealer.rsplit(":", 1)[1]),
+                restart_on=(EXIT_REJOIN,))
     for i, name in enumerate(parties):
         port_file = group.log_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         group.start(name, securecollab_cmd(
-            "serve", "mpc", "--index", str(i), "--plan-json", plan.to_json(), *common,
-            *[a for e in endpoints for a in ("--mpc-peer", e)], "--dealer", f"localhost:{dealer_port}",
+            "serve", "mpc", "--index", str(i), "--plan-json", plan.to_json(), *common, "--host", where.bind(name),
+            *[a for e in endpoints for a in ("--mpc-peer", e)], "--dealer", dealer,
             "--state", str(out_dir / "state" / name),
             "--port", str(free_port()), "--port-file", str(port_file)), restart_on=(EXIT_REJOIN,))
     ports = group.wait_ports(parties, timeout=300, watch=("dealer",))
-    return [f"localhost:{p}" for p in ports]
+    return [f"{where.address(name)}:{p}" for name, p in zip(parties, ports)]
 
 
 @contextmanager
-def deployment(plan: MpcInferencePlan, out_dir: Path, model, certs: Path, owner_meter: CostMeter | None = None):
-    """A running deployment serving ``model`` (uploaded by its owner): yields the parties' targets."""
+def deployment(plan: MpcInferencePlan, out_dir: Path, model, certs: Path, owner_meter: CostMeter | None = None,
+               placement: Placement = LOOPBACK):
+    """A running deployment serving ``model`` (uploaded by its owner from this process): yields the parties'
+    targets. Under a network profile's ``placement`` each party and the dealer is a host of its own."""
     from services.mpc_client import upload_model
-    with ProcessGroup(out_dir / "logs") as group:
+    with ProcessGroup(out_dir / "logs", placement) as group:
         targets = start_parties(group, plan, certs, out_dir)
         upload_model(targets, tls=TlsFiles.for_party(certs, OWNER), model=model, meter=owner_meter)
         yield targets
@@ -106,6 +113,14 @@ def parties_sent(out_dir: Path, n_parties: int, settle_s: float = 1.0) -> dict[s
         path = out_dir / f"costs_{name}.json"
         sent[name] = int(json.loads(path.read_text()).get("bytes_sent", 0)) if path.exists() else 0
     return sent
+
+
+def parties_rounds(out_dir: Path, n_parties: int) -> int:
+    """The most MPC communication rounds any compute party has made so far (CrypTen's count, written with its
+    costs after every query; read after :func:`parties_sent`, which lets that write land)."""
+    rounds = [json.loads(path.read_text()).get("rounds", 0) for path in
+              (out_dir / f"mpc_stats_party-{i}.json" for i in range(n_parties)) if path.exists()]
+    return max(rounds, default=0)
 
 
 def run_mpc_inference(plan: MpcInferencePlan, out_dir: Path, *, batch_size: int = 150, single: int = 5) -> dict:
