@@ -631,6 +631,8 @@ def test_each_inference_party_keeps_its_model_share_on_a_volume_of_its_own():
     state = _value(_argv(container), "--state")
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state]
     assert mount["name"] in {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
+    # and they go with it: left behind, the three claims together would hold the model
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
     services = COMPOSE["services"]
     owners: dict[str, set[str]] = {}
     for name, service in services.items():

@@ -29,7 +29,7 @@ def test_launchers_side_by_side_draw_ports_from_parts_of_their_own(monkeypatch):
         assert all(parts[-1][0] <= free_port() < parts[-1][1] for _ in range(20))
     assert whole[0] == parts[0][0] and parts[0][1] == parts[1][0] and parts[1][1] == parts[2][0] <= whole[1]
     assert parts[2][1] - parts[0][0] > 0.99 * (whole[1] - whole[0])
-    for bad in ("3/3", "x/2", "1"):  # not a part: the whole range
+    for bad in ("3/3", "x/2", "1", "0/1000"):  # not a part (or parts too small to draw from): the whole range
         monkeypatch.setenv(PORT_SLICE_ENV, bad)
         assert port_range() == whole
 

@@ -235,12 +235,22 @@ def test_a_message_its_sender_gave_up_on_does_not_break_the_next_world(certs):
     message must count for nothing. (It broke each new world in turn in the container test.)"""
     d, _ = certs
     server, servicer = start_endpoint(1, 3, False, tls(d, "party-1"), port=0, host="127.0.0.1")
+    returned = threading.Event()
+    put = servicer.inbox.put
+
+    def watched_put(*args, **kwargs):
+        try:
+            return put(*args, **kwargs)
+        finally:
+            returned.set()
+    servicer.inbox.put = watched_put
     try:
         with pytest.raises(grpc.RpcError) as e:  # party 0, still in the old world, sends; nobody takes it
             stub_as(d, "party-0", server.port, name="party-1").Deliver(
                 iter(object_frames(WORLD, 7, "old world")), timeout=1)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        threading.Event().wait(0.5)  # the endpoint saw the sender go
+        # the handler stops waiting when its sender goes, not after the 600 s a world may take to form
+        assert returned.wait(10)
         servicer.inbox.open(bytes([1]) * 32)  # the new world forms
         threading.Event().wait(0.5)
         assert servicer.inbox.broken is None and not any(servicer.inbox.pending.values())
@@ -268,8 +278,10 @@ def test_a_party_waiting_for_its_message_to_be_taken_stops_when_the_world_breaks
     done = Future()
     done.set_result(None)
     wait_sent(world, [done], timeout_s=1)  # answered messages: no wait, even in a broken world
-    with pytest.raises(TimeoutError):
-        wait_sent(World(0, 2, WORLD, {}, Inbox(0, 2)), [Future()], timeout_s=0.3)
+    late = World(0, 2, WORLD, {}, Inbox(0, 2))
+    with pytest.raises(MpcError, match="not taken within"):  # a timeout breaks the world: the party rejoins
+        wait_sent(late, [Future()], timeout_s=0.3)
+    assert late.inbox.broken
 
 
 def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(certs):

@@ -3,6 +3,7 @@ down whole; the benchmarks run their parties there."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,13 @@ def _leftovers(prefix: str) -> list[str]:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     return [line for line in (netns + links).splitlines() if prefix in line]
+
+
+def _this_process_leftovers() -> list[str]:
+    """Namespaces and links any testbed of this process made (its names: sc<pid><letter>-hub, -h<i>, h<i>a/b),
+    not another process's whose pid begins with the same digits."""
+    own = re.compile(rf"(?<![0-9])sc{os.getpid() % 100_000}[a-z](-hub|-h[0-9]|h[0-9])")
+    return [line for line in _leftovers("sc") if own.search(line)]
 
 
 def test_a_testbed_shapes_each_link_and_leaves_nothing_behind():
@@ -158,13 +166,15 @@ def test_bench_mpc_inference_on_the_lan_profile_runs_each_party_and_the_dealer_o
     m = r["mpc"]["label"]
     assert r["network"]["profile"] == "lan" and r["network"]["emulated_delay"] is False
     assert m["argmax_agreement"] >= 0.97 and m["latency_s"] > 0
-    # a query's round trips: the client's call and the parties' MPC rounds (a ReLU network takes dozens)
-    assert m["mpc_rounds_per_single_query"] > 10
-    assert m["latency_model"]["round_trips_per_step"] == 1 + m["mpc_rounds_per_single_query"]
+    # a query's round trips: the client's call, the parties' MPC rounds and requests to the dealer (dozens)
+    assert m["mpc_round_trips_per_single_query"] > 10
+    assert m["latency_model"]["round_trips_per_step"] == 1 + m["mpc_round_trips_per_single_query"]
     assert m["latency_with_rtt_s"] == pytest.approx(m["latency_s"] + m["latency_model"]["added_s_per_step"])
-    for party in ("party-0", "dealer"):  # certificates for the testbed's addresses: the servers bound those
+    # the client reached each party at its own testbed address, with certificates naming those addresses
+    hosts = [t.rsplit(":", 1)[0] for t in m["party_targets"]]
+    assert len(set(hosts)) == 3 and all(h.startswith("10.") for h in hosts), hosts
+    for party in ("party-0", "dealer"):
         cert = x509.load_pem_x509_certificate((tmp_path / "label" / "certs" / f"{party}.pem").read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert any(str(ip).startswith("10.") for ip in san.get_values_for_type(x509.IPAddress)), party
-    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-                if n.startswith(f"sc{os.getpid() % 100_000}")]
+    assert _this_process_leftovers() == []

@@ -13,8 +13,8 @@ import numpy as np
 from securecollab.net.costs import method_bytes
 from securecollab.net.testbed import LOOPBACK, PROFILES, latency_model, network_description, testbed_or_loopback
 from securecollab.plans import MpcInferencePlan
-from securecollab.runs.mpc_inference import (CLIENT, client, deployment, infer_all, parties_rounds, parties_sent,
-                                             prepare)
+from securecollab.runs.mpc_inference import (CLIENT, client, deployment, infer_all, parties_round_trips,
+                                             parties_sent, prepare)
 from securecollab.training import predict_logits
 
 
@@ -25,7 +25,8 @@ def _per_input(before: dict, after: dict, inputs: int) -> dict:
 def bench_output(plan: MpcInferencePlan, model, *, queries: int, batch_size: int, work_dir: Path, log=print,
                  placement=LOOPBACK) -> dict:
     """One deployment serving ``model`` with ``plan.output``: single-image latency, batched throughput, bytes,
-    agreement, and the MPC rounds of a single query (what a network's round-trip time multiplies)."""
+    agreement, and the round trips of a single query among the servers (what a network's round-trip time
+    multiplies)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     model, ds, certs = prepare(plan, work_dir, model, placement)
     reference = predict_logits(model, ds.x_test).astype(np.float64)
@@ -35,13 +36,13 @@ def bench_output(plan: MpcInferencePlan, model, *, queries: int, batch_size: int
         with client(targets, certs, work_dir) as c:
             c.infer(ds.x_test[:1])  # connections and the parties' first-query set-up out of the timing
             start, snap0 = parties_sent(work_dir, plan.n_parties), c.meter.snapshot()
-            rounds0 = parties_rounds(work_dir, plan.n_parties)
+            trips0 = parties_round_trips(work_dir, plan.n_parties)
             log(f"  {queries} single-image queries ...")
             for i in range(queries):
                 c.infer(ds.x_test[i:i + 1])
             single_lat = c.timings.latencies[-queries:]
             mid, snap1 = parties_sent(work_dir, plan.n_parties), c.meter.snapshot()
-            rounds = (parties_rounds(work_dir, plan.n_parties) - rounds0) / max(queries, 1)
+            trips = (parties_round_trips(work_dir, plan.n_parties) - trips0) / max(queries, 1)
             log(f"  the whole test set ({len(ds.x_test)} images) in batches of {batch_size} ...")
             t1 = time.perf_counter()
             answers = infer_all(c, ds.x_test, batch_size)
@@ -51,11 +52,13 @@ def bench_output(plan: MpcInferencePlan, model, *, queries: int, batch_size: int
     single_query_bytes = (method_bytes(snap1, "/Infer") - method_bytes(snap0, "/Infer")) / max(queries, 1)
     result = {
         "output": plan.output, "n_parties": plan.n_parties, "model": plan.model, "setup_s": setup_s,
+        "party_targets": targets,
         "latency_s": statistics.median(single_lat) if single_lat else float("nan"),
         "throughput_per_s": len(ds.x_test) / batch_wall, "batch_size": batch_size,
         "query_bytes": single_query_bytes,
-        # the parties' rounds (each message waits for its answer: a round trip), offers of party 0 included
-        "mpc_rounds_per_single_query": rounds,
+        # the parties' MPC rounds (each message waits for its answer), party 0's offers and its requests to the
+        # dealer: the sequential round trips among the servers
+        "mpc_round_trips_per_single_query": trips,
         "party_bytes_sent_per_single_query": _per_input(start, mid, max(queries, 1)),
         "party_bytes_sent_per_image_batched": _per_input(mid, end, len(ds.x_test)),
         "argmax_agreement": float((predicted == reference.argmax(1)).mean()),
@@ -75,7 +78,7 @@ def bench_mpc_inference(plan: MpcInferencePlan, *, outputs=("logits", "label"), 
     Under a ``network`` profile other than loopback every compute party and the dealer is a host of its own and
     the client (this process, which also uploads the owner's model) one more, each behind its shaped link; no
     delay is emulated, and ``latency_model`` adds the stated round-trip time for each sequential round trip of
-    a single query (the client's call, the parties' MPC rounds)."""
+    a single query (the client's call, the parties' MPC rounds, party 0's requests to the dealer)."""
     import secrets
     from dataclasses import replace
     model, ds = plan.train(seed=secrets.randbits(31))  # the owner's secret seed
@@ -97,7 +100,7 @@ def bench_mpc_inference(plan: MpcInferencePlan, *, outputs=("logits", "label"), 
             log(f"MPC inference, output {output}: {plan.n_parties} parties + dealer, network {network} ...")
             m = bench_output(replace(plan, output=output), model, queries=queries, batch_size=batch_size,
                              work_dir=work_dir / output, log=log, placement=placement)
-            m["latency_model"] = latency_model(1 + m["mpc_rounds_per_single_query"], profile)
+            m["latency_model"] = latency_model(1 + m["mpc_round_trips_per_single_query"], profile)
             m["latency_with_rtt_s"] = m["latency_s"] + m["latency_model"]["added_s_per_step"]
             mpc[output] = m
     # The ratios of one output (label, the deployments' default, when measured). Plain inference ran in this

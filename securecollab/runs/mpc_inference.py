@@ -115,12 +115,16 @@ def parties_sent(out_dir: Path, n_parties: int, settle_s: float = 1.0) -> dict[s
     return sent
 
 
-def parties_rounds(out_dir: Path, n_parties: int) -> int:
-    """The most MPC communication rounds any compute party has made so far (CrypTen's count, written with its
-    costs after every query; read after :func:`parties_sent`, which lets that write land)."""
-    rounds = [json.loads(path.read_text()).get("rounds", 0) for path in
-              (out_dir / f"mpc_stats_party-{i}.json" for i in range(n_parties)) if path.exists()]
-    return max(rounds, default=0)
+def parties_round_trips(out_dir: Path, n_parties: int) -> int:
+    """The most sequential round trips any compute party has made so far: its MPC communication rounds
+    (CrypTen's count: each message waits for its answer) and, party 0, its requests to the dealer. Written with
+    its costs after every query; read after :func:`parties_sent`, which lets that write land."""
+    trips = []
+    for path in (out_dir / f"mpc_stats_party-{i}.json" for i in range(n_parties)):
+        if path.exists():
+            stats = json.loads(path.read_text())
+            trips.append(stats.get("rounds", 0) + stats.get("dealer_requests", 0))
+    return max(trips, default=0)
 
 
 def run_mpc_inference(plan: MpcInferencePlan, out_dir: Path, *, batch_size: int = 150, single: int = 5) -> dict:

@@ -27,9 +27,9 @@ BROKEN_POLL_S = 0.2  # how often a party waiting for its message to be taken loo
 
 
 def wait_sent(world: World, futures, timeout_s: float) -> None:
-    """Wait until each message was taken; MpcError as soon as the world is broken. A message to a peer that
-    left may wait out its deadline to fail, and meanwhile this party would keep the world's other parties,
-    which start again at once, out of the next world."""
+    """Wait until each message was taken; MpcError as soon as the world is broken (or, after ``timeout_s``,
+    breaking it). A message to a peer that left may wait out its deadline to fail, and meanwhile this party
+    would keep the world's other parties, which start again at once, out of the next world."""
     deadline = time.monotonic() + timeout_s
     for f in futures:
         while not f.done():
@@ -37,7 +37,8 @@ def wait_sent(world: World, futures, timeout_s: float) -> None:
                 raise MpcError(world.inbox.broken)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"a message was not taken within {timeout_s:.0f}s")
+                world.inbox.break_world(f"a message was not taken within {timeout_s:.0f}s")
+                raise MpcError(world.inbox.broken)
             concurrent.futures.wait([f], timeout=min(left, BROKEN_POLL_S))
         f.result()
 
@@ -208,19 +209,24 @@ class GrpcCommunicator(Communicator):
 
     # -- objects (the closed set of mpc_objects; never pickle) ------------------------------------------
 
-    def send_obj(self, obj, dst, group=None):
+    def _post_obj(self, obj, dst: int):
         world = self.world
-        self._sent([world.peers[dst].post(lambda seq: object_frames(world.world_id, seq, obj))])
+        return world.peers[dst].post(lambda seq: object_frames(world.world_id, seq, obj))
 
+    @_logging
+    def send_obj(self, obj, dst, group=None):
+        self._sent([self._post_obj(obj, dst)])
+
+    @_logging
     def recv_obj(self, src, group=None):
         return self.world.inbox.take(src, self.world.step_timeout_s, is_object=True)
 
+    @_logging
     def broadcast_obj(self, obj, src, group=None):
-        if self.rank == src:
-            for j in self._others():
-                self.send_obj(obj, j)
+        if self.rank == src:  # to every peer at once: one round trip, as a tensor's broadcast
+            self._sent([self._post_obj(obj, j) for j in self._others()])
             return obj
-        return self.recv_obj(src)
+        return self.world.inbox.take(src, self.world.step_timeout_s, is_object=True)
 
     # -- identity ----------------------------------------------------------------------------------------
 

@@ -154,9 +154,14 @@ def shutdown() -> None:
 
 
 def mpc_stats() -> dict:
-    """CrypTen's own count of this party's MPC traffic so far (elements x 8 bytes, whichever transport)."""
+    """CrypTen's own count of this party's MPC traffic so far (elements x 8 bytes, whichever transport), and the
+    requests it made to the dealer (party 0 only: each one a round trip the others wait for)."""
+    from securecollab.secagg.dealer_client import DealerClient
     crypten = load_crypten()
-    return crypten.communicator.get().get_communication_stats() if crypten.is_initialized() else {}
+    if not crypten.is_initialized():
+        return {}
+    link = DealerClient.link
+    return {**crypten.communicator.get().get_communication_stats(), "dealer_requests": link.seq if link else 0}
 
 
 def aggregate_round(local_shares: list[np.ndarray], rule: AggregationRule) -> np.ndarray:
