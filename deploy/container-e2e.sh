@@ -101,8 +101,9 @@ wait_exit() {  # wait_exit CONTAINER TIMEOUT: its exit code must be 0
 }
 wait_log() {  # wait_log SERVICE PATTERN TIMEOUT
     local deadline=$((SECONDS + $3))
-    # grep reads all of it: -q would stop at the first match, and under pipefail compose's SIGPIPE fails the test
-    until compose logs --no-color "$1" 2>/dev/null | grep "$2" >/dev/null; do
+    # `docker logs`, bounded: `compose logs` once hung on a container restarting while it read (CI waited on it).
+    # grep reads all of it: -q would stop at the first match, and under pipefail the reader's SIGPIPE fails the test
+    until timeout 60 docker logs "$(cid "$1")" 2>&1 | grep "$2" >/dev/null; do
         [ "$SECONDS" -lt "$deadline" ] || fail "$1 did not log '$2' within $3 s"
         [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")")" = true ] || fail "$1 exited before logging '$2'"
         sleep 0.5
