@@ -138,11 +138,10 @@ def port_range() -> tuple[int, int]:
         high = 32768
     low = max(1024, high - 12000)
     part, _, parts = os.environ.get(PORT_SLICE_ENV, "").partition("/")
-    if part.isdigit() and parts.isdigit() and int(part) < int(parts) and (high - low) // int(parts) >= 100:
-        span = (high - low) // int(parts)
-        low += int(part) * span
-        high = low + span
-    return low, high
+    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
+        return low, high
+    span = (high - low) // int(parts)
+    return (low + int(part) * span, low + (int(part) + 1) * span) if span >= 100 else (low, high)
 
 
 def free_port() -> int:

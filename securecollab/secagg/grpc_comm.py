@@ -217,16 +217,19 @@ class GrpcCommunicator(Communicator):
     def send_obj(self, obj, dst, group=None):
         self._sent([self._post_obj(obj, dst)])
 
+    def _take_obj(self, src: int):
+        return self.world.inbox.take(src, self.world.step_timeout_s, is_object=True)
+
     @_logging
     def recv_obj(self, src, group=None):
-        return self.world.inbox.take(src, self.world.step_timeout_s, is_object=True)
+        return self._take_obj(src)
 
     @_logging
     def broadcast_obj(self, obj, src, group=None):
         if self.rank == src:  # to every peer at once: one round trip, as a tensor's broadcast
             self._sent([self._post_obj(obj, j) for j in self._others()])
             return obj
-        return self.world.inbox.take(src, self.world.step_timeout_s, is_object=True)
+        return self._take_obj(src)  # not recv_obj: CrypTen's count would take this one message twice
 
     # -- identity ----------------------------------------------------------------------------------------
 
