@@ -126,9 +126,9 @@ def test_a_bad_or_silent_peer_breaks_the_world_with_its_name(endpoint, certs, fa
     ok = torch.arange(4, dtype=torch.long)
     expect_refused = {"replay": grpc.StatusCode.INVALID_ARGUMENT, "out_of_order": grpc.StatusCode.INVALID_ARGUMENT,
                       "garbage": grpc.StatusCode.INVALID_ARGUMENT, "other_world": grpc.StatusCode.FAILED_PRECONDITION}
-    if fault == "replay":
+    if fault == "replay":  # message 0 again, but not the same (the same one again: the next test)
         deliver(d, server.port, tensor_frames(WORLD, 0, ok))
-        frames = tensor_frames(WORLD, 0, ok)
+        frames = tensor_frames(WORLD, 0, ok + 1)
     elif fault == "out_of_order":
         frames = tensor_frames(WORLD, 5, ok)
     elif fault == "garbage":
@@ -152,6 +152,31 @@ def test_a_bad_or_silent_peer_breaks_the_world_with_its_name(endpoint, certs, fa
     # once broken, every later step fails at once, naming the first fault
     with pytest.raises(MpcError, match="party-1"):
         inbox.take(2, 60, like=like)
+
+
+@pytest.mark.parametrize("message", [torch.arange(4, dtype=torch.long), [torch.Size([4]), "ok"]],
+                         ids=["tensor", "object"])
+def test_the_last_message_sent_again_counts_once_and_an_older_one_breaks_the_world(endpoint, certs, message):
+    """gRPC retries a delivery on UNAVAILABLE: when only its answer was lost, the same message comes again."""
+    d, _ = certs
+    server, servicer = endpoint
+    inbox = servicer.inbox
+    frames = tensor_frames if isinstance(message, torch.Tensor) else object_frames
+    take = (lambda: inbox.take(1, 5, like=message)) if isinstance(message, torch.Tensor) else \
+        (lambda: inbox.take(1, 5, is_object=True))
+    deliver(d, server.port, frames(WORLD, 0, message))
+    deliver(d, server.port, frames(WORLD, 0, message))  # acknowledged again
+    assert inbox.broken is None and inbox.arrived[1] == 1 and list(inbox.pending[1]) == [0]
+    got = take()
+    assert torch.equal(got, message) if isinstance(message, torch.Tensor) else got == message
+    deliver(d, server.port, frames(WORLD, 0, message))  # after it was taken, too
+    deliver(d, server.port, object_frames(WORLD, 1, "next"))
+    assert inbox.broken is None and inbox.take(1, 5, is_object=True) == "next"
+    with pytest.raises(grpc.RpcError) as e:  # message 0 once 1 has come is a replay
+        deliver(d, server.port, frames(WORLD, 0, message))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(MpcError, match="party-1 sent message 0 .replayed"):
+        take()
 
 
 def test_world_forms_over_tls_and_refuses_an_intruder_posing_as_a_party(certs):

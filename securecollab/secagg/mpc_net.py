@@ -10,8 +10,10 @@ Hello (a fresh nonce) to every other; its id hashes all nonces, and every messag
 Messages between two parties are numbered; each is delivered whole and in order (one sender thread
 per peer waits for the receiver's ack). The receiver takes them strictly in sequence: a replayed,
 out-of-order, foreign-world, malformed or wrongly shaped message breaks the world, and so does a
-peer that sends nothing within the step deadline. Breaking raises :class:`MpcError` naming the peer
-in whatever MPC step is waiting, so a round is aborted rather than computed on corrupted data
+peer that sends nothing within the step deadline (only the peer's last message sent again, as gRPC
+retries a delivery whose answer was lost, is acknowledged and counts once). Breaking raises
+:class:`MpcError` naming the peer in whatever MPC step is waiting, so a round is aborted rather than
+computed on corrupted data
 (the parties are crash-only: they leave and form a new world). The CrypTen interface on top is
 :mod:`securecollab.secagg.grpc_comm`.
 """
@@ -40,7 +42,7 @@ from securecollab.net.certs import TlsFiles
 from securecollab.net.costs import CostMeter
 from securecollab.net.transport import make_channel, make_server, peer_identity
 from securecollab.net.wire import CHUNK_BYTES, MAX_TENSOR_ELEMENTS, WireError, code_dtype, dtype_code
-from securecollab.secagg.mpc_objects import ObjectError, decode_object, encode_object
+from securecollab.secagg.mpc_objects import ObjectError, decode_object, encode_object, same_message
 
 log = logging.getLogger(__name__)
 SERVICE = "securecollab.v1.MpcPeer"
@@ -137,6 +139,7 @@ class Inbox:
         self.pending: dict[int, dict[int, object]] = {j: {} for j in range(world_size)}
         self.arrived = dict.fromkeys(range(world_size), 0)  # next seq expected to arrive from each peer
         self.taken = dict.fromkeys(range(world_size), 0)
+        self.last: dict[int, object] = {}  # each peer's last message, to know a resend of it
 
     def open(self, world: bytes) -> None:
         with self.cond:
@@ -169,11 +172,13 @@ class Inbox:
             if world != self.world:
                 self.break_world(f"{party_name(src)} is in another MPC world (restarted?)")
                 raise ProtocolError("FAILED_PRECONDITION", f"message for another MPC world from {party_name(src)}")
+            if seq == self.arrived[src] - 1 and same_message(self.last.get(src), value):
+                return  # the same message again (a retry whose answer was lost): it counts once
             if seq != self.arrived[src]:
                 kind = "replayed" if seq < self.arrived[src] else "out of order"
                 self.break_world(f"{party_name(src)} sent message {seq} ({kind}; expected {self.arrived[src]})")
                 raise ProtocolError("INVALID_ARGUMENT", f"message {seq} is {kind}")
-            self.pending[src][seq] = value
+            self.pending[src][seq] = self.last[src] = value
             self.arrived[src] += 1
             self.cond.notify_all()
 

@@ -82,3 +82,15 @@ def decode_object(data: bytes):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ObjectError(f"object is not JSON: {e}") from None
     return _untag(parsed, 0)
+
+
+def same_message(a, b) -> bool:
+    """Whether two MPC messages (a tensor or one of these objects) are equal: of one dtype and shape and equal
+    elementwise, or encoding to the same canonical bytes."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+    try:
+        return encode_object(a) == encode_object(b)
+    except ObjectError:
+        return False
