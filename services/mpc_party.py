@@ -228,8 +228,9 @@ def serve(plan: MpcInferencePlan, index: int, *, tls: TlsFiles, mpc_peers: list[
         return words
 
     try:
-        serve_queries(crypten.communicator.get(), index, servicer.book, servicer.models, run, threading.Event(),
-                      on_done=write_costs)
+        comm = crypten.communicator.get()
+        serve_queries(comm, index, servicer.book, servicer.models, run, threading.Event(), on_done=write_costs,
+                      broken=lambda: comm.world.inbox.broken)
     except MpcError as e:
         log.error("inference party %d: the MPC world broke (%s); exiting to be started again", index, e)
         leave(EXIT_REJOIN)

@@ -230,6 +230,28 @@ def test_parties_run_queries_in_party_0s_order_and_one_that_a_party_lacks_holds_
     assert not unannounced[1].result.done() and not unannounced[1].started.is_set()
 
 
+def test_idle_party_0_leaves_a_broken_world_within_a_world_check_not_at_its_heartbeat(monkeypatch):
+    """A peer that restarts breaks the world (its Hello carries a new nonce); party 0, waiting for queries,
+    must not sit out its 20 s heartbeat before it rejoins, and no query it holds is offered into that world."""
+    from securecollab.protocols import mpc_inference as proto
+    from securecollab.secagg.mpc_net import MpcError
+    monkeypatch.setattr(proto, "WORLD_CHECK_S", 0.1)
+    stop = threading.Event()
+    world = _FakeWorld(3, stop)
+    offers = []
+    comm = world.comm(0)
+    broadcast = comm.broadcast_obj
+    comm.broadcast_obj = lambda obj, src: offers.append(obj) or broadcast(obj, src)
+    t0 = time.monotonic()
+    reason = []
+    threading.Timer(0.3, lambda: reason.append("party-1 restarted: it is forming a new MPC world")).start()
+    with pytest.raises(MpcError, match="party-1 restarted"):
+        proto.serve_queries(comm, 0, QueryBook(), ModelShares(4), lambda q, m: None, stop,
+                            broken=lambda: reason[0] if reason else None)
+    assert 0.3 <= time.monotonic() - t0 < 2.0 < proto.HEARTBEAT_S
+    assert offers == []  # not even a heartbeat went into the broken world
+
+
 def test_a_party_keeps_its_model_share_across_a_restart(tmp_path):
     """The share an owner uploaded is written to the party's state (mode 0600) and read back at start."""
     import stat

@@ -7,7 +7,8 @@ says for each (an all_gather, not secret) whether it holds its share of it and t
 run, in party 0's order, those that every party holds. A query that some party still lacks does not hold up
 those behind it: it is offered again until ``ARRIVAL_S`` after it was first offered, then refused by all.
 While no query waits, party 0 broadcasts a heartbeat, so the others' wait for the next message never times
-out.
+out; meanwhile it looks at its MPC world every ``WORLD_CHECK_S``, so a world broken by a peer's restart is left
+at once (the others notice in their wait for party 0's message).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from securecollab.errors import ProtocolError
+from securecollab.secagg.mpc_net import MpcError
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20.0    # party 0's idle message: far below the MPC world's 120 s step timeout
 ARRIVAL_S = 10.0      # how long a query party 0 holds is offered while some party still lacks its share
 OFFERED = 64          # queries party 0 offers at once (the oldest; a client has at most 8 waiting)
+WORLD_CHECK_S = 1.0   # how often idle party 0 looks whether its MPC world broke (a peer restarted)
 POLL_S = 0.05         # party 0's longest pause before offering again queries that some party still lacks
 FIRST_POLL_S = 0.002  # its first pause (doubled at each offer that runs nothing): a share is usually a moment late
 NOT_HELD, HELD, MISMATCH = 0, 1, 2  # what a party says of an offered query: it lacks it, holds it, holds it but
@@ -148,17 +151,18 @@ class QueryBook:
 
 
 def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, stop: threading.Event,
-                  on_done=lambda: None) -> None:
+                  on_done=lambda: None, broken=lambda: None) -> None:
     """Run queries in party 0's order until ``stop`` (the MPC thread's loop; every party runs it).
 
     ``run(query, model_share)`` evaluates one query in MPC and returns this party's answer share; ``comm`` is the
-    MPC world's communicator (broadcast_obj, all_gather). An MpcError (a broken world) propagates."""
+    MPC world's communicator (broadcast_obj, all_gather); ``broken()``: why the world is broken, or None. An
+    MpcError (a broken world) propagates."""
     import torch
     first_offered: dict[tuple[str, int], float] = {}  # party 0: when each waiting query was first offered
     seen, pause = -1, FIRST_POLL_S
     while not stop.is_set():
         if rank == 0:
-            waiting, added = book.oldest(OFFERED, HEARTBEAT_S if seen < 0 else pause, seen)
+            waiting, added = _wait_for_queries(book, HEARTBEAT_S if seen < 0 else pause, seen, broken)
             now = time.monotonic()
             first_offered = {q.key: first_offered.get(q.key, now) for q in waiting}
             offer = {"queries": [{**q.header(), "late": int(now - first_offered[q.key] > ARRIVAL_S)}
@@ -181,6 +185,18 @@ def serve_queries(comm, rank: int, book: QueryBook, models: ModelShares, run, st
             on_done()
         if rank == 0:  # nothing ready: wait for a new query, or for shares on their way, and offer again
             seen, pause = (-1, FIRST_POLL_S) if ready else (added, min(2 * pause, POLL_S))
+
+
+def _wait_for_queries(book: QueryBook, timeout_s: float, seen: int, broken) -> tuple[list[Query], int]:
+    """Party 0: :meth:`QueryBook.oldest` in waits of at most ``WORLD_CHECK_S``, leaving a broken world at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting, added = book.oldest(OFFERED, min(WORLD_CHECK_S, max(0.0, deadline - time.monotonic())), seen)
+        reason = broken()
+        if reason:
+            raise MpcError(reason)
+        if (waiting and added != seen) or time.monotonic() >= deadline:
+            return waiting, added
 
 
 def _checked_offer(offer) -> dict:
