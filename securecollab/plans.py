@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from securecollab.data import Dataset, load_dataset, partition
-from securecollab.models import UpdateVector, build_model, load_arrays, parameters_to_arrays
+from securecollab.models import UpdateVector, build_model, count_parameters, load_arrays, parameters_to_arrays
 from securecollab.training import TrainConfig, train_local
 
 
@@ -145,6 +145,11 @@ class FedAvgPlan(ShardedPlan):
         if self.vector_length:
             return UpdateVector(self.vector_length)
         return super().build_model(ds)
+
+    def update_length(self) -> int:
+        """How long a client's update vector is: the model's parameters and the count coordinate after them
+        (a benchmark's ``vector_length`` counts that coordinate already)."""
+        return self.vector_length or count_parameters(self.build_model()) + 1
 
 
 def root_data(plan: FedAvgPlan):

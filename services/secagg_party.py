@@ -62,6 +62,7 @@ class ComputePartyServicer(pb_grpc.ComputePartyServicer):
         require_role(context, "client", h.client_id)
         if h.length > MAX_SHARE_LENGTH:
             raise ProtocolError("RESOURCE_EXHAUSTED", f"share of {h.length} elements exceeds the limit")
+        self.store.check_length(h.length)  # before a byte of the share is read
         if h.seed:
             if len(h.seed) != SEED_BYTES:
                 raise ProtocolError("INVALID_ARGUMENT", f"seed must be {SEED_BYTES} bytes")
@@ -188,7 +189,8 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0
     (insecure) it joins CrypTen's rendezvous at ``mpc_addr:mpc_port``."""
     party_id = f"party-{index}"
     meter = CostMeter(party_id)
-    store = ShareStore(index, plan.training.client_ids(), min_clients=plan.min_clients)
+    store = ShareStore(index, plan.training.client_ids(), min_clients=plan.min_clients,
+                       length=plan.training.update_length(), rounds_per_client=plan.max_aborted_rounds + 2)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and plan.training.record_transcripts else None,
                                     party=party_id, role="party", resume=True)
     jobs: queue.Queue = queue.Queue()

@@ -54,6 +54,27 @@ def test_store_takes_the_very_share_it_holds_again_and_refuses_any_other(seeded)
     assert np.array_equal(first, share(5).expand())
 
 
+def test_store_takes_only_the_plans_length_and_a_few_open_rounds_per_client():
+    """One client must neither fix a round's length (every honest share would be refused) nor fill the party's
+    memory with shares for rounds to come."""
+    store = ShareStore(0, ["client-0", "client-1"], min_clients=1, length=4, rounds_per_client=2)
+    for share in (_share(n=5), _share(n=1), Share(party=0, seed=bytes(32), length=0),
+                  Share(party=0, seed=bytes(32), length=1)):
+        with pytest.raises(ProtocolError, match="update vectors have 4") as e:
+            store.put("client-1", 0, share)
+        assert e.value.code == "INVALID_ARGUMENT"
+    assert store.held(0) == []
+    assert store.put("client-0", 1, _share()) == (1, True)
+    assert store.put("client-0", 2, _share()) == (1, True)
+    with pytest.raises(ProtocolError, match="rounds not yet aggregated .1, 2.") as e:
+        store.put("client-0", 3, _share())
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert store.put("client-0", 2, _share()) == (1, False)  # its share sent again is still taken
+    assert store.put("client-1", 3, _share()) == (1, True)   # the limit is the client's, not the round's
+    store.take(1, ["client-0"])
+    assert store.put("client-0", 3, _share()) == (2, True)
+
+
 def test_store_take_refuses_a_client_it_does_not_hold():
     store = ShareStore(0, ["client-0", "client-1"])
     store.put("client-0", 3, _share())

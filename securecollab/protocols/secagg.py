@@ -21,12 +21,19 @@ from securecollab.secagg.sharing import Share
 
 
 class ShareStore:
-    """A compute party's shares, by round and client; thread-safe, refuses duplicates and stale rounds."""
+    """A compute party's shares, by round and client; thread-safe, refuses duplicates and stale rounds.
 
-    def __init__(self, party: int, client_ids: list[str], min_clients: int = 1):
+    ``length``: the plan's update length, the only one taken (one client must not fix a round's length and
+    so have every honest share refused). ``rounds_per_client``: how many rounds not yet aggregated may hold
+    a client's shares (an honest client's are in the open round and the aborted ones before it), so that no
+    client fills the party's memory with shares for rounds to come."""
+
+    def __init__(self, party: int, client_ids: list[str], min_clients: int = 1, length: int | None = None,
+                 rounds_per_client: int | None = None):
         self.party = party
         self.client_ids = set(client_ids)
         self.min_clients = min_clients  # a curious coordinator must not get one client's update alone
+        self.length, self.rounds_per_client = length, rounds_per_client
         self.closed_through = -1  # rounds <= this are aggregated and dropped
         self._shares: dict[int, dict[str, Share]] = {}
         self._lock = threading.Lock()
@@ -42,21 +49,34 @@ class ShareStore:
             raise ProtocolError("NOT_FOUND", f"unknown client {client_id!r}")
         if share.party != self.party:
             raise ProtocolError("INVALID_ARGUMENT", f"share for party {share.party} sent to party {self.party}")
+        self.check_length(share.length)
         with self._lock:
             if round_ <= self.closed_through:
                 raise ProtocolError("FAILED_PRECONDITION", f"round {round_} is already aggregated")
-            held = self._shares.setdefault(round_, {})
+            held = self._shares.get(round_, {})
             if client_id in held:
                 if held[client_id].same_as(share):
                     return len(held), False
                 raise ProtocolError("ALREADY_EXISTS", f"{client_id} already sent its share for round {round_} "
                                     "(a different one)")
+            rounds = sorted(r for r, shares in self._shares.items() if client_id in shares)
+            if self.rounds_per_client is not None and len(rounds) >= self.rounds_per_client:
+                raise ProtocolError("RESOURCE_EXHAUSTED", f"{client_id} has shares in {len(rounds)} rounds not yet "
+                                    f"aggregated ({', '.join(map(str, rounds))}); this party holds at most "
+                                    f"{self.rounds_per_client}")
+            held = self._shares.setdefault(round_, {})
             lengths = {s.length for s in held.values()}
             if lengths and share.length not in lengths:
                 raise ProtocolError("INVALID_ARGUMENT",
                                     f"share length {share.length} differs from this round's {lengths.pop()}")
             held[client_id] = share
             return len(held), True
+
+    def check_length(self, length: int) -> None:
+        """Refuse (INVALID_ARGUMENT) a share that is not of the plan's update length."""
+        if self.length is not None and length != self.length:
+            raise ProtocolError("INVALID_ARGUMENT", f"a share of {length} elements; this plan's update vectors "
+                                f"have {self.length}")
 
     def held(self, round_: int) -> list[str]:
         with self._lock:
