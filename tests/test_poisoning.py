@@ -86,6 +86,22 @@ def test_plain_aggregator_applies_its_plans_norm_bound():
         SecAggPlan(training=plan)
 
 
+def test_a_plain_round_whose_every_update_is_rejected_ends_with_the_model_unchanged():
+    """Nothing accepted must neither lose the acknowledged submissions' round nor leave their clients waiting."""
+    from securecollab.protocols.fedavg import FedAvgRounds
+    g = [("w", np.zeros(4, np.float32))]
+    rounds = FedAvgRounds(FedAvgPlan(num_clients=2, rounds=2, norm_bound=1.0), g)
+    assert rounds.submit("client-0", 0, 10, [("w", np.full(4, 5.0, np.float32))]) == 1
+    assert rounds.submit("client-1", 0, 10, [("w", np.full(4, -5.0, np.float32))]) == 2
+    assert rounds.round == 1 and rounds.empty_rounds == [0]
+    np.testing.assert_array_equal(dict(rounds.params)["w"], 0.0)
+    assert rounds.wait_for_round(1, timeout=1, client_id="client-0")[0] == 1  # handed out at once
+    rounds.submit("client-0", 1, 10, [("w", np.full(4, 0.5, np.float32))])
+    rounds.submit("client-1", 1, 10, [("w", np.full(4, 0.25, np.float32))])
+    np.testing.assert_allclose(dict(rounds.params)["w"], 0.375)
+    assert rounds.done and rounds.empty_rounds == [0]
+
+
 def test_plain_aggregator_clips_or_weighs_by_trust_as_its_plan_says():
     from securecollab.protocols.fedavg import FedAvgRounds, RootUpdates
     ds = FedAvgPlan().load_data()

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
 from securecollab.aggregation import AggregationRule
 from securecollab.aggregation import rule as aggregation_rule
-from securecollab.errors import ProtocolError
+from securecollab.errors import ProtocolError, TooFewClients
 from securecollab.models import load_arrays, parameters_to_arrays
 from securecollab.plans import FedAvgPlan, root_data
 from securecollab.poisoning import Behaviour
 from securecollab.protocols.rounds import RoundState
 from securecollab.training import TrainConfig, train_local
 from securecollab.updates import apply_aggregate, ready_update, update_vector
+
+log = logging.getLogger(__name__)
 
 
 class FedAvgRounds(RoundState):
@@ -30,6 +33,7 @@ class FedAvgRounds(RoundState):
         # Weighted by examples: the count entry of the result is the examples' total (FLTrust: the total trust).
         self.rule = rule or clear_rule(plan)
         self._root = None  # FLTrust: the aggregator's own data, loaded once
+        self.empty_rounds: list[int] = []  # rounds in which the rule accepted no update
     def submit(self, client_id: str, round_: int, num_examples: int, params) -> int:
         """Accept one client's update; returns how many updates this round holds now."""
         self.check_client(client_id)
@@ -58,7 +62,15 @@ class FedAvgRounds(RoundState):
         if self.plan.robust:  # FLTrust: this round's direction is the aggregator's own update
             self._root = self._root or RootUpdates(self.plan)
             rule = aggregation_rule("fltrust", reference=self._root.delta(self.round, self.params))
-        self._advance(apply_aggregate(self.params, rule.clear(updates, weights), real_weights=rule.real_weights))
+        try:
+            new = apply_aggregate(self.params, rule.clear(updates, weights), real_weights=rule.real_weights)
+        except TooFewClients as e:
+            # Every update was rejected (FLTrust: none trusted). The round still ends, with the model as it was
+            # (as secure aggregation reopens from the same model): the clients waiting for it must not wait on.
+            log.warning("round %d: %s; the next round starts from this round's model", self.round, e)
+            self.empty_rounds.append(self.round)
+            new = self.params
+        self._advance(new)
 
 
 def clear_rule(plan: FedAvgPlan) -> AggregationRule:
