@@ -261,8 +261,9 @@ def test_spec_validation_and_dealer_need():
                 {"robust": "fltrust", "reference": [1.0], "norm_bound": 1.0}):
         with pytest.raises(ValueError):
             secure_rule(**bad)
-    with pytest.raises(ValueError):
-        secure_rule(dp_sigma=-0.1)
+    for sigma in (-0.1, float("inf"), float("nan")):  # infinite noise would encode as INT64_MIN, silently
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            secure_rule(dp_sigma=sigma)
 
 
 # --------------------------------------------------------------------------- #

@@ -207,6 +207,7 @@ def test_bad_input_to_parties_and_coordinator_gets_clear_statuses_and_loses_noth
     bad_requests = {
         "unknown robust rule": pb.AggregateRequest(round=0, client_ids=both, robust="krum"),
         "unknown norm mode": pb.AggregateRequest(round=0, client_ids=both, norm_bound=1.0, norm_mode="shrink"),
+        "infinite DP noise": pb.AggregateRequest(round=0, client_ids=both, dp_sigma=float("inf")),
         "root update with NaN": pb.AggregateRequest(round=0, client_ids=both, robust="fltrust",
                                                     reference=encode_tensor(np.full(length - 1, np.nan))),
         "root update of the wrong length": pb.AggregateRequest(round=0, client_ids=both, robust="fltrust",

@@ -19,8 +19,8 @@ from securecollab.secagg.crypten_compat import load_crypten
 @register_rule("dp_noise")
 class DistributedNoise(AggregationRule):
     def __init__(self, inner: AggregationRule, sigma: float):
-        if not sigma >= 0:
-            raise ValueError(f"dp_sigma must be >= 0, got {sigma}")
+        if not 0 <= sigma < math.inf:  # infinite noise would encode as CrypTen's most negative integer
+            raise ValueError(f"dp_sigma must be finite and >= 0, got {sigma}")
         self.inner, self.sigma = inner, sigma
 
     @property
