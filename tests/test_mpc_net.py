@@ -341,11 +341,13 @@ def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(
             ask("party-1", 0)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         for kind, call in (("nope", None), ("additive", {"args": [torch.Size([2]), torch.Size([2]), "system"],
-                                                         "kwargs": {}}), ("square", {"args": ["x"], "kwargs": {}})):
+                                                         "kwargs": {}}), ("square", {"args": ["x"], "kwargs": {}}),
+                           # well-formed, but shapes torch cannot multiply: refused, its random draws undone
+                           ("additive", {"args": [torch.Size([2, 3]), torch.Size([4, 5]), "matmul"], "kwargs": {}})):
             with pytest.raises(grpc.RpcError) as e:
                 ask("party-0", 0, kind, call)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        c0 = ask("party-0", 0)
+        c0 = ask("party-0", 0)  # request 0 is still due, and the generators are where they were
         with pytest.raises(grpc.RpcError) as e:  # replayed request number
             ask("party-0", 0)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
