@@ -157,7 +157,10 @@ def parse_query(body, front: HEFront) -> np.ndarray:
     if not isinstance(pixels, list) or not pixels or len(pixels) > 65536 \
             or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in pixels):
         raise FrontError(400, "pixels must be a non-empty list of numbers")
-    x = np.asarray(pixels, dtype=np.float64)
+    try:
+        x = np.asarray(pixels, dtype=np.float64)
+    except OverflowError:  # an integer too large for a float
+        raise FrontError(400, "pixels must be finite and within [0, 1] (ink intensity)") from None
     if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
         raise FrontError(400, "pixels must be finite and within [0, 1] (ink intensity)")
     return x.astype(np.float32)

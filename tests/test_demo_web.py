@@ -63,6 +63,7 @@ def test_the_api_refuses_bad_input_clearly_and_keeps_serving(served):
     url = served["page"] + "/api/classify"
     bad = [({"pixels": [0.5] * 63}, "64 values"), ({"pixels": [0.5] * 63 + [float("nan")]}, "finite"),
            ({"pixels": [2.0] * 64}, "[0, 1]"), ({"pixels": ["a"] * 64}, "list of numbers"),
+           ({"pixels": [0.5] + [10 ** 400] + [0] * 62}, "finite"),  # an integer no float can hold
            ({"index": 12}, "[0, 12)"), ({"index": True}, "integer"), ([1, 2], "JSON object")]
     for body, words in bad:
         code, reply = call(url, body)
