@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/securecollab demo --quick
 
-# The thorough scorecard: full rounds and full attack sweeps (most of an hour on 2 cores).
+# The thorough scorecard: full rounds and full attack sweeps (about 1.5 h on 2 cores; see the README).
 demo-full: setup
 	$(BIN)/securecollab demo
 

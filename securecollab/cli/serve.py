@@ -135,7 +135,8 @@ def party(
     mpc_peer: Annotated[Optional[list[str]], typer.Option(
         help="grpc: host:port of each compute party's MPC endpoint, in index order (repeat); this party "
              "serves its own at that port.")] = None,
-    dealer: Annotated[Optional[str], typer.Option(help="grpc: host:port of the dealer (plans with a norm bound).")] = None,
+    dealer: Annotated[Optional[str], typer.Option(
+        help="grpc: host:port of the dealer (plans with a norm bound or --robust fltrust).")] = None,
     mpc_host: Annotated[Optional[str], typer.Option(
         help="grpc: address the MPC endpoint binds (default: --host), e.g. an address on a network only the "
              "parties and the dealer share.")] = None,
@@ -156,8 +157,8 @@ def party(
 @app.command("dealer")
 @uses(s=serving_options, plan=secagg_plan)
 def dealer(s=None, mpc_addr: MpcAddr = "127.0.0.1", mpc_port: MpcPort = 29500, plan=None):
-    """The dealer of correlated randomness (Beaver triples: for --norm-bound, and for `serve mpc`, which needs a
-    dealer of its own: one serves one MPC world at a time). grpc: a mutual-TLS service on
+    """The dealer of correlated randomness (Beaver triples: for --norm-bound and --robust fltrust, and for
+    `serve mpc`, which needs a dealer of its own: one serves one MPC world at a time). grpc: a mutual-TLS service on
     --port for world after world. gloo (insecure): CrypTen's trusted third party for one world; exits when
     it ends."""
     from securecollab.secagg.mpc import run_dealer
@@ -216,7 +217,8 @@ def he(
     weights: Annotated[Optional[Path], typer.Option(
         help="Serve these weights (.npz from a previous --out) instead of training.")] = None,
     max_sessions: Annotated[int, typer.Option(
-        min=1, help="Open sessions kept (each holds a client's keys); the least recently used is dropped.")] = 4,
+        min=1, help="Open sessions kept (each holds a client's keys); when full, a new one replaces the "
+             "caller's own least recently used, or another party's idle for 5 min, else RESOURCE_EXHAUSTED.")] = 4,
     max_batch: Annotated[int, typer.Option(
         min=0, help="Largest batch a session may ask for (0: single queries only).")] = 4096,
 ):
