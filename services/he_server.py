@@ -73,10 +73,16 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
                     raise ProtocolError("INVALID_ARGUMENT", "options may be sent only once, first")
                 yield part.context
 
-        _, blob = assemble_chunks(chunks(), max_bytes=self.host.max_context_bytes)
-        t0 = time.perf_counter()
-        session = self.host.open_session(owner, blob, batch_size)
-        setup_s = time.perf_counter() - t0
+        stream = chunks()
+        head = next(stream, None)
+        if head is None:
+            raise ProtocolError("INVALID_ARGUMENT", "the session stream holds no context")
+        # Room for the context before it is read: many clients uploading at once must not fill the memory.
+        with self.host.arriving.hold(head.total_bytes, "HE contexts"):
+            _, blob = assemble_chunks(itertools.chain([head], stream), max_bytes=self.host.max_context_bytes)
+            t0 = time.perf_counter()
+            session = self.host.open_session(owner, blob, batch_size)
+            setup_s = time.perf_counter() - t0
         self.transcript.record(Kind.CONTEXT, round=0, sender=owner,
                                meta={"session": session.session_id, "batch_size": batch_size,
                                      "sha256": hashlib.sha256(blob).hexdigest()},

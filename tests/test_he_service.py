@@ -247,6 +247,37 @@ def test_one_party_cannot_evict_another_partys_session():
     assert host.open_sessions == 1 and host.session(again.session_id, "alice") is again
 
 
+def test_contexts_arriving_at_once_hold_at_most_their_budget_and_the_rest_wait_then_are_refused():
+    """Many clients opening sessions at once: each context is counted by its declared size from its first byte;
+    one that would go over waits for room, and is refused (RESOURCE_EXHAUSTED) if none comes."""
+    import threading
+    import time
+
+    from securecollab.errors import ProtocolError
+    from securecollab.protocols.he import ByteBudget
+    budget = ByteBudget(300, wait_s=0.3)
+    with budget.hold(200), budget.hold(100):
+        assert budget.held == 300
+        with pytest.raises(ProtocolError, match="too many HE contexts") as e:
+            with budget.hold(1, "HE contexts"):
+                pass
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert budget.held == 0
+    admitted = []
+
+    def wait_for_room():
+        with budget.hold(50):
+            admitted.append(budget.held)
+
+    with budget.hold(10 ** 9):  # a declared size above the limit counts as the limit (and is refused later)
+        waiter = threading.Thread(target=wait_for_room)
+        waiter.start()
+        time.sleep(0.1)
+        assert admitted == []  # waits for room ...
+    waiter.join(1)
+    assert admitted == [50] and budget.held == 0  # ... and gets it when the first is done
+
+
 def test_a_client_written_from_the_proto_alone_gets_the_plaintext_models_answers(served, tmp_path):
     """The wire contract is complete: he.proto and tensor.proto compiled fresh into a temporary directory, and a
     client (tests/he_outsider_client.py) that imports only those stubs, grpc, TenSEAL and numpy, in an isolated

@@ -9,6 +9,8 @@ opened them; query ids are single-use per session (replays are refused).
 
 from __future__ import annotations
 
+import contextlib
+
 import secrets
 import threading
 import time
@@ -39,6 +41,30 @@ class Session:
 
 
 IDLE_EVICT_S = 300.0  # another party's session idle this long may be evicted
+ARRIVING_CONTEXTS = 4  # contexts of the largest size that may be arriving (or set up) at once
+
+
+class ByteBudget:
+    """Bytes that requests may hold at once: one that would go over waits up to ``wait_s`` for room, then is
+    refused (RESOURCE_EXHAUSTED), so concurrent uploads cannot fill the memory."""
+
+    def __init__(self, limit: int, wait_s: float = 120.0):
+        self.limit, self.wait_s, self.held = limit, wait_s, 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, what: str = "requests"):
+        nbytes = min(max(nbytes, 0), self.limit)
+        with self._room:
+            if not self._room.wait_for(lambda: self.held + nbytes <= self.limit, timeout=self.wait_s):
+                raise ProtocolError("RESOURCE_EXHAUSTED", f"too many {what} arriving at once; try again")
+            self.held += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.held -= nbytes
+                self._room.notify_all()
 
 
 class HEModelHost:
@@ -57,6 +83,8 @@ class HEModelHost:
         self.max_context_bytes = max_context_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+        # A context is held from its first byte (by its declared size) until its session is set up.
+        self.arriving = ByteBudget(ARRIVING_CONTEXTS * max_context_bytes)
         # Opening a session holds a context (up to max_context_bytes) and encodes the weights: two at a time.
         self._opening = threading.BoundedSemaphore(2)
 
