@@ -210,6 +210,8 @@ class SecAggPlan(JsonPlan):
             raise ValueError("secure aggregation bounds norms and weighs updates inside MPC: set SecAggPlan's "
                              "norm_bound, norm_mode and robust, not the training plan's")
         check_robustness(self.norm_bound, self.norm_mode, self.robust)
+        if not 0 <= self.dp_sigma < float("inf"):  # refused at start, not at the first aggregation
+            raise ValueError(f"dp_sigma must be finite and >= 0, got {self.dp_sigma}")
         if self.mpc_transport not in MPC_TRANSPORTS:
             raise ValueError(f"mpc_transport must be one of {MPC_TRANSPORTS}, not {self.mpc_transport!r}")
 

@@ -78,7 +78,7 @@ class HEInferenceServicer(pb_grpc.HEInferenceServicer):
         if head is None:
             raise ProtocolError("INVALID_ARGUMENT", "the session stream holds no context")
         # Room for the context before it is read: many clients uploading at once must not fill the memory.
-        with self.host.arriving.hold(head.total_bytes, "HE contexts"):
+        with self.host.arriving_context(owner, head.total_bytes):
             _, blob = assemble_chunks(itertools.chain([head], stream), max_bytes=self.host.max_context_bytes)
             t0 = time.perf_counter()
             session = self.host.open_session(owner, blob, batch_size)

@@ -91,14 +91,13 @@ class DealerServicer(pb_grpc.DealerServicer):
                 if not self.cond.wait_for(lambda: len(self.generators) == self.n, timeout=SEED_WAIT_S):
                     raise ProtocolError("UNAVAILABLE", f"parties {sorted(set(range(self.n)) - set(self.generators))}"
                                         " never asked for their seed")
-                states = [g.get_state() for g in self.generators.values()]
+                # Used up even if refused: party 0 counted it, and the parties drew their part before asking
+                # (such a world cannot go on; party 0 leaves it).
+                self.next_seq += 1
                 try:
                     result = getattr(self._arithmetic(), request.kind)(*args, **kwargs)
                 except (RuntimeError, ValueError, TypeError, IndexError) as e:  # arguments torch refuses
-                    for g, state in zip(self.generators.values(), states):  # as if never asked
-                        g.set_state(state)
                     raise ProtocolError("INVALID_ARGUMENT", f"{request.kind}: {e}") from None
-                self.next_seq += 1
                 self.served += 1
         except ProtocolError as e:
             self._refuse(context, e)

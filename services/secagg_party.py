@@ -179,6 +179,17 @@ def join_grpc_world(plan: SecAggPlan, index: int, tls: TlsFiles, peers: list[str
     return f"MPC over mutual TLS on {host}:{port}"
 
 
+def _update_length(plan: SecAggPlan) -> int | None:
+    """The plan's update length, from the model it names (built on the plan's data set, which tells the input
+    shape); None, with a warning, where this host cannot read that data set."""
+    try:
+        return plan.training.update_length()
+    except (OSError, ValueError) as e:
+        log.warning("cannot read the plan's data set here (%s): shares of any length are taken, and the first "
+                    "of a round fixes that round's (one client's wrong length can then spoil a round)", e)
+        return None
+
+
 def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0.0.1", mpc_port: int = 29500,
           mpc_peers: list[str] | None = None, dealer: str | None = None, mpc_host: str | None = None,
           port: int = 0, host: str = "[::]", out_dir: Path | None = None, port_file: Path | None = None) -> None:
@@ -190,7 +201,7 @@ def serve(plan: SecAggPlan, index: int, *, tls: TlsFiles, mpc_addr: str = "127.0
     party_id = f"party-{index}"
     meter = CostMeter(party_id)
     store = ShareStore(index, plan.training.client_ids(), min_clients=plan.min_clients,
-                       length=plan.training.update_length(), rounds_per_client=plan.max_aborted_rounds + 2)
+                       length=_update_length(plan), rounds_per_client=plan.max_aborted_rounds + 2)
     transcript = TranscriptRecorder(out_dir / "transcripts" / f"{party_id}.jsonl" if out_dir and plan.training.record_transcripts else None,
                                     party=party_id, role="party", resume=True)
     jobs: queue.Queue = queue.Queue()

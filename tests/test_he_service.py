@@ -263,6 +263,7 @@ def test_contexts_arriving_at_once_hold_at_most_their_budget_and_the_rest_wait_t
                 pass
         assert e.value.code == "RESOURCE_EXHAUSTED"
     assert budget.held == 0
+    budget = ByteBudget(300, wait_s=30)  # the waiter below must not give up on a loaded machine
     admitted = []
 
     def wait_for_room():
@@ -276,6 +277,27 @@ def test_contexts_arriving_at_once_hold_at_most_their_budget_and_the_rest_wait_t
         assert admitted == []  # waits for room ...
     waiter.join(1)
     assert admitted == [50] and budget.held == 0  # ... and gets it when the first is done
+
+
+def test_an_owner_sends_one_context_at_a_time_and_none_above_the_limit():
+    """A few stalled uploads of one client cannot hold the whole budget of arriving contexts."""
+    from securecollab.errors import ProtocolError
+    from securecollab.protocols.he import HEModelHost
+    model, ds = HEModelPlan(model="mlp", epochs=1).train()
+    host = HEModelHost(model, ds.input_shape, ds.num_classes, name="mlp", max_context_bytes=1000)
+    with host.arriving_context("alice", 1000):
+        with pytest.raises(ProtocolError, match="already sending") as e:
+            with host.arriving_context("alice", 10):
+                pass
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+        with host.arriving_context("bob", 1000):
+            assert host.arriving.held == 2000
+    with pytest.raises(ProtocolError, match="exceeds the limit") as e:
+        with host.arriving_context("bob", 1001):
+            pass
+    assert e.value.code == "INVALID_ARGUMENT"
+    with host.arriving_context("alice", 10):  # alice's first context is done: she may send another
+        assert host.arriving.held == 10
 
 
 def test_a_client_written_from_the_proto_alone_gets_the_plaintext_models_answers(served, tmp_path):

@@ -341,13 +341,11 @@ def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(
             ask("party-1", 0)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         for kind, call in (("nope", None), ("additive", {"args": [torch.Size([2]), torch.Size([2]), "system"],
-                                                         "kwargs": {}}), ("square", {"args": ["x"], "kwargs": {}}),
-                           # well-formed, but shapes torch cannot multiply: refused, its random draws undone
-                           ("additive", {"args": [torch.Size([2, 3]), torch.Size([4, 5]), "matmul"], "kwargs": {}})):
+                                                         "kwargs": {}}), ("square", {"args": ["x"], "kwargs": {}})):
             with pytest.raises(grpc.RpcError) as e:
                 ask("party-0", 0, kind, call)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        c0 = ask("party-0", 0)  # request 0 is still due, and the generators are where they were
+        c0 = ask("party-0", 0)
         with pytest.raises(grpc.RpcError) as e:  # replayed request number
             ask("party-0", 0)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -357,5 +355,9 @@ def test_dealer_serves_parties_only_in_order_and_party_0_alone_gets_corrections(
         r = sum(generate_random_ring_element(torch.Size([6]), generator=g) for g in gens)
         r2_others = sum(generate_random_ring_element(torch.Size([6]), generator=g) for g in gens[1:])
         assert torch.equal(c0 + r2_others, r * r)
+        with pytest.raises(grpc.RpcError) as e:  # well-formed, but shapes torch cannot multiply: not UNKNOWN
+            ask("party-0", 1, "additive", {"args": [torch.Size([2, 3]), torch.Size([4, 5]), "matmul"], "kwargs": {}})
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be multiplied" in e.value.details()
+        assert ask("party-0", 2).shape == (6,)  # the dealer goes on serving (request 1 was used up)
     finally:
         server.stop(grace=None)

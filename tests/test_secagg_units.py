@@ -75,6 +75,16 @@ def test_store_takes_only_the_plans_length_and_a_few_open_rounds_per_client():
     assert store.put("client-0", 3, _share()) == (2, True)
 
 
+def test_a_party_knows_the_update_length_from_the_plan_or_says_it_cannot(tmp_path, caplog):
+    from services.secagg_party import _update_length
+    plan = SecAggPlan(training=FedAvgPlan(num_clients=2))
+    model = plan.training.build_model()
+    assert _update_length(plan) == sum(p.numel() for p in model.parameters()) + 1
+    assert _update_length(SecAggPlan(training=FedAvgPlan(num_clients=2, vector_length=101))) == 101
+    elsewhere = SecAggPlan(training=FedAvgPlan(num_clients=2, dataset="npz", dataset_path=str(tmp_path / "no.npz")))
+    assert _update_length(elsewhere) is None and "shares of any length" in caplog.text
+
+
 def test_store_take_refuses_a_client_it_does_not_hold():
     store = ShareStore(0, ["client-0", "client-1"])
     store.put("client-0", 3, _share())

@@ -65,8 +65,9 @@ class FedAvgRounds(RoundState):
         try:
             new = apply_aggregate(self.params, rule.clear(updates, weights), real_weights=rule.real_weights)
         except TooFewClients as e:
-            # Every update was rejected (FLTrust: none trusted). The round still ends, with the model as it was
-            # (as secure aggregation reopens from the same model): the clients waiting for it must not wait on.
+            # Every update was rejected (FLTrust: none trusted). The round still ends, with the model as it was,
+            # so the clients waiting for it do not wait on; it counts as one of the plan's rounds (secure
+            # aggregation instead aborts such a round and reopens from the same model under a new round id).
             log.warning("round %d: %s; the next round starts from this round's model", self.round, e)
             self.empty_rounds.append(self.round)
             new = self.params

@@ -85,6 +85,7 @@ class HEModelHost:
         self._lock = threading.Lock()
         # A context is held from its first byte (by its declared size) until its session is set up.
         self.arriving = ByteBudget(ARRIVING_CONTEXTS * max_context_bytes)
+        self._arriving_from: set[str] = set()  # owners with a context on its way: one each
         # Opening a session holds a context (up to max_context_bytes) and encodes the weights: two at a time.
         self._opening = threading.BoundedSemaphore(2)
 
@@ -99,6 +100,24 @@ class HEModelHost:
                 "logit_slots": list(range(self.num_classes))}  # decrypt_logits reads the first slots
 
     # -- sessions -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving_context(self, owner: str, declared_bytes: int):
+        """Room for one owner's context of ``declared_bytes`` while it arrives and its session is set up: one at a
+        time per owner, all together within ``arriving`` (so a few stalled uploads cannot hold every slot)."""
+        if declared_bytes > self.max_context_bytes:
+            raise ProtocolError("INVALID_ARGUMENT", f"a context of {declared_bytes} bytes exceeds the limit of "
+                                                    f"{self.max_context_bytes}")
+        with self._lock:
+            if owner in self._arriving_from:
+                raise ProtocolError("RESOURCE_EXHAUSTED", f"{owner} is already sending a context")
+            self._arriving_from.add(owner)
+        try:
+            with self.arriving.hold(declared_bytes, "HE contexts"):
+                yield
+        finally:
+            with self._lock:
+                self._arriving_from.discard(owner)
 
     def open_session(self, owner: str, context: bytes, batch_size: int) -> Session:
         if batch_size > self.max_batch_size:
