@@ -11,13 +11,16 @@ per class, so the server can read labels off its direction. What it holds:
 * for the ``cosine`` score, the label of one example per class (declared
   knowledge: e.g. examples the server itself planted or knows); those
   reference examples are left out of the score;
-* nothing for ``cluster`` (k-means on the gradient directions): that finds the
-  classes up to a renaming, so it is scored at the best renaming;
+* for ``cluster`` (k-means on the gradient directions, which finds the classes
+  up to a renaming), the same one known example per class names the clusters
+  (Hungarian on the cosine between those examples and the centroids); those
+  examples are left out of the score too;
 * ``norm``: the gradient's length alone, the binary-case attack.
 
 Vanilla mode sends the labels in the clear (``plaintext``): reported for contrast.
 Scores: per-class one-vs-rest AUC (macro mean, bootstrap interval) beside 0.5,
-and label accuracy beside the majority-class prior, both with 95% intervals.
+and label accuracy beside the prior (always guessing the commonest class of the
+adversary's own labelled data, the test split), both with 95% intervals.
 """
 
 from __future__ import annotations
@@ -93,20 +96,17 @@ def cosine_scores(grads: np.ndarray, references: dict[int, int], num_classes: in
     return out
 
 
-def cluster_scores(grads: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
-    """k-means on the gradient directions; cosine to each centroid, columns renamed to the best-matching class.
-
-    The renaming (Hungarian on the cluster/label counts) uses the true labels:
-    clustering alone reveals the partition, one known label per cluster names it.
-    """
+def cluster_scores(grads: np.ndarray, references: dict[int, int], num_classes: int, seed: int = 0) -> np.ndarray:
+    """k-means on the gradient directions; cosine to each centroid, the centroids named by the known examples
+    (Hungarian on the cosine between each class's reference gradient and the centroids; -1 for a class not
+    named). Clustering alone finds the classes up to a renaming; the one known label per class names them."""
     unit = _unit(grads)
     km = KMeans(n_clusters=num_classes, n_init=4, random_state=seed).fit(unit)
-    counts = np.zeros((num_classes, num_classes))
-    np.add.at(counts, (km.labels_, labels), 1)
-    clusters, classes = linear_sum_assignment(-counts)
     centroids = _unit(km.cluster_centers_)
+    classes = np.array(sorted(references))
+    named, clusters = linear_sum_assignment(-(unit[[references[c] for c in classes]] @ centroids.T))
     out = np.full((len(grads), num_classes), -1.0)
-    out[:, classes] = unit @ centroids[clusters].T
+    out[:, classes[named]] = unit @ centroids[clusters].T
     return out
 
 
@@ -115,26 +115,27 @@ def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> tuple[float, list]:
     return hits / len(labels), list(rate_ci(hits, len(labels)))
 
 
-def baseline(labels: np.ndarray) -> dict:
-    """What the server gets without looking: AUC 0.5, and always guessing the majority class."""
-    prior, ci = _accuracy(np.full(len(labels), np.bincount(labels).argmax()), labels)
+def baseline(labels: np.ndarray, prior_labels: np.ndarray) -> dict:
+    """What the server gets without looking: AUC 0.5, and always guessing the commonest class of its own
+    labelled data ``prior_labels`` (scored on ``labels``)."""
+    prior, ci = _accuracy(np.full(len(labels), np.bincount(prior_labels).argmax()), labels)
     return {"auc": 0.5, "label_accuracy": prior, "label_accuracy_ci": ci}
 
 
-def leak_labels(grads: np.ndarray, labels: np.ndarray, num_classes: int, *, methods=METHODS, seed: int = 0
-                ) -> dict[str, dict]:
-    """Per method: ``{"metrics", "baseline"}`` for these gradients and (scoring-only) labels."""
+def leak_labels(grads: np.ndarray, labels: np.ndarray, num_classes: int, *, prior_labels: np.ndarray,
+                methods=METHODS, seed: int = 0) -> dict[str, dict]:
+    """Per method: ``{"metrics", "baseline"}`` for these gradients and (scoring-only) labels; ``prior_labels``:
+    the adversary's own labelled data, for the baseline."""
     out = {}
     for method in methods:
         keep = np.ones(len(labels), bool)
         if method == "norm":
             scores = norm_scores(grads, num_classes)
-        elif method == "cosine":
+        elif method in ("cosine", "cluster"):
             refs = reference_examples(labels, num_classes)
-            scores = cosine_scores(grads, refs, num_classes)
+            scores = cosine_scores(grads, refs, num_classes) if method == "cosine" else \
+                cluster_scores(grads, refs, num_classes, seed=seed)
             keep[list(refs.values())] = False  # the known examples are not a finding
-        elif method == "cluster":
-            scores = cluster_scores(grads, labels, num_classes, seed=seed)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         s, y = scores[keep], labels[keep]
@@ -142,18 +143,18 @@ def leak_labels(grads: np.ndarray, labels: np.ndarray, num_classes: int, *, meth
                    "n_examples": int(len(y))}
         if method != "norm":  # one scalar orders examples, it cannot name a class among ten
             metrics["label_accuracy"], metrics["label_accuracy_ci"] = _accuracy(s.argmax(1), y)
-        out[method] = {"metrics": metrics, "baseline": baseline(y)}
+        out[method] = {"metrics": metrics, "baseline": baseline(y, prior_labels)}
     return out
 
 
-def plaintext_labels(view: ServerView, truth: GroundTruth) -> dict[str, dict]:
+def plaintext_labels(view: ServerView, truth: GroundTruth, prior_labels: np.ndarray) -> dict[str, dict]:
     """Vanilla mode: the labels the server received, checked against the truth."""
     records = [r for r in view.batches if r.round == view.last_epoch]
     got = np.concatenate([r.tensors["labels"] for r in records])
     true = np.concatenate([truth.ds.y_train[truth.sources(r)] for r in records])
     acc, ci = _accuracy(got, true)
     return {"plaintext": {"metrics": {"label_accuracy": acc, "label_accuracy_ci": ci, "n_examples": int(len(true))},
-                          "baseline": baseline(true)}}
+                          "baseline": baseline(true, prior_labels)}}
 
 
 @attack("label_leakage", adversary=SERVER, protocols=("split",),
@@ -166,10 +167,11 @@ def label_leakage(run_dir: Path, *, plan=None, methods=METHODS, seed: int = 0, q
     ds = view.plan.load_data()
     truth = GroundTruth(view.plan, ds)
     if view.plan.mode == "vanilla":
-        results = plaintext_labels(view, truth)
+        results = plaintext_labels(view, truth, ds.y_test)
     else:
         grads, labels = last_epoch_gradients(view, truth)
-        results = leak_labels(grads, labels, ds.num_classes, methods=tuple(methods), seed=seed)
+        results = leak_labels(grads, labels, ds.num_classes, prior_labels=ds.y_test, methods=tuple(methods),
+                              seed=seed)
     sweep = {**sweep_metrics(view.plan), "epoch": view.last_epoch, **extra_metrics}
     return [row("label_leakage", "split", SERVER, {**r["metrics"], "method": m, **sweep}, r["baseline"])
             for m, r in results.items()]

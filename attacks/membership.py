@@ -276,6 +276,9 @@ def attack_rows(scores: dict[str, np.ndarray], is_member, *, protocol: str, adve
 
 def _run_on_released(run_dir: Path, *, variants, plan_json: str | None, n_shadows: int, seed: int,
                      protocol: str | None) -> list[dict]:
+    saved = run_dir / "plan.json"  # the run's public training recipe: its data split follows the plan's seed
+    if plan_json is None and saved.is_file():
+        plan_json = saved.read_text()
     plan = FedAvgPlan.from_json(plan_json) if plan_json else FedAvgPlan(seed=seed)
     protocol = protocol or detect_protocol(run_dir)
     model, plan = load_released(run_dir, protocol, plan)
@@ -295,7 +298,8 @@ def _run_on_released(run_dir: Path, *, variants, plan_json: str | None, n_shadow
         summary="loss-threshold membership inference on the released model (members: its training set)")
 def run_loss(run_dir: Path, *, plan_json: str | None = None, seed: int = 0, protocol: str | None = None,
              **_) -> list[dict]:
-    """Options: ``plan_json`` (the FedAvgPlan of the run; default the demo's), ``protocol`` (else detected)."""
+    """Options: ``plan_json`` (the FedAvgPlan of the run; default the run's plan.json, else the demo's),
+    ``protocol`` (else detected)."""
     return _run_on_released(run_dir, variants=("loss",), plan_json=plan_json, n_shadows=0, seed=seed,
                             protocol=protocol)
 

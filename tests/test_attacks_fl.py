@@ -73,7 +73,7 @@ def test_analytic_and_optimization_attacks_on_a_real_aggregator_transcript(fedsg
 
 
 def test_control_random_updates_in_the_transcript_score_at_baseline(fedsgd_run, tmp_path):
-    """The same attack on a transcript whose updates were replaced by random weights finds nothing."""
+    """The same attack on a transcript whose updates carry N(0, 0.05) noise on every weight finds nothing."""
     from securecollab.transcript import load_transcript
     run_dir, plan = fedsgd_run
     fake = tmp_path / "fake"

@@ -151,7 +151,7 @@ def test_ushaped_label_leakage_from_returned_gradients(ushaped_run):
     assert all("labels" not in r.tensors for r in view.batches)  # labels really stayed home
     ds = view.plan.load_data()
     grads, labels = ll.last_epoch_gradients(view, sv.GroundTruth(view.plan, ds))
-    results = ll.leak_labels(grads, labels, ds.num_classes)
+    results = ll.leak_labels(grads, labels, ds.num_classes, prior_labels=ds.y_test)
     for method in ("cosine", "cluster"):
         m, b = results[method]["metrics"], results[method]["baseline"]
         assert m["auc_ci"][0] > 0.85, (method, m)
@@ -165,12 +165,11 @@ def test_control_label_leakage_on_unrelated_labels_is_at_chance(ushaped_run):
     grads, labels = ll.last_epoch_gradients(view, sv.GroundTruth(view.plan, ds))
     rng = np.random.default_rng(1)
     for g, y in ((grads, rng.permutation(labels)), (rng.normal(size=grads.shape), labels)):
-        results = ll.leak_labels(g, y, ds.num_classes)
-        for method in ("norm", "cosine"):
+        results = ll.leak_labels(g, y, ds.num_classes, prior_labels=ds.y_test)
+        for method in ("norm", "cosine", "cluster"):  # the clusters are named by the known examples alone
             assert abs(results[method]["metrics"]["auc"] - 0.5) < 0.05, (method, results[method])
-        # the cluster renaming is chosen with the labels: a few points of optimism on unrelated ones
-        assert results["cluster"]["metrics"]["auc"] < 0.58, results["cluster"]
-        assert results["cosine"]["metrics"]["label_accuracy_ci"][0] < results["cosine"]["baseline"]["label_accuracy"]
+        for method in ("cosine", "cluster"):
+            assert results[method]["metrics"]["label_accuracy_ci"][0] < results[method]["baseline"]["label_accuracy"]
 
 
 def test_auc_is_the_mann_whitney_statistic():
