@@ -267,8 +267,10 @@ def attack_rows(scores: dict[str, np.ndarray], is_member, *, protocol: str, adve
     """One scorecard row per variant in ``scores`` (``membership_loss`` or ``membership_lira``)."""
     rows = []
     for variant, s in scores.items():
+        # LiRA's shadows train on halves of a population that holds the candidates (members among them)
         name, tag = ("membership_loss", {}) if variant == "loss" else \
-            ("membership_lira", {"variant": variant, "shadow_models": int(shadow_models)})
+            ("membership_lira", {"variant": variant, "shadow_models": int(shadow_models),
+                                 "population": "train and test splits, the candidates among them"})
         metrics = {**membership_metrics(s, is_member, seed=seed), **tag, **(extra_metrics or {})}
         rows.append(row(name, protocol, adversary, metrics, random_guess_baseline(), **extra))
     return rows
