@@ -42,7 +42,7 @@ from attacks.membership import (
     one_torch_thread,
     train_shadows,
 )
-from attacks.metrics import membership_metrics, roc_points
+from attacks.metrics import membership_metrics, rate_ci, roc_points
 from attacks.released import TRAINING_PROTOCOLS, load_released
 from experiments.figures import pyplot, save_figure
 from experiments.registry import experiment
@@ -217,10 +217,16 @@ def mpc_rows(out_dir: Path, *, seed: int, progress, plan=None, per_side: int | N
     logits_scores = loss_scores(plain_logits, cand.labels)
     logits_metrics = membership_metrics(logits_scores, cand.is_member, seed=seed)
     member_acc, other_acc = float(correct[cand.is_member].mean()), float(correct[~cand.is_member].mean())
+    agree = received == plain_logits.argmax(1)
     extra = {"score": "label correct (0-1 loss, label only)", "enforced": True, "queries": len(cand.idx),
-             "member_accuracy": member_acc, "non_member_accuracy": other_acc, "advantage": member_acc - other_acc,
+             "member_accuracy": member_acc,
+             "member_accuracy_ci": list(rate_ci(int(correct[cand.is_member].sum()), int(cand.is_member.sum()))),
+             "non_member_accuracy": other_acc,
+             "non_member_accuracy_ci": list(rate_ci(int(correct[~cand.is_member].sum()), int((~cand.is_member).sum()))),
+             "advantage": member_acc - other_acc,
              "logits_loss_auc": logits_metrics["auc"], "logits_loss_auc_ci": logits_metrics["auc_ci"],
-             "plaintext_label_agreement": float((received == plain_logits.argmax(1)).mean())}
+             "plaintext_label_agreement": float(agree.mean()),
+             "plaintext_label_agreement_ci": list(rate_ci(int(agree.sum()), len(agree)))}
     rows = attack_rows({"loss": correct}, cand.is_member, protocol="mpc_inference", adversary="mpc-client",
                        extra_metrics=extra, seed=seed,
                        notes="labels read from the client's transcript (the deployment returns labels only); "

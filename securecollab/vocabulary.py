@@ -11,7 +11,7 @@ REGIMES = ("fedsgd", "fedavg")
 
 # Rates carry a 95% interval beside them (`<name>_ci` = [low, high]).
 RATES = ("reid_rate", "label_accuracy", "tpr_at_1pct_fpr", "tpr_at_0p1pct_fpr", "fidelity", "attack_success_rate",
-         "main_accuracy")
+         "main_accuracy", "member_accuracy", "non_member_accuracy", "plaintext_label_agreement")
 
 # What an inversion row observed: the examples behind one observed update (all included clients' for an
 # aggregate) and the SGD steps each contributing client took in the round.

@@ -53,6 +53,11 @@ def test_well_formed_rows_pass_and_each_defect_is_named():
     # two defences (different noise) are two settings
     noisy = inversion_row(defence="dp_sgd(noise=0.03,clip=1)", samples_per_update=32, images=64, observations=2)
     assert row_problems([inversion_row(), noisy]) == []
+    # the label-only membership attack's own finding is a pair of rates: each needs its interval
+    label_only = row("membership_loss", "mpc_inference", "mpc-client",
+                     {"auc": 0.5, "auc_ci": [0.4, 0.6], "member_accuracy": 0.9, "non_member_accuracy": 0.8,
+                      "non_member_accuracy_ci": [0.7, 0.9]}, {"auc": 0.5})
+    assert "member_accuracy without member_accuracy_ci" in " ".join(row_problems([label_only]))
     stranger = row("backdoor_x", "fedavg", "client", {"asr": 1.0}, {})
     assert "not in securecollab/vocabulary.py READ_FIELDS" in " ".join(row_problems([stranger]))
     assert set(READ_FIELDS) >= {"gradient_inversion", "analytic_fc", "activation_inversion", "label_leakage",
