@@ -26,6 +26,7 @@ only ever receives labels: its rows are the label-only defence enforced.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,8 @@ def serve_and_query(plan, work: Path, *, aux_queries: int, random_count: int, se
     from services.he_client import HEClient
 
     work.mkdir(parents=True, exist_ok=True)
-    with one_thread():
-        _, ds, weights, certs = prepare(plan, work)
+    with one_thread():  # from a secret seed, as the MPC owner's: the plan alone must not give the adversary the model
+        _, ds, weights, certs = prepare(plan, work, seed=secrets.randbits(31))
     sent = _queries(ds, aux_queries=aux_queries, random_count=random_count, seed=seed)
     batch = int(min(4096, max(aux_queries, random_count)))
     recorder = TranscriptRecorder(work / "transcripts" / f"{CLIENT}.jsonl", party=CLIENT, role="client")

@@ -26,10 +26,11 @@ CLIENT = "client-0"
 PLAIN_CLIENT = "client-1"
 
 
-def prepare(plan: HEModelPlan, work: Path, placement: Placement = LOOPBACK):
-    """(model, dataset, weights path, certs dir): the trained model and what the server needs to serve it."""
+def prepare(plan: HEModelPlan, work: Path, placement: Placement = LOOPBACK, *, seed: int | None = None):
+    """(model, dataset, weights path, certs dir): the trained model (from the plan's seed, or ``seed``: a secret
+    one where whoever holds the plan must not be able to train the very same model) and what the server needs."""
     from securecollab.launch import ensure_certs
-    model, ds = plan.train()
+    model, ds = plan.train(seed=seed)
     weights = work / "he_model.npz"
     save_weights(model, weights)
     certs = ensure_certs(work / "certs", ["he", CLIENT, PLAIN_CLIENT], placement)
