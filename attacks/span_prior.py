@@ -11,13 +11,18 @@ not say (the optimization that unrolls the local steps stalls in local minima th
 * ``learned_latent``: an autoencoder trained on the adversary's own images; from the codes of those images
   (and perturbations of them) the decoder's output descends to the plane, and is then projected onto it.
   The decoder keeps the points digit-shaped where the plane alone would accept any mixture.
+* ``local_gaussian``: a mixture of local Gaussians, one per adversary's image (its covariance from its
+  nearest images of the same class), each conditioned on the plane in closed form and then moved toward the
+  hidden span below (attacks/local_gaussian.py); a point counts as much as its component makes the plane likely.
 
 The candidates crowd around the inputs. k-means groups them into k clusters; a cluster's mean is one
 reconstruction, and the most common label among the adversary's images behind its members is its label.
 Where the model goes on Linear -> ReLU -> Linear, candidates count by how near their hidden vector (at the
-global weights) lies to the second layer's update row space, ``exp(-distance / HIDDEN_SCALE)``: the inputs'
-hidden vectors span it up to the weights' drift over the local steps, while a mixture of two inputs misses
-on the units where only one of them is active (attacks/separation.py uses the same fact where it is exact).
+global weights) lies to the second layer's update row space, ``exp(-distance / HIDDEN_SCALE)``: that row space
+lies in the span of the inputs' hidden vectors (each at the weights of its own mini-batch; all of that span when
+at least k of the second layer's units are active for the batch: with the MLP's 32 and k = 32, a few silent
+units leave it a few dimensions short), while a mixture of two inputs misses on the units where only one of
+them is active (attacks/separation.py uses the same fact where it is exact).
 Needs a first Linear layer on the input and k below the input size and that layer's width;
 :func:`span_prior_inversions` returns nothing otherwise. In this project's sweeps that is plain FedAvg's
 single update (N = 1, 32 images of 64 pixels); sums of N >= 2 clients' 32 images fill the input space.
@@ -26,7 +31,6 @@ single update (N = 1, 32 images of 64 pixels); sums of N >= 2 clients' 32 images
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,43 +38,18 @@ from torch import nn
 
 from attacks.analytic_fc import input_layer_delta
 from attacks.gradient_inversion import Inversion
+from attacks.input_plane import HiddenSpan, InputPlane, input_plane
+from attacks.local_gaussian import REFINE_STEPS, local_gaussian_candidates
 from attacks.observed import parameter_delta
 from attacks.separation import relu_pair
 
-PRIORS = ("auxiliary_span", "learned_latent")
+PRIORS = ("auxiliary_span", "learned_latent", "local_gaussian")
 LATENT = 8              # the autoencoder's code size
 AUTOENCODER_STEPS = 3000
 SEARCH_STEPS = 400
 STARTS_PER_IMAGE = 4    # latent starting points per auxiliary image
 HIDDEN_SCALE = 0.1      # relative distance to the hidden span at which a candidate's weight falls by e
-
-
-@dataclass
-class InputPlane:
-    """The affine plane ``origin + span(directions)`` on which every input of an update lies."""
-
-    origin: np.ndarray      # (d,)
-    directions: np.ndarray  # (k - 1, d), orthonormal rows
-
-    def project(self, points: np.ndarray) -> np.ndarray:
-        return self.origin + ((points - self.origin) @ self.directions.T) @ self.directions
-
-
-def input_plane(weight_delta: np.ndarray, bias_delta: np.ndarray, k: int) -> InputPlane | None:
-    """The plane of the k inputs behind a first layer's update; None when k is not below the layer's
-    width and input size, or fewer than k independent inputs moved the layer."""
-    w = np.asarray(weight_delta, np.float64)
-    b = np.asarray(bias_delta, np.float64)
-    if not 1 <= k < min(w.shape):
-        return None
-    _, singular, vt = np.linalg.svd(w, full_matrices=False)
-    if singular[k - 1] <= 1e-5 * singular[0]:
-        return None
-    span = vt[:k]
-    coefficients, *_ = np.linalg.lstsq(w @ span.T, b, rcond=None)
-    z = span.T @ coefficients  # x . z = 1 for every input (in the span: dW z = db)
-    along = span - np.outer(span @ z, z) / (z @ z)
-    return InputPlane(origin=z / (z @ z), directions=np.linalg.svd(along, full_matrices=False)[2][:k - 1])
+ITERATIONS = {"learned_latent": SEARCH_STEPS, "local_gaussian": REFINE_STEPS}  # descent steps per candidate
 
 
 _trained: dict[tuple, tuple[nn.Module, nn.Module]] = {}  # one autoencoder per auxiliary set and seed, per process
@@ -104,11 +83,17 @@ def _fit_autoencoder(images: np.ndarray, latent: int, steps: int, seed: int) -> 
     return encoder.requires_grad_(False), decoder.requires_grad_(False)
 
 
-def candidates(plane: InputPlane, auxiliary: np.ndarray, prior: str, *, seed: int = 0
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(points on the plane, index of the auxiliary image each came from) under ``prior``."""
+def candidates(plane: InputPlane, auxiliary: np.ndarray, prior: str, *, labels: np.ndarray,
+               hidden: HiddenSpan | None = None, seed: int = 0, pixel_range=(0.0, 1.0)
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(points on the plane, index of the auxiliary image each came from, each point's log weight) under
+    ``prior``; ``labels`` are the auxiliary images' (local_gaussian's components are per class)."""
+    everyone = np.arange(len(auxiliary))
     if prior == "auxiliary_span":
-        return plane.project(auxiliary), np.arange(len(auxiliary))
+        return plane.project(auxiliary), everyone, np.zeros(len(auxiliary))
+    if prior == "local_gaussian":
+        points, log_weights = local_gaussian_candidates(plane, auxiliary, labels, hidden, pixel_range=pixel_range)
+        return points, everyone, log_weights
     if prior != "learned_latent":
         raise ValueError(f"unknown prior {prior!r}; known: {', '.join(PRIORS)}")
     encoder, decoder = train_autoencoder(auxiliary, seed=seed)
@@ -128,23 +113,15 @@ def candidates(plane: InputPlane, auxiliary: np.ndarray, prior: str, *, seed: in
         optimizer.step()
     with torch.no_grad():
         decoded = off_plane(codes)[0].numpy()
-    return plane.project(decoded), np.tile(np.arange(len(auxiliary)), STARTS_PER_IMAGE)
+    return plane.project(decoded), np.tile(everyone, STARTS_PER_IMAGE), np.zeros(len(decoded))
 
 
-def hidden_weights(points: np.ndarray, global_params: dict[str, np.ndarray], delta: dict[str, np.ndarray],
-                   layers: tuple[str, str] | None) -> np.ndarray:
+def hidden_weights(points: np.ndarray, hidden: HiddenSpan | None) -> np.ndarray:
     """Each candidate's weight from the distance of its hidden vector to the second layer's update row
     space (all ones when the model does not begin Linear -> ReLU -> Linear)."""
-    if layers is None:
+    if hidden is None:
         return np.ones(len(points))
-    first, second = layers
-    w2 = np.asarray(delta[f"{second}.weight"], np.float64)
-    _, singular, vt = np.linalg.svd(w2, full_matrices=False)
-    span = vt[singular > 1e-6 * singular[0]]
-    hidden = np.maximum(points @ global_params[f"{first}.weight"].T.astype(np.float64)
-                        + global_params[f"{first}.bias"].astype(np.float64), 0.0)
-    off = np.linalg.norm(hidden - hidden @ span.T @ span, axis=1) / (np.linalg.norm(hidden, axis=1) + 1e-12)
-    return np.exp(-off / HIDDEN_SCALE)
+    return np.exp(-hidden.distance(torch.from_numpy(np.asarray(points, np.float64))).numpy() / HIDDEN_SCALE)
 
 
 def cluster(points: np.ndarray, weights: np.ndarray, sources: np.ndarray, auxiliary_labels: np.ndarray, k: int,
@@ -169,7 +146,7 @@ def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray]
     if plane is None:
         return {}
     delta = parameter_delta(list(global_params.items()), list(new_params.items()))
-    layers = relu_pair(model)
+    hidden = HiddenSpan.of(global_params, delta, relu_pair(model))
     images, labels = auxiliary if auxiliary is not None else (ds.x_test, ds.y_test)
     if len(images) < k:
         raise ValueError(f"the adversary's auxiliary set has {len(images)} images, fewer than the {k} inputs to "
@@ -179,13 +156,14 @@ def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray]
     found = {}
     for prior in priors:
         start = time.perf_counter()
-        points, sources = candidates(plane, flat, prior, seed=seed)
+        points, sources, log_weights = candidates(plane, flat, prior, labels=np.asarray(labels), hidden=hidden,
+                                                  seed=seed, pixel_range=pixel_range)
         points = np.clip(points, *pixel_range)
-        weights = hidden_weights(points, global_params, delta, layers)
+        weights = hidden_weights(points, hidden) * np.exp(log_weights)
         guesses, guessed = cluster(points, weights, sources, np.asarray(labels), k, ds.num_classes, seed=seed)
         found[prior] = Inversion(images=guesses.astype(np.float32).reshape(k, *ds.input_shape), labels=guessed,
                                  distance=float(np.median(off)),  # how far the adversary's own images lie off it
-                                 iterations=SEARCH_STEPS if prior == "learned_latent" else 0,
+                                 iterations=ITERATIONS.get(prior, 0),
                                  wall_s=time.perf_counter() - start, method=prior)
     return found
 

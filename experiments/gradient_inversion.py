@@ -123,7 +123,7 @@ def plot_vs_n(rows: list[dict], path: Path) -> None:
                           or (separation != "none" and r["metrics"]["n_clients"] == 1)))
         if len(pts) > 1 or (pts and separation == "none"):
             ax.plot(*zip(*pts), marker=marker, label=f"{label} (N=1: plain FedAvg)")
-    for prior, marker in zip(PRIORS, ("^", "v")):  # where the images leave an input plane: N = 1 here
+    for prior, marker in zip(PRIORS, ("^", "v", "P")):  # where the images leave an input plane: N = 1 here
         pts = sorted((r["metrics"]["n_clients"], r["metrics"]["psnr_db"]) for r in inversion
                      if r["metrics"].get("prior") == prior and r["metrics"].get("regime") == "fedavg")
         if pts:

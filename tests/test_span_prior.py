@@ -44,7 +44,7 @@ def test_every_input_lies_on_the_plane_after_several_momentum_steps(ds):
     assert np.median(np.abs(plane.project(aux) - aux).max(1)) > 0.2
 
 
-@pytest.mark.parametrize("prior, gain_db", [("auxiliary_span", 2.5), ("learned_latent", 3.0)])
+@pytest.mark.parametrize("prior, gain_db", [("auxiliary_span", 2.5), ("learned_latent", 3.0), ("local_gaussian", 4.0)])
 def test_a_prior_on_the_plane_recovers_a_fedavg_clients_images(ds, prior, gain_db):
     _, x, y = client_data(PLAN, 0)
     start, new = update(ds, x, y)

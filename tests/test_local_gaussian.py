@@ -1,0 +1,48 @@
+"""Local Gaussians conditioned on an update's input plane (attacks/local_gaussian.py): the closed form."""
+
+import numpy as np
+
+from attacks.input_plane import input_plane
+from attacks.local_gaussian import condition_on_plane, local_covariances
+
+
+def plane_of(images: np.ndarray):
+    """The input plane of a first layer's update made from ``images`` (the shape local SGD gives it)."""
+    rng = np.random.default_rng(1)
+    coefficients = rng.normal(size=(64, len(images)))
+    return input_plane(coefficients @ images, coefficients.sum(1), len(images))
+
+
+def test_a_component_that_allows_the_missing_directions_lands_on_the_input_itself():
+    """Mean = an input + an offset in a subspace S, covariance spread over S: conditioning on the plane undoes
+    the offset exactly (the plane's normals see all of S), where a Euclidean projection does not."""
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 64))
+    plane = plane_of(images)
+    support = np.linalg.qr(rng.normal(size=(64, 5)))[0]          # S: 5 directions
+    offset = support @ rng.normal(size=5) * 0.3
+    mean = images[0] + offset
+    covariance = support @ support.T + 1e-9 * np.eye(64)
+    points, _ = condition_on_plane(plane, mean[None], covariance[None])
+    assert np.abs(points[0] - images[0]).max() < 1e-5
+    assert np.abs(plane.project(mean[None])[0] - images[0]).max() > 0.01
+
+
+def test_conditioned_points_lie_on_the_plane_and_near_components_are_likelier():
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 64))
+    plane = plane_of(images)
+    means = np.stack([images[1] + 0.01 * rng.normal(size=64), images[1] + 0.5 * rng.normal(size=64)])
+    covariances = np.repeat(0.01 * np.eye(64)[None], 2, axis=0)
+    points, log_likelihood = condition_on_plane(plane, means, covariances)
+    assert np.abs(plane.project(points) - points).max() < 1e-9
+    assert log_likelihood[0] > log_likelihood[1]
+
+
+def test_covariances_come_from_the_same_class_only_and_a_lone_image_keeps_the_ridge():
+    images = np.zeros((5, 64))
+    images[:4, 0] = [0.0, 0.1, 0.2, 0.3]   # class 0 varies in pixel 0 only
+    images[4, 1] = 1.0                     # class 1 has one image
+    covariances = local_covariances(images, np.array([0, 0, 0, 0, 1]), neighbours=4, ridge=1e-3)
+    assert covariances[0][0, 0] > 1e-3 and np.allclose(covariances[0][1:, 1:], 1e-3 * np.eye(63))
+    assert np.allclose(covariances[4], 1e-3 * np.eye(64))
