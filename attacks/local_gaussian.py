@@ -5,10 +5,11 @@ the same class (plus a ridge): the directions in which a digit like it varies (s
 Every input of the update lies on the plane, so each component's most likely point is its mean conditioned on
 the plane, in closed form: it moves along the directions the component allows, where a Euclidean projection
 (``auxiliary_span``) moves along the plane's normals whatever they draw. How likely the component makes the
-plane weighs its point. Where the model begins Linear -> ReLU -> Linear, each point then descends on the
-hidden vector's distance to the second layer's update row space, held near its component by the component's
-own Mahalanobis distance (the hidden span is exact for the first mini-batch, which ran at the global weights,
-and near for the later ones).
+plane gives its point a weight. Where the model begins Linear -> ReLU -> Linear, each point then descends on
+its hidden vector's distance to the second layer's update row space, held near its component by the
+component's own Mahalanobis distance. The inputs' hidden vectors lie near that row space, not on it (a few
+silent second-layer units leave it short of their span, and later mini-batches ran at moved weights), so
+``HIDDEN_SIGMA`` is a tuned strength of that pull, not the width of an exact likelihood.
 """
 
 from __future__ import annotations
@@ -20,29 +21,35 @@ from attacks.input_plane import HiddenSpan, InputPlane
 
 NEIGHBOURS = 20         # same-class images behind each component's covariance (itself included)
 RIDGE = 0.003           # added to each covariance (pixels in [0, 1]): how far a point may leave its neighbours' span
-PLANE_TEMPERATURE = 0.1  # a component's weight is its likelihood of the plane to this power (33 dims count at once)
+PLANE_TEMPERATURE = 0.1  # weight = likelihood of the plane to this power: all its normal directions count at once
 REFINE_STEPS = 400
 REFINE_LR = 0.003
-HIDDEN_SIGMA = 0.01     # the hidden span's likelihood width in the refinement (relative distance)
+HIDDEN_SIGMA = 0.01     # strength of the pull toward the hidden span (tuned by hand: 0.003 to 0.03 tried)
+CHUNK_BYTES = 64 << 20  # components are handled in groups holding about this much of (d, d) matrices
 
 
 def local_covariances(images: np.ndarray, labels: np.ndarray, *, neighbours: int = NEIGHBOURS,
-                      ridge: float = RIDGE) -> np.ndarray:
-    """(n, d, d): each image's component covariance, from its nearest images of its own class."""
-    images = np.asarray(images, np.float64)
+                      ridge: float = RIDGE, among: np.ndarray | None = None) -> np.ndarray:
+    """(n, d, d): each image's component covariance, from its nearest images of its own class in ``among``
+    (images, labels; by default the images themselves)."""
+    images, labels = np.asarray(images, np.float64), np.asarray(labels)
+    pool, pool_labels = (images, labels) if among is None else (np.asarray(among[0], np.float64),
+                                                                 np.asarray(among[1]))
     covariances = np.empty((len(images), images.shape[1], images.shape[1]))
     ridge_matrix = ridge * np.eye(images.shape[1])
     for i, image in enumerate(images):
-        same = np.flatnonzero(labels == labels[i])
-        nearest = same[np.argsort(((images[same] - image) ** 2).sum(1))[:neighbours]]
-        spread = np.cov(images[nearest].T) if len(nearest) > 1 else 0.0  # a class of one image: the ridge alone
+        same = np.flatnonzero(pool_labels == labels[i])
+        nearest = same[np.argsort(((pool[same] - image) ** 2).sum(1))[:neighbours]]
+        spread = np.cov(pool[nearest].T) if len(nearest) > 1 else 0.0  # a class of one image: the ridge alone
         covariances[i] = spread + ridge_matrix
     return covariances
 
 
 def condition_on_plane(plane: InputPlane, means: np.ndarray, covariances: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(each component's mean conditioned on lying on the plane, the log-likelihood of the plane under it)."""
+    """(each component's mean conditioned on lying on the plane, the log-likelihood of the plane under it, up
+    to a constant shared by all components)."""
+    means, covariances = np.asarray(means, np.float64), np.asarray(covariances, np.float64)
     normal = plane.normal()                                     # (d, m): the plane is {x : normalᵀ x = offset}
     offset = normal.T @ plane.origin
     misfit = offset - means @ normal                            # (n, m)
@@ -55,12 +62,13 @@ def condition_on_plane(plane: InputPlane, means: np.ndarray, covariances: np.nda
 
 
 def refine_on_hidden_span(plane: InputPlane, points: np.ndarray, means: np.ndarray, covariances: np.ndarray,
-                          hidden: HiddenSpan, *, steps: int = REFINE_STEPS, sigma: float = HIDDEN_SIGMA,
-                          pixel_range=(0.0, 1.0)) -> np.ndarray:
-    """The points moved on the plane to fit the hidden span, each held near its component (MAP under both)."""
-    origin, directions = torch.tensor(plane.origin), torch.tensor(plane.directions)
-    centre, precision = torch.tensor(means), torch.tensor(np.linalg.inv(covariances))
-    coordinates = ((torch.tensor(points) - origin) @ directions.T).requires_grad_(True)
+                          hidden: HiddenSpan, *, steps: int = REFINE_STEPS, sigma: float = HIDDEN_SIGMA
+                          ) -> np.ndarray:
+    """The points moved on the plane toward the hidden span, each held near its component (MAP under both)."""
+    origin, directions = torch.from_numpy(plane.origin), torch.from_numpy(plane.directions)
+    centre = torch.from_numpy(np.asarray(means, np.float64))
+    precision = torch.from_numpy(np.linalg.inv(np.asarray(covariances, np.float64)))
+    coordinates = ((torch.from_numpy(np.asarray(points, np.float64)) - origin) @ directions.T).requires_grad_(True)
     optimizer = torch.optim.Adam([coordinates], lr=REFINE_LR)
     for _ in range(steps):
         x = origin + coordinates @ directions
@@ -70,15 +78,23 @@ def refine_on_hidden_span(plane: InputPlane, points: np.ndarray, means: np.ndarr
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return np.clip((origin + coordinates @ directions).numpy(), *pixel_range)
+        return (origin + coordinates @ directions).numpy()
 
 
 def local_gaussian_candidates(plane: InputPlane, images: np.ndarray, labels: np.ndarray,
-                              hidden: HiddenSpan | None, *, pixel_range=(0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """(one point on the plane per auxiliary image, its log weight: the tempered likelihood of the plane)."""
-    images = np.asarray(images, np.float64)
-    covariances = local_covariances(images, np.asarray(labels))
-    points, log_likelihood = condition_on_plane(plane, images, covariances)
-    if hidden is not None:
-        points = refine_on_hidden_span(plane, points, images, covariances, hidden, pixel_range=pixel_range)
-    return points, PLANE_TEMPERATURE * (log_likelihood - log_likelihood.max())
+                              hidden: HiddenSpan | None) -> tuple[np.ndarray, np.ndarray]:
+    """(one point on the plane per auxiliary image, its log weight: the tempered likelihood of the plane).
+    Components go in groups (each holds a (d, d) covariance), so memory stays bounded for large images."""
+    images, labels = np.asarray(images, np.float64), np.asarray(labels)
+    group = max(1, CHUNK_BYTES // (8 * images.shape[1] ** 2 * 4))  # covariances, precisions and two temporaries
+    points, log_likelihood = [], []
+    for first in range(0, len(images), group):
+        means = images[first:first + group]
+        covariances = local_covariances(means, labels[first:first + group], among=(images, labels))
+        found, likelihood = condition_on_plane(plane, means, covariances)
+        if hidden is not None:
+            found = refine_on_hidden_span(plane, found, means, covariances, hidden)
+        points.append(found)
+        log_likelihood.append(likelihood)
+    log_likelihood = np.concatenate(log_likelihood)
+    return np.concatenate(points), PLANE_TEMPERATURE * (log_likelihood - log_likelihood.max())

@@ -13,11 +13,13 @@ not say (the optimization that unrolls the local steps stalls in local minima th
   The decoder keeps the points digit-shaped where the plane alone would accept any mixture.
 * ``local_gaussian``: a mixture of local Gaussians, one per adversary's image (its covariance from its
   nearest images of the same class), each conditioned on the plane in closed form and then moved toward the
-  hidden span below (attacks/local_gaussian.py); a point counts as much as its component makes the plane likely.
+  hidden span below (attacks/local_gaussian.py); how likely its component makes the plane adds to a point's
+  weight in the k-means.
 
-The candidates crowd around the inputs. k-means groups them into k clusters; a cluster's mean is one
-reconstruction, and the most common label among the adversary's images behind its members is its label.
-Where the model goes on Linear -> ReLU -> Linear, candidates count by how near their hidden vector (at the
+The candidates crowd around the inputs. Weighted k-means groups them into k clusters (the weights steer where
+the centres settle); a cluster's plain mean is one reconstruction, and the most common label among the
+adversary's images behind its members is its label.
+Where the model goes on Linear -> ReLU -> Linear, candidates weigh by how near their hidden vector (at the
 global weights) lies to the second layer's update row space, ``exp(-distance / HIDDEN_SCALE)``: that row space
 lies in the span of the inputs' hidden vectors (each at the weights of its own mini-batch; all of that span when
 at least k of the second layer's units are active for the batch: with the MLP's 32 and k = 32, a few silent
@@ -49,7 +51,6 @@ AUTOENCODER_STEPS = 3000
 SEARCH_STEPS = 400
 STARTS_PER_IMAGE = 4    # latent starting points per auxiliary image
 HIDDEN_SCALE = 0.1      # relative distance to the hidden span at which a candidate's weight falls by e
-ITERATIONS = {"learned_latent": SEARCH_STEPS, "local_gaussian": REFINE_STEPS}  # descent steps per candidate
 
 
 _trained: dict[tuple, tuple[nn.Module, nn.Module]] = {}  # one autoencoder per auxiliary set and seed, per process
@@ -84,15 +85,14 @@ def _fit_autoencoder(images: np.ndarray, latent: int, steps: int, seed: int) -> 
 
 
 def candidates(plane: InputPlane, auxiliary: np.ndarray, prior: str, *, labels: np.ndarray,
-               hidden: HiddenSpan | None = None, seed: int = 0, pixel_range=(0.0, 1.0)
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               hidden: HiddenSpan | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(points on the plane, index of the auxiliary image each came from, each point's log weight) under
     ``prior``; ``labels`` are the auxiliary images' (local_gaussian's components are per class)."""
     everyone = np.arange(len(auxiliary))
     if prior == "auxiliary_span":
         return plane.project(auxiliary), everyone, np.zeros(len(auxiliary))
     if prior == "local_gaussian":
-        points, log_weights = local_gaussian_candidates(plane, auxiliary, labels, hidden, pixel_range=pixel_range)
+        points, log_weights = local_gaussian_candidates(plane, auxiliary, labels, hidden)
         return points, everyone, log_weights
     if prior != "learned_latent":
         raise ValueError(f"unknown prior {prior!r}; known: {', '.join(PRIORS)}")
@@ -135,6 +135,13 @@ def cluster(points: np.ndarray, weights: np.ndarray, sources: np.ndarray, auxili
     return images, labels
 
 
+def descent_steps(prior: str, hidden: HiddenSpan | None) -> int:
+    """Descent steps each candidate took under ``prior`` (local_gaussian descends toward a hidden span only)."""
+    if prior == "learned_latent":
+        return SEARCH_STEPS
+    return REFINE_STEPS if prior == "local_gaussian" and hidden is not None else 0
+
+
 def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray], new_params: dict[str, np.ndarray],
                           k: int, ds, priors=PRIORS, *, auxiliary: tuple[np.ndarray, np.ndarray] | None = None,
                           pixel_range=(0.0, 1.0), seed: int = 0) -> dict[str, Inversion]:
@@ -157,13 +164,13 @@ def span_prior_inversions(model: nn.Module, global_params: dict[str, np.ndarray]
     for prior in priors:
         start = time.perf_counter()
         points, sources, log_weights = candidates(plane, flat, prior, labels=np.asarray(labels), hidden=hidden,
-                                                  seed=seed, pixel_range=pixel_range)
+                                                  seed=seed)
         points = np.clip(points, *pixel_range)
         weights = hidden_weights(points, hidden) * np.exp(log_weights)
         guesses, guessed = cluster(points, weights, sources, np.asarray(labels), k, ds.num_classes, seed=seed)
         found[prior] = Inversion(images=guesses.astype(np.float32).reshape(k, *ds.input_shape), labels=guessed,
                                  distance=float(np.median(off)),  # how far the adversary's own images lie off it
-                                 iterations=ITERATIONS.get(prior, 0),
+                                 iterations=descent_steps(prior, hidden),
                                  wall_s=time.perf_counter() - start, method=prior)
     return found
 

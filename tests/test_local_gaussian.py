@@ -1,9 +1,10 @@
 """Local Gaussians conditioned on an update's input plane (attacks/local_gaussian.py): the closed form."""
 
 import numpy as np
+import torch
 
-from attacks.input_plane import input_plane
-from attacks.local_gaussian import condition_on_plane, local_covariances
+from attacks.input_plane import HiddenSpan, input_plane
+from attacks.local_gaussian import condition_on_plane, local_covariances, refine_on_hidden_span
 
 
 def plane_of(images: np.ndarray):
@@ -46,3 +47,42 @@ def test_covariances_come_from_the_same_class_only_and_a_lone_image_keeps_the_ri
     covariances = local_covariances(images, np.array([0, 0, 0, 0, 1]), neighbours=4, ridge=1e-3)
     assert covariances[0][0, 0] > 1e-3 and np.allclose(covariances[0][1:, 1:], 1e-3 * np.eye(63))
     assert np.allclose(covariances[4], 1e-3 * np.eye(64))
+
+
+def test_the_plane_likelihood_is_the_gaussian_density_of_the_normal_coordinates():
+    """Against scipy: components with different covariances differ from the exact log-density by one constant."""
+    from scipy.stats import multivariate_normal
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 64))
+    plane = plane_of(images)
+    means = images[:3] + 0.2 * rng.normal(size=(3, 64))
+    factors = [rng.normal(size=(64, 6)) * scale for scale in (0.1, 0.3, 0.05)]
+    covariances = np.stack([f @ f.T + 0.01 * np.eye(64) for f in factors])
+    _, log_likelihood = condition_on_plane(plane, means, covariances)
+    normal = plane.normal()
+    exact = [multivariate_normal(normal.T @ m, normal.T @ c @ normal).logpdf(normal.T @ plane.origin)
+             for m, c in zip(means, covariances)]
+    assert np.ptp(log_likelihood - np.array(exact)) < 1e-8
+    assert np.ptp(log_likelihood) > 1.0  # the three really differ
+
+
+def hidden_span_of(vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> HiddenSpan:
+    rows = np.linalg.qr(np.maximum(vectors @ weight.T + bias, 0).T)[0].T
+    return HiddenSpan(weight=weight, bias=bias, rows=rows)
+
+
+def test_refinement_keeps_a_conditioned_mean_when_every_hidden_vector_fits_and_moves_toward_the_span_otherwise():
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 64))
+    plane = plane_of(images)
+    means = images[:4] + 0.1 * rng.normal(size=(4, 64))
+    covariances = np.repeat(0.01 * np.eye(64)[None], 4, axis=0)
+    start, _ = condition_on_plane(plane, means, covariances)
+    weight, bias = rng.normal(size=(48, 64)) / 8, rng.normal(size=48) * 0.1
+    everything = HiddenSpan(weight=weight, bias=bias, rows=np.eye(48))
+    assert np.abs(refine_on_hidden_span(plane, start, means, covariances, everything) - start).max() < 1e-3
+    inputs = hidden_span_of(images, weight, bias)                  # the inputs' own hidden span
+    moved = refine_on_hidden_span(plane, start, means, covariances, inputs)
+    before, after = (inputs.distance(torch.from_numpy(p)).numpy() for p in (start, moved))
+    assert (after < 0.8 * before).all()
+    assert np.abs(plane.project(moved) - moved).max() < 1e-9      # still on the plane

@@ -6,8 +6,9 @@ Updates are the protocol's own: local_update in the FedAvg regime (32 images, 4 
 import numpy as np
 import pytest
 
+from attacks.input_plane import input_plane
 from attacks.metrics import match_reconstructions, mean_image_baseline, per_image_scores
-from attacks.span_prior import PRIORS, input_plane, span_prior_inversion
+from attacks.span_prior import PRIORS, span_prior_inversion
 from experiments.gradient_inversion import fedavg_plan
 from securecollab.models import build_model, parameters_to_arrays
 from securecollab.plans import client_data
