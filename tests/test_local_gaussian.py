@@ -4,13 +4,14 @@ import numpy as np
 import torch
 
 from attacks.input_plane import HiddenSpan, input_plane
-from attacks.local_gaussian import condition_on_plane, local_covariances, refine_on_hidden_span
+from attacks.local_gaussian import (condition_on_plane, local_covariances, local_gaussian_candidates,
+                                   refine_on_hidden_span)
 
 
-def plane_of(images: np.ndarray):
+def plane_of(images: np.ndarray, width: int = 64):
     """The input plane of a first layer's update made from ``images`` (the shape local SGD gives it)."""
     rng = np.random.default_rng(1)
-    coefficients = rng.normal(size=(64, len(images)))
+    coefficients = rng.normal(size=(width, len(images)))
     return input_plane(coefficients @ images, coefficients.sum(1), len(images))
 
 
@@ -86,3 +87,16 @@ def test_refinement_keeps_a_conditioned_mean_when_every_hidden_vector_fits_and_m
     before, after = (inputs.distance(torch.from_numpy(p)).numpy() for p in (start, moved))
     assert (after < 0.8 * before).all()
     assert np.abs(plane.project(moved) - moved).max() < 1e-9      # still on the plane
+
+
+def test_large_images_go_in_groups_and_give_one_point_per_auxiliary_image_on_the_plane():
+    """28 x 28 pixels: a few components at a time (a (784, 784) covariance each), the same result as at once."""
+    rng = np.random.default_rng(0)
+    inputs = rng.random((4, 784))
+    plane = plane_of(inputs, width=16)
+    auxiliary, labels = rng.random((12, 784)), np.repeat([0, 1, 2], 4)
+    points, log_weights = local_gaussian_candidates(plane, auxiliary, labels, None)
+    assert points.shape == (12, 784) and log_weights.max() == 0.0
+    assert np.abs(plane.project(points) - points).max() < 1e-8
+    whole, _ = condition_on_plane(plane, auxiliary, local_covariances(auxiliary, labels))
+    assert np.allclose(points, whole)
