@@ -29,7 +29,7 @@ CHUNK_BYTES = 64 << 20  # components are handled in groups holding about this mu
 
 
 def local_covariances(images: np.ndarray, labels: np.ndarray, *, neighbours: int = NEIGHBOURS,
-                      ridge: float = RIDGE, among: np.ndarray | None = None) -> np.ndarray:
+                      ridge: float = RIDGE, among: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(n, d, d): each image's component covariance, from its nearest images of its own class in ``among``
     (images, labels; by default the images themselves)."""
     images, labels = np.asarray(images, np.float64), np.asarray(labels)
@@ -45,12 +45,12 @@ def local_covariances(images: np.ndarray, labels: np.ndarray, *, neighbours: int
     return covariances
 
 
-def condition_on_plane(plane: InputPlane, means: np.ndarray, covariances: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def condition_on_plane(plane: InputPlane, means: np.ndarray, covariances: np.ndarray,
+                       normal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(each component's mean conditioned on lying on the plane, the log-likelihood of the plane under it, up
-    to a constant shared by all components)."""
+    to a constant shared by all components); ``normal``: the plane's, if already computed."""
     means, covariances = np.asarray(means, np.float64), np.asarray(covariances, np.float64)
-    normal = plane.normal()                                     # (d, m): the plane is {x : normalᵀ x = offset}
+    normal = plane.normal() if normal is None else normal       # (d, m): the plane is {x : normalᵀ x = offset}
     offset = normal.T @ plane.origin
     misfit = offset - means @ normal                            # (n, m)
     along = covariances @ normal                                # (n, d, m)
@@ -64,7 +64,7 @@ def condition_on_plane(plane: InputPlane, means: np.ndarray, covariances: np.nda
 def refine_on_hidden_span(plane: InputPlane, points: np.ndarray, means: np.ndarray, covariances: np.ndarray,
                           hidden: HiddenSpan, *, steps: int = REFINE_STEPS, sigma: float = HIDDEN_SIGMA
                           ) -> np.ndarray:
-    """The points moved on the plane toward the hidden span, each held near its component (MAP under both)."""
+    """The points moved on the plane toward the hidden span, each held near its component."""
     origin, directions = torch.from_numpy(plane.origin), torch.from_numpy(plane.directions)
     centre = torch.from_numpy(np.asarray(means, np.float64))
     precision = torch.from_numpy(np.linalg.inv(np.asarray(covariances, np.float64)))
@@ -87,11 +87,11 @@ def local_gaussian_candidates(plane: InputPlane, images: np.ndarray, labels: np.
     Components go in groups (each holds a (d, d) covariance), so memory stays bounded for large images."""
     images, labels = np.asarray(images, np.float64), np.asarray(labels)
     group = max(1, CHUNK_BYTES // (8 * images.shape[1] ** 2 * 4))  # covariances, precisions and two temporaries
-    points, log_likelihood = [], []
+    points, log_likelihood, normal = [], [], plane.normal()
     for first in range(0, len(images), group):
         means = images[first:first + group]
         covariances = local_covariances(means, labels[first:first + group], among=(images, labels))
-        found, likelihood = condition_on_plane(plane, means, covariances)
+        found, likelihood = condition_on_plane(plane, means, covariances, normal)
         if hidden is not None:
             found = refine_on_hidden_span(plane, found, means, covariances, hidden)
         points.append(found)

@@ -13,13 +13,13 @@ not say (the optimization that unrolls the local steps stalls in local minima th
   The decoder keeps the points digit-shaped where the plane alone would accept any mixture.
 * ``local_gaussian``: a mixture of local Gaussians, one per adversary's image (its covariance from its
   nearest images of the same class), each conditioned on the plane in closed form and then moved toward the
-  hidden span below (attacks/local_gaussian.py); how likely its component makes the plane adds to a point's
+  hidden span below (attacks/local_gaussian.py); how likely its component makes the plane multiplies a point's
   weight in the k-means.
 
 The candidates crowd around the inputs. Weighted k-means groups them into k clusters (the weights steer where
 the centres settle); a cluster's plain mean is one reconstruction, and the most common label among the
 adversary's images behind its members is its label.
-Where the model goes on Linear -> ReLU -> Linear, candidates weigh by how near their hidden vector (at the
+Where the model goes on Linear -> ReLU -> Linear, candidates are weighted by how near their hidden vector (at the
 global weights) lies to the second layer's update row space, ``exp(-distance / HIDDEN_SCALE)``: that row space
 lies in the span of the inputs' hidden vectors (each at the weights of its own mini-batch; all of that span when
 at least k of the second layer's units are active for the batch: with the MLP's 32 and k = 32, a few silent

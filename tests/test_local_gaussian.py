@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
+from attacks import local_gaussian
 from attacks.input_plane import HiddenSpan, input_plane
 from attacks.local_gaussian import (condition_on_plane, local_covariances, local_gaussian_candidates,
-                                   refine_on_hidden_span)
+                                    refine_on_hidden_span)
 
 
 def plane_of(images: np.ndarray, width: int = 64):
@@ -77,7 +78,8 @@ def test_refinement_keeps_a_conditioned_mean_when_every_hidden_vector_fits_and_m
     images = rng.random((8, 64))
     plane = plane_of(images)
     means = images[:4] + 0.1 * rng.normal(size=(4, 64))
-    covariances = np.repeat(0.01 * np.eye(64)[None], 4, axis=0)
+    factors = rng.normal(size=(4, 64, 6)) * 0.2                   # anisotropic: the pull must use the precision
+    covariances = factors @ factors.transpose(0, 2, 1) + 0.01 * np.eye(64)
     start, _ = condition_on_plane(plane, means, covariances)
     weight, bias = rng.normal(size=(48, 64)) / 8, rng.normal(size=48) * 0.1
     everything = HiddenSpan(weight=weight, bias=bias, rows=np.eye(48))
@@ -86,17 +88,19 @@ def test_refinement_keeps_a_conditioned_mean_when_every_hidden_vector_fits_and_m
     moved = refine_on_hidden_span(plane, start, means, covariances, inputs)
     before, after = (inputs.distance(torch.from_numpy(p)).numpy() for p in (start, moved))
     assert (after < 0.8 * before).all()
-    assert np.abs(plane.project(moved) - moved).max() < 1e-9      # still on the plane
 
 
-def test_large_images_go_in_groups_and_give_one_point_per_auxiliary_image_on_the_plane():
-    """28 x 28 pixels: a few components at a time (a (784, 784) covariance each), the same result as at once."""
+def test_components_in_groups_give_what_all_at_once_gives(monkeypatch):
+    """Large images go a few components at a time (a (d, d) covariance each): same points, same weights."""
     rng = np.random.default_rng(0)
-    inputs = rng.random((4, 784))
-    plane = plane_of(inputs, width=16)
-    auxiliary, labels = rng.random((12, 784)), np.repeat([0, 1, 2], 4)
-    points, log_weights = local_gaussian_candidates(plane, auxiliary, labels, None)
-    assert points.shape == (12, 784) and log_weights.max() == 0.0
-    assert np.abs(plane.project(points) - points).max() < 1e-8
-    whole, _ = condition_on_plane(plane, auxiliary, local_covariances(auxiliary, labels))
-    assert np.allclose(points, whole)
+    inputs = rng.random((8, 64))
+    plane = plane_of(inputs)
+    auxiliary, labels = rng.random((12, 64)), np.repeat([0, 1, 2], 4)
+    weight, bias = rng.normal(size=(48, 64)) / 8, rng.normal(size=48) * 0.1
+    hidden = hidden_span_of(inputs, weight, bias)
+    whole = local_gaussian_candidates(plane, auxiliary, labels, hidden)
+    monkeypatch.setattr(local_gaussian, "CHUNK_BYTES", 8 * 64 * 64 * 4 * 3)  # groups of 3 components
+    grouped = local_gaussian_candidates(plane, auxiliary, labels, hidden)
+    assert np.allclose(grouped[0], whole[0], atol=1e-10) and np.allclose(grouped[1], whole[1])
+    assert np.abs(plane.project(grouped[0]) - grouped[0]).max() < 1e-8
+    assert np.ptp(whole[1]) > 0.1  # the weights differ, so a per-group normalisation would show
